@@ -1,0 +1,87 @@
+"""Pins the public API: names are part of the contract."""
+
+from __future__ import annotations
+
+import inspect
+
+import uffd_async as ua
+
+EXPECTED = {
+    "PAGE_SIZE",
+    "DecodeError",
+    "Event",
+    "FaultFlags",
+    "Feature",
+    "Fork",
+    "InvalidArgument",
+    "Ioctl",
+    "MappingChanged",
+    "Method",
+    "Mode",
+    "PageExists",
+    "PageFault",
+    "ProcessExited",
+    "Region",
+    "Remap",
+    "Remove",
+    "Support",
+    "UffdClosed",
+    "UffdError",
+    "UffdPermissionError",
+    "Unmap",
+    "UnsupportedFeature",
+    "Userfaultfd",
+    "decode",
+    "probe",
+    "touch",
+}
+
+
+def test_all_is_exactly_the_public_api() -> None:
+    assert set(ua.__all__) == EXPECTED
+    for name in ua.__all__:
+        assert hasattr(ua, name), name
+    public = {name for name in vars(ua) if not name.startswith("_")}
+    modules = {name for name in public if inspect.ismodule(getattr(ua, name))}
+    assert public - modules == EXPECTED
+
+
+def test_flag_members() -> None:
+    assert [f.name for f in ua.Feature] == [
+        "PAGEFAULT_FLAG_WP", "EVENT_FORK", "EVENT_REMAP", "EVENT_REMOVE",
+        "MISSING_HUGETLBFS", "MISSING_SHMEM", "EVENT_UNMAP", "SIGBUS", "THREAD_ID",
+        "MINOR_HUGETLBFS", "MINOR_SHMEM", "EXACT_ADDRESS", "WP_HUGETLBFS_SHMEM",
+        "WP_UNPOPULATED", "POISON", "WP_ASYNC", "MOVE",
+    ]  # fmt: skip
+    assert [m.name for m in ua.Mode] == ["MISSING", "WP", "MINOR"]
+    assert {i.name for i in ua.Ioctl} == {
+        "REGISTER", "UNREGISTER", "API", "WAKE", "COPY", "ZEROPAGE", "WRITEPROTECT",
+        "CONTINUE", "POISON", "MOVE",
+    }  # fmt: skip
+    assert [f.name for f in ua.FaultFlags] == ["WRITE", "WP", "MINOR"]
+
+
+def test_handle_methods() -> None:
+    for name in [
+        "open", "fileno", "close", "register", "unregister", "copy", "zeropage",
+        "writeprotect", "continue_", "poison", "move", "wake", "read_events",
+    ]:  # fmt: skip
+        assert callable(getattr(ua.Userfaultfd, name)), name
+    for name in ["closed", "features"]:
+        assert isinstance(inspect.getattr_static(ua.Userfaultfd, name), property), name
+    for name in ["anonymous", "shared", "hugetlb", "read", "write", "close"]:
+        assert callable(getattr(ua.Region, name)), name
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(ua.UffdError, OSError)
+    for cls in [
+        ua.UnsupportedFeature, ua.PageExists, ua.UffdPermissionError, ua.DecodeError,
+        ua.MappingChanged, ua.ProcessExited, ua.InvalidArgument, ua.UffdClosed,
+    ]:  # fmt: skip
+        assert issubclass(cls, ua.UffdError), cls
+    assert issubclass(ua.PageExists, FileExistsError)
+    assert issubclass(ua.UffdPermissionError, PermissionError)
+    assert issubclass(ua.DecodeError, ValueError)
+    assert issubclass(ua.InvalidArgument, ValueError)
+    assert issubclass(ua.ProcessExited, ProcessLookupError)

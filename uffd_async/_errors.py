@@ -1,0 +1,82 @@
+"""Every exception the library raises, in one place.
+
+Each one subclasses :class:`UffdError` (an :class:`OSError`, so ``errno`` is
+set) and, where a caller already catches a builtin for that situation, the
+builtin too: ``except FileExistsError`` sees :class:`PageExists`,
+``except ValueError`` sees :class:`InvalidArgument`. Messages say what to do.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from ._abi import Feature
+
+
+class UffdError(OSError):
+    """A userfaultfd operation failed.
+
+    ``done`` is how many bytes a range operation had completed (and, unless it
+    ran with ``wake=False``, woken) before it failed; 0 when nothing was done.
+    """
+
+    done: int
+
+    def __init__(self, err: int, message: str, *, done: int = 0) -> None:
+        super().__init__(err, message)
+        self.done = done
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class UnsupportedFeature(UffdError):
+    """The kernel (or this handle's handshake) lacks what was asked for."""
+
+    missing: Feature
+
+    def __init__(self, missing: Feature, message: str) -> None:
+        super().__init__(_errno.EINVAL, message)
+        self.missing = missing
+
+
+class UffdPermissionError(UffdError, PermissionError):
+    """This process may not open a userfaultfd the way it asked; see the message."""
+
+
+class PageExists(UffdError, FileExistsError):
+    """EEXIST: a page in the range was already populated.
+
+    The kernel does *not* wake threads faulting on that page. Call
+    :meth:`Userfaultfd.wake` for the range, or they stay blocked.
+    """
+
+
+class MappingChanged(UffdError):
+    """EAGAIN: a non-cooperative event (remove, remap, unmap, fork) is unread.
+
+    Every resolving ioctl fails this way until the handler reads the pending
+    events. Read them, apply them, and retry; ``done`` bytes already landed.
+    """
+
+
+class ProcessExited(UffdError, ProcessLookupError):
+    """ESRCH: the process whose memory this uffd serves has exited."""
+
+
+class InvalidArgument(UffdError, ValueError):
+    """An argument the kernel would reject (or did reject with EINVAL)."""
+
+
+class UffdClosed(UffdError):
+    """The handle was closed; its fd number may already belong to someone else."""
+
+    def __init__(self, message: str = "the userfaultfd handle is closed") -> None:
+        super().__init__(_errno.EBADF, message)
+
+
+class DecodeError(UffdError, ValueError):
+    """Bytes that are not a sequence of whole, known ``uffd_msg`` records."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EPROTO, message)

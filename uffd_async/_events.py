@@ -1,0 +1,193 @@
+"""Typed events, and the sans-IO decoder from raw ``uffd_msg`` bytes.
+
+Kernel facts this module relies on:
+
+* ``read()`` on a uffd returns whole 32-byte ``struct uffd_msg`` records. The
+  first byte is the event code; bytes 8-31 are a union whose meaning depends
+  on it. Reading the union as three native 64-bit words covers every member:
+  page fault (flags, address, ptid in the low half of the third word), fork
+  (ufd in the low half of the first), remap (from, to, len), remove and unmap
+  (start, end).
+* A FORK record carries a *new file descriptor* that the kernel installed in
+  our fd table during the ``read()``: decoding it takes ownership, and bytes
+  that never came from ``read()`` must not contain FORK records.
+* ``ptid`` is filled in only when ``UFFD_FEATURE_THREAD_ID`` was negotiated;
+  otherwise it is 0, which is why ``thread_id`` is ``None`` then.
+* Page fault addresses are rounded down to the page unless
+  ``UFFD_FEATURE_EXACT_ADDRESS`` was negotiated.
+
+The decoder never performs I/O: bytes in, events out.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from . import _abi
+from ._abi import PAGE_SIZE, FaultFlags
+from ._errors import DecodeError
+
+if TYPE_CHECKING:
+    from ._uffd import Userfaultfd
+
+_PAGE_MASK = ~(PAGE_SIZE - 1)
+_RECORD = struct.Struct("=B7xQQQ")
+_LOW32 = 0xFFFFFFFF
+_HIGH_HALF_SHIFT = 0 if sys.byteorder == "little" else 32
+
+
+@attrs.frozen(kw_only=True)
+class PageFault:
+    """A thread is blocked on ``address`` until the fault is resolved."""
+
+    address: int
+    flags: FaultFlags
+    thread_id: int | None = None
+
+    @property
+    def page(self) -> int:
+        """The address aligned down to the base page, what resolving ioctls take.
+
+        On hugetlbfs the kernel already reports the huge page's start (unless
+        EXACT_ADDRESS), and ioctls there take whole huge pages.
+        """
+        return self.address & _PAGE_MASK
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.flags & FaultFlags.WRITE)
+
+    @property
+    def is_wp(self) -> bool:
+        return bool(self.flags & FaultFlags.WP)
+
+    @property
+    def is_minor(self) -> bool:
+        return bool(self.flags & FaultFlags.MINOR)
+
+
+@attrs.frozen(kw_only=True)
+class Fork:
+    """The registered process forked; ``uffd`` serves the child's memory.
+
+    The handle is owned: it is closed when the handle that read this event is
+    closed, or earlier by ``uffd.close()``. The forking thread is blocked
+    until the event is read.
+    """
+
+    uffd: Userfaultfd
+
+
+@attrs.frozen(kw_only=True)
+class Remap:
+    """``mremap()`` moved ``length`` bytes from ``from_address`` to ``to_address``."""
+
+    from_address: int
+    to_address: int
+    length: int
+
+
+@attrs.frozen(kw_only=True)
+class Remove:
+    """``MADV_DONTNEED``/``MADV_REMOVE`` dropped ``[start, end)``: it faults as missing again."""
+
+    start: int
+    end: int
+
+
+@attrs.frozen(kw_only=True)
+class Unmap:
+    """``munmap()`` (or an mmap/mremap over it) unmapped ``[start, end)``."""
+
+    start: int
+    end: int
+
+
+Event = PageFault | Fork | Remap | Remove | Unmap
+
+_KNOWN = frozenset(
+    (_abi.EVENT_PAGEFAULT, _abi.EVENT_FORK, _abi.EVENT_REMAP, _abi.EVENT_REMOVE, _abi.EVENT_UNMAP)
+)
+
+
+def _records(data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, int]]:
+    if len(data) % _abi.MSG.size:
+        raise DecodeError(
+            f"{len(data)} bytes is not a whole number of {_abi.MSG.size}-byte uffd_msg records"
+        )
+    records = list(_RECORD.iter_unpack(data))
+    for index, (code, *_rest) in enumerate(records):
+        if code not in _KNOWN:
+            raise DecodeError(f"record {index} has unknown event code {code:#x}")
+    return records
+
+
+def fork_fds(data: bytes | bytearray | memoryview) -> list[int]:
+    """The fd numbers in the FORK records of ``data``, to close them if decoding fails."""
+    usable = len(data) - len(data) % _abi.MSG.size
+    return [
+        (first >> _HIGH_HALF_SHIFT) & _LOW32
+        for code, first, _, _ in _RECORD.iter_unpack(memoryview(data)[:usable])
+        if code == _abi.EVENT_FORK
+    ]
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    thread_ids: bool = True,
+    adopt: Callable[[int], Userfaultfd] | None = None,
+) -> list[Event]:
+    """Decode whole ``uffd_msg`` records into events.
+
+    ``thread_ids=False`` reports ``thread_id=None`` (the uffd did not negotiate
+    THREAD_ID, so the field is meaningless). ``adopt`` turns the fd of a FORK
+    record into a handle; by default a :class:`Userfaultfd` with no features.
+    The whole buffer is validated before any fd is adopted, so a
+    :class:`DecodeError` takes ownership of nothing.
+    """
+    records = _records(data)
+    events: list[Event] = []
+    append = events.append
+    for code, first, second, third in records:
+        if code == _abi.EVENT_PAGEFAULT:
+            ptid = (third >> _HIGH_HALF_SHIFT) & _LOW32
+            append(
+                PageFault(
+                    address=second,
+                    flags=FaultFlags(first),
+                    thread_id=ptid if thread_ids else None,
+                )
+            )
+        elif code == _abi.EVENT_REMOVE:
+            append(Remove(start=first, end=second))
+        elif code == _abi.EVENT_UNMAP:
+            append(Unmap(start=first, end=second))
+        elif code == _abi.EVENT_REMAP:
+            append(Remap(from_address=first, to_address=second, length=third))
+        else:
+            fd = (first >> _HIGH_HALF_SHIFT) & _LOW32
+            append(Fork(uffd=(adopt or _default_adopt)(fd)))
+    return events
+
+
+def _default_adopt(fd: int) -> Userfaultfd:
+    from ._uffd import Userfaultfd
+
+    return Userfaultfd._adopt(fd)
+
+
+def encode(event: PageFault | Remap | Remove | Unmap) -> bytes:
+    """The ``uffd_msg`` record for ``event``: for tests and fuzzing the decoder."""
+    if isinstance(event, PageFault):
+        ptid = (event.thread_id or 0) << _HIGH_HALF_SHIFT
+        return _RECORD.pack(_abi.EVENT_PAGEFAULT, int(event.flags), event.address, ptid)
+    if isinstance(event, Remap):
+        return _RECORD.pack(_abi.EVENT_REMAP, event.from_address, event.to_address, event.length)
+    code = _abi.EVENT_REMOVE if isinstance(event, Remove) else _abi.EVENT_UNMAP
+    return _RECORD.pack(code, event.start, event.end, 0)

@@ -1,0 +1,283 @@
+"""Memory to register, and ways to touch it without holding the GIL.
+
+Kernel facts this module relies on:
+
+* MISSING mode works on private anonymous memory, shmem (a memfd mapped
+  MAP_SHARED) and hugetlbfs; WP on anonymous memory (and on shmem/hugetlbfs
+  with WP_HUGETLBFS_SHMEM); MINOR only on shmem and hugetlbfs, where a page
+  can be in the page cache yet not mapped in the registered view. Writing
+  the contents through a second, unregistered view of the same memfd puts
+  them in the page cache; UFFDIO_CONTINUE then maps them.
+* Every access here goes through ctypes (``memmove`` or the ``_native``
+  library), which releases the GIL: a registered page may fault and block
+  the caller until an event loop in this same process resolves it.
+* Hugetlb mappings fail with ENOMEM unless huge pages are reserved
+  (``vm.nr_hugepages``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+from typing import Any
+
+from ._abi import PAGE_SIZE
+from ._errors import InvalidArgument
+from ._native import lib, libc
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_SHARED = 0x01
+_MAP_PRIVATE = 0x02
+_MAP_FIXED = 0x10
+_MAP_ANONYMOUS = 0x20
+_MAP_NORESERVE = 0x4000
+_MAP_HUGETLB = 0x40000
+_PROT_NONE = 0
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MADV_DONTNEED = 4
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
+_MFD_HUGETLB = 0x0004
+
+
+def huge_page_size() -> int:
+    """The default huge page size (``Hugepagesize`` in /proc/meminfo)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            match = re.search(r"^Hugepagesize:\s+(\d+) kB", meminfo.read(), re.M)
+    except OSError:
+        match = None
+    return int(match.group(1)) * 1024 if match else 2 * 1024 * 1024
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return value
+
+
+def _mmap(length: int, flags: int, fd: int = -1, prot: int = _PROT_RW, addr: int = 0) -> int:
+    address = libc.mmap(addr or None, length, prot, flags, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
+    return int(address)
+
+
+def buffer_address(data: Any) -> tuple[int, int, object]:
+    """(address, nbytes, keepalive) of a contiguous bytes-like object.
+
+    Hold ``keepalive`` until the address is no longer used. A read-only
+    buffer that is not ``bytes`` is copied once.
+    """
+    if isinstance(data, bytes):
+        pointer = ctypes.c_char_p(data)
+        return ctypes.cast(pointer, ctypes.c_void_p).value or 0, len(data), pointer
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as exc:
+        raise TypeError(
+            f"expected a contiguous bytes-like object, not {type(data).__name__}"
+        ) from exc
+    if view.readonly:
+        return buffer_address(bytes(view))
+    array = (ctypes.c_char * len(view)).from_buffer(view)
+    return ctypes.addressof(array), len(view), array
+
+
+def touch(address: int, length: int, *, write: bool = True) -> None:
+    """Access every page overlapping ``[address, address + length)``, without the GIL.
+
+    ``write=True`` faults as a write but leaves the bytes as they were (an
+    atomic ``or 0``). Call it from a thread: it blocks until each fault on a
+    registered page is resolved.
+    """
+    _check_int("address", address)
+    _check_int("length", length)
+    if address <= 0 or length <= 0 or address + length > 1 << 64:
+        raise InvalidArgument(
+            errno.EINVAL, f"cannot touch {length} bytes at {address:#x}: not a valid range"
+        )
+    lib.ua_touch(address, length, PAGE_SIZE, 1 if write else 0)
+
+
+class Region:
+    """A mapping to register with a userfaultfd, unmapped by :meth:`close`.
+
+    ``alias`` is a second view of the same pages (``shared`` and hugetlb
+    ``shared=True`` regions only): writes through it fill the page cache
+    without faulting, which is how MINOR faults get their contents.
+    """
+
+    address: int
+    length: int
+    page_size: int
+    alias: Region | None
+    memfd: int | None
+
+    def __init__(
+        self,
+        address: int,
+        length: int,
+        *,
+        page_size: int = PAGE_SIZE,
+        alias: Region | None = None,
+        memfd: int | None = None,
+    ) -> None:
+        self.address = address
+        self.length = length
+        self.page_size = page_size
+        self.alias = alias
+        self.memfd = memfd
+        self._mapped = True
+
+    @classmethod
+    def anonymous(cls, length: int) -> Region:
+        """Private anonymous memory: MISSING and WP modes."""
+        length = cls._checked_length(length, PAGE_SIZE)
+        return cls(_mmap(length, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE), length)
+
+    @classmethod
+    def shared(cls, length: int) -> Region:
+        """Shared memory backed by a memfd: MISSING, WP and MINOR modes."""
+        return cls._memfd_backed(cls._checked_length(length, PAGE_SIZE), PAGE_SIZE, 0)
+
+    @classmethod
+    def hugetlb(cls, length: int, *, shared: bool = False) -> Region:
+        """Huge pages (``MAP_HUGETLB``); ``shared=True`` is memfd-backed, for MINOR mode."""
+        size = huge_page_size()
+        length = cls._checked_length(length, size)
+        try:
+            if shared:
+                return cls._memfd_backed(length, size, _MFD_HUGETLB)
+            address = _mmap(length, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_HUGETLB)
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise OSError(
+                errno.ENOMEM,
+                f"no free {size // 1024} KiB huge pages for {length} bytes: reserve some "
+                f"with `sysctl vm.nr_hugepages={length // size}` (as root)",
+            ) from exc
+        return cls(address, length, page_size=size)
+
+    @classmethod
+    def _memfd_backed(cls, length: int, page_size: int, memfd_flags: int) -> Region:
+        fd = os.memfd_create("uffd_async", os.MFD_CLOEXEC | memfd_flags)
+        view = alias = 0
+        try:
+            os.ftruncate(fd, length)
+            view = _mmap(length, _MAP_SHARED, fd)
+            alias = _mmap(length, _MAP_SHARED, fd)
+        except BaseException:
+            for address in (view, alias):
+                if address:
+                    libc.munmap(address, length)
+            os.close(fd)
+            raise
+        return cls(
+            view,
+            length,
+            page_size=page_size,
+            alias=cls(alias, length, page_size=page_size),
+            memfd=fd,
+        )
+
+    @staticmethod
+    def _checked_length(length: int, page_size: int) -> int:
+        _check_int("length", length)
+        if length <= 0 or length % page_size:
+            raise InvalidArgument(
+                errno.EINVAL,
+                f"length must be a positive multiple of the page size ({page_size}), not {length}",
+            )
+        return length
+
+    @property
+    def closed(self) -> bool:
+        return not self._mapped
+
+    def _span(self, offset: int, n: int) -> int:
+        _check_int("offset", offset)
+        _check_int("n", n)
+        if not self._mapped:
+            raise InvalidArgument(errno.EBADF, "the region is closed (unmapped)")
+        if offset < 0 or n < 0 or offset + n > self.length:
+            raise InvalidArgument(
+                errno.EINVAL,
+                f"[{offset}, {offset + n}) is outside the region's {self.length} bytes",
+            )
+        return self.address + offset
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Copy ``n`` bytes out, without the GIL (a fault here waits for its handler)."""
+        source = self._span(offset, n)
+        out = bytearray(n)
+        if n:
+            ctypes.memmove((ctypes.c_char * n).from_buffer(out), source, n)
+        return bytes(out)
+
+    def write(self, offset: int, data: Any) -> None:
+        """Copy ``data`` in, without the GIL."""
+        source, n, keepalive = buffer_address(data)
+        target = self._span(offset, n)
+        if n:
+            ctypes.memmove(target, source, n)
+        del keepalive
+
+    def fill(self, offset: int, n: int, byte: int) -> None:
+        """Set ``n`` bytes to ``byte``, without the GIL."""
+        target = self._span(offset, n)
+        if n:
+            ctypes.memset(target, byte, n)
+
+    def discard(self, offset: int, n: int) -> None:
+        """``madvise(MADV_DONTNEED)``: drop the pages; with EVENT_REMOVE this blocks
+        until the handler reads the Remove event, so call it from a thread."""
+        target = self._span(offset, n)
+        if libc.madvise(target, n, _MADV_DONTNEED) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"madvise(MADV_DONTNEED) failed: {os.strerror(err)}")
+
+    def move(self) -> int:
+        """``mremap()`` the whole region to a new address and return it.
+
+        With EVENT_REMAP this blocks until the handler reads the Remap event,
+        so call it from a thread. The registration moves with the pages.
+        """
+        self._span(0, 0)
+        target = _mmap(self.length, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, prot=_PROT_NONE)
+        moved = libc.mremap(
+            self.address, self.length, self.length, _MREMAP_MAYMOVE | _MREMAP_FIXED, target
+        )
+        if moved is None or moved == _MAP_FAILED:
+            err = ctypes.get_errno()
+            libc.munmap(target, self.length)
+            raise OSError(err, f"mremap failed: {os.strerror(err)}")
+        self.address = int(moved)
+        return self.address
+
+    def close(self) -> None:
+        """Unmap (with EVENT_UNMAP this blocks until the Unmap event is read)."""
+        if not self._mapped:
+            return
+        self._mapped = False
+        libc.munmap(self.address, self.length)
+        if self.alias is not None:
+            self.alias.close()
+        if self.memfd is not None:
+            os.close(self.memfd)
+            self.memfd = None
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if not self._mapped else f"{self.address:#x}"
+        return f"<Region {state} length={self.length} page_size={self.page_size}>"

@@ -1,0 +1,106 @@
+"""Loads the small C library (``_native_lib.c``) through ctypes.
+
+ctypes releases the GIL for the duration of every foreign call, which is the
+whole point: code that may fault on registered memory runs in here, so the
+event loop that resolves the fault can keep running. setup.py builds the
+library next to this file; a source checkout that was never built compiles
+it once with ``$CC`` (or ``cc``) into a cache directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import importlib.machinery
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+_HERE = pathlib.Path(__file__).parent
+_SOURCE = _HERE / "_native_lib.c"
+
+
+def _built_library() -> pathlib.Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = _HERE / f"_native_lib{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _compile_into_cache() -> pathlib.Path:
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    cache = (
+        pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+        / "uffd_async"
+    )
+    target = cache / f"_native-{digest}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise ImportError(
+            "uffd_async's native helper is not built and no C compiler was found: "
+            "install the package with pip (which builds it) or install cc"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        partial = pathlib.Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(_SOURCE)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise ImportError(f"building uffd_async's native helper failed:\n{result.stderr}")
+        os.replace(partial, target)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    path = _built_library() or _compile_into_cache()
+    lib = ctypes.CDLL(str(path))
+    lib.ua_touch.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+    lib.ua_touch.restype = ctypes.c_uint64
+    lib.ua_fnv1a.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    lib.ua_fnv1a.restype = ctypes.c_uint64
+    lib.ua_fork_touch.argtypes = [
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.ua_fork_touch.restype = ctypes.c_int
+    return lib
+
+
+lib = _load()
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+libc.mmap.restype = ctypes.c_void_p
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.munmap.restype = ctypes.c_int
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.madvise.restype = ctypes.c_int
+libc.mremap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+]
+libc.mremap.restype = ctypes.c_void_p
+libc.syscall.restype = ctypes.c_long

@@ -1,0 +1,501 @@
+"""The userfaultfd handle: the one owner of the fd and the only place ioctls run.
+
+Kernel facts this module relies on (``man 2 ioctl_userfaultfd``,
+admin-guide/mm/userfaultfd, and the kernel's own handlers):
+
+* Ranges must be page-aligned with a non-zero length; the kernel answers
+  EINVAL otherwise. This module checks first, so a bad call costs no syscall.
+* COPY, ZEROPAGE, CONTINUE, POISON and MOVE write back a signed result: bytes
+  done, or a negative errno. When the kernel stops part-way (it met a page
+  that already exists, or was interrupted) it returns EAGAIN *with a positive
+  count*: the work continues from there. EAGAIN with no progress means the
+  mapping is changing: a remove/remap/unmap/fork event is unread, and every
+  resolving ioctl fails until it is read. That is raised at once
+  (:class:`MappingChanged`), with the bytes done so far.
+* EEXIST means a page is already there, and the kernel did NOT wake the
+  threads waiting on it: the caller must ``wake()`` the range.
+* Unless ``DONTWAKE`` is given, a successful ioctl wakes the threads faulting
+  in the range it covered. ``UFFDIO_WRITEPROTECT`` with DONTWAKE is only
+  meaningful when *removing* protection.
+* Closing the uffd unregisters its ranges and wakes every blocked thread,
+  which then faults the ordinary way (anonymous memory reads as zeros). The
+  fd number is reused at once by the next open, so the handle forgets it
+  before closing, and nothing may run an ioctl on it concurrently.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from . import _abi
+from ._abi import PAGE_SIZE, Feature, Ioctl, Mode
+from ._errors import (
+    InvalidArgument,
+    MappingChanged,
+    PageExists,
+    ProcessExited,
+    UffdClosed,
+    UffdError,
+    UnsupportedFeature,
+)
+from ._events import Event, decode, fork_fds
+from ._memory import buffer_address
+from ._open import Method, feature_names, handshake, open_fd
+
+_ADDRESS_LIMIT = 1 << 64
+_EAGAIN = errno.EAGAIN
+
+_HINTS = {
+    errno.EEXIST: "a page in the range is already populated; the kernel did not wake the "
+    "threads waiting on it, so call wake() for the range",
+    errno.EAGAIN: "a non-cooperative event (remove, remap, unmap or fork) is unread; read the "
+    "events, apply them, then retry",
+    errno.ESRCH: "the process that owns this memory has exited",
+    errno.ENOENT: "the range is not (or no longer) mapped and registered with this userfaultfd",
+    errno.EBUSY: "the range is registered with another userfaultfd, or (MOVE) the source page "
+    "is shared with another process",
+}
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return value
+
+
+def _check_range(start: int, length: int, what: str = "start") -> None:
+    _check_int(what, start)
+    _check_int("length", length)
+    if start < 0 or start % PAGE_SIZE:
+        raise InvalidArgument(
+            errno.EINVAL, f"{what} {start:#x} is not aligned to the page size ({PAGE_SIZE})"
+        )
+    if length <= 0 or length % PAGE_SIZE:
+        raise InvalidArgument(
+            errno.EINVAL,
+            f"length {length} is not a positive multiple of the page size ({PAGE_SIZE})",
+        )
+    if start + length > _ADDRESS_LIMIT:
+        raise InvalidArgument(
+            errno.EINVAL, f"{what} {start:#x} + length {length:#x} overflows the address space"
+        )
+
+
+def _translate(exc: OSError, what: str, done: int) -> UffdError:
+    err = exc.errno or errno.EIO
+    message = f"UFFDIO_{what} failed: {os.strerror(err)}"
+    hint = _HINTS.get(err)
+    if hint:
+        message += f" ({hint})"
+    if done:
+        message += f"; {done} bytes were done first"
+    cls: type[UffdError]
+    if err == errno.EEXIST:
+        cls = PageExists
+    elif err == _EAGAIN:
+        cls = MappingChanged
+    elif err == errno.ESRCH:
+        cls = ProcessExited
+    elif err == errno.EINVAL:
+        cls = InvalidArgument
+    elif err == errno.EBADF:
+        return UffdClosed(message)
+    else:
+        cls = UffdError
+    return cls(err, message, done=done)
+
+
+class Userfaultfd:
+    """An open, handshaken userfaultfd: registration, every ioctl, and event reads.
+
+    Open one with :meth:`open`. It is non-blocking and close-on-exec; use it
+    as a context manager or call :meth:`close`. Not for concurrent use from
+    several threads while it is being closed.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        features: Feature,
+        available: Feature,
+        ioctls: Ioctl,
+        method: Method,
+    ) -> None:
+        self._fd = fd
+        self._features = features
+        self._available = available
+        self._ioctls = ioctls
+        self._method = method
+        self._thread_ids = bool(features & Feature.THREAD_ID)
+        self._children: list[Userfaultfd] = []
+        self._before_close: list[Callable[[int], None]] = []
+
+    @classmethod
+    def open(
+        cls, features: Feature | int = Feature(0), *, user_mode_only: bool | None = None
+    ) -> Userfaultfd:
+        """Open a uffd and enable ``features``.
+
+        ``user_mode_only=None`` tries a full uffd (userfaultfd(2), then
+        ``/dev/userfaultfd``), then a user-mode-only one; ``False`` only full
+        ones; ``True`` only user-mode-only. Raises :class:`UnsupportedFeature`
+        naming what the kernel lacks, :class:`UffdPermissionError` with the
+        remedy when no way in is allowed.
+        """
+        requested = int(_check_int("features", features))
+        if requested < 0 or requested >= 1 << 64:
+            raise InvalidArgument(errno.EINVAL, f"features {requested:#x} is not a 64-bit mask")
+        fd, method = open_fd(user_mode_only)
+        try:
+            enabled, available, ioctls = handshake(fd, method, requested)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, features=enabled, available=available, ioctls=ioctls, method=method)
+
+    @classmethod
+    def _adopt(
+        cls,
+        fd: int,
+        *,
+        features: Feature = Feature(0),
+        available: Feature = Feature(0),
+        method: Method = Method.SYSCALL,
+    ) -> Userfaultfd:
+        """Own an fd that is already handshaken (a fork child's, or one handed over)."""
+        ioctls = Ioctl.API | Ioctl.REGISTER | Ioctl.UNREGISTER
+        return cls(fd, features=features, available=available, ioctls=ioctls, method=method)
+
+    # -- the fd -----------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._require_open()
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
+    def features(self) -> Feature:
+        """The features enabled on this uffd (what was asked for, plus implied bits)."""
+        return self._features
+
+    @property
+    def available_features(self) -> Feature:
+        """Every feature the kernel offered at the handshake."""
+        return self._available
+
+    @property
+    def ioctls(self) -> Ioctl:
+        """The ioctls the handshake reported (range ioctls come from :meth:`register`)."""
+        return self._ioctls
+
+    @property
+    def method(self) -> Method:
+        return self._method
+
+    @property
+    def user_mode_only(self) -> bool:
+        return self._method is Method.USER_MODE_ONLY
+
+    def _require_open(self) -> int:
+        fd = self._fd
+        if fd < 0:
+            raise UffdClosed()
+        return fd
+
+    def close(self) -> None:
+        """Close the uffd and the fork children it handed out.
+
+        Threads blocked on its faults wake and fault the ordinary way
+        (anonymous memory becomes zero pages). Idempotent.
+        """
+        fd = self._fd
+        if fd < 0:
+            return
+        callbacks, self._before_close = self._before_close, []
+        for callback in callbacks:
+            callback(fd)
+        self._fd = -1
+        try:
+            os.close(fd)
+        finally:
+            children, self._children = self._children, []
+            for child in children:
+                child.close()
+
+    def __enter__(self) -> Userfaultfd:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"fd={self._fd}"
+        features = feature_names(self._features)
+        return f"<Userfaultfd {state} via {self._method.value} features={features}>"
+
+    # -- registration -----------------------------------------------------
+
+    def register(self, start: int, length: int, mode: Mode | int = Mode.MISSING) -> Ioctl:
+        """Report faults in ``[start, start + length)``; returns the ioctls valid there."""
+        _check_range(start, length)
+        mode_bits = int(_check_int("mode", mode))
+        if mode_bits <= 0 or mode_bits & ~_abi.ALL_MODES:
+            raise InvalidArgument(
+                errno.EINVAL, f"mode must be a non-empty combination of Mode flags, not {mode!r}"
+            )
+        if mode_bits & Mode.WP and not self._available & Feature.PAGEFAULT_FLAG_WP:
+            raise UnsupportedFeature(
+                Feature.PAGEFAULT_FLAG_WP, "this kernel does not offer write-protect mode"
+            )
+        if mode_bits & Mode.MINOR and not self._available & (
+            Feature.MINOR_SHMEM | Feature.MINOR_HUGETLBFS
+        ):
+            raise UnsupportedFeature(
+                Feature.MINOR_SHMEM, "this kernel does not offer minor-fault mode"
+            )
+        fd = self._require_open()
+        buf = bytearray(_abi.REGISTER.pack(start, length, mode_bits, 0))
+        try:
+            fcntl.ioctl(fd, _abi.UFFDIO_REGISTER, buf, True)
+        except OSError as exc:
+            error = _translate(exc, "REGISTER", 0)
+            if exc.errno == errno.EINVAL:
+                error = InvalidArgument(
+                    errno.EINVAL,
+                    f"UFFDIO_REGISTER refused [{start:#x}, {start + length:#x}) in mode "
+                    f"{Mode(mode_bits)!r}: the range is not fully mapped, or its memory does "
+                    "not support the mode (MINOR needs shmem or hugetlbfs; hugetlbfs ranges "
+                    "must be huge-page aligned)",
+                )
+            raise error from None
+        return Ioctl(_abi.REGISTER.unpack(buf)[3])
+
+    def unregister(self, start: int, length: int) -> None:
+        """Stop reporting faults in the range (threads already blocked stay blocked)."""
+        _check_range(start, length)
+        self._simple(_abi.UFFDIO_UNREGISTER, _abi.RANGE.pack(start, length), "UNREGISTER")
+
+    # -- resolving --------------------------------------------------------
+
+    def copy(
+        self,
+        dst: int,
+        src: Any,
+        length: int | None = None,
+        *,
+        wp: bool = False,
+        wake: bool = True,
+    ) -> int:
+        """UFFDIO_COPY: fill missing pages at ``dst`` from ``src``; returns bytes copied.
+
+        ``src`` is a bytes-like object (``length`` defaults to its size) or an
+        int address in this process with ``length``. ``wp=True`` maps the pages
+        write-protected (COPY_MODE_WP); ``wake=False`` is DONTWAKE.
+        """
+        if isinstance(src, int) and not isinstance(src, bool):
+            if length is None:
+                raise TypeError("copy() from an address needs a length")
+            source, keepalive = src, None
+        else:
+            source, size, keepalive = buffer_address(src)
+            if length is None:
+                length = size
+            elif _check_int("length", length) > size:
+                raise InvalidArgument(
+                    errno.EINVAL, f"length {length} exceeds the {size} bytes of src"
+                )
+        _check_range(dst, length, "dst")
+        if wp and not self._available & Feature.PAGEFAULT_FLAG_WP:
+            raise UnsupportedFeature(
+                Feature.PAGEFAULT_FLAG_WP, "this kernel does not offer write-protect mode"
+            )
+        mode = (_abi.COPY_MODE_WP if wp else 0) | (0 if wake else _abi.COPY_MODE_DONTWAKE)
+        copy_struct = _abi.COPY
+
+        def args(done: int) -> bytes:
+            return copy_struct.pack(dst + done, source + done, length - done, mode, 0)
+
+        try:
+            return self._fill(_abi.UFFDIO_COPY, copy_struct, args, length, "COPY")
+        finally:
+            del keepalive
+
+    def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
+        """UFFDIO_ZEROPAGE: map zero pages; returns bytes zeroed."""
+        _check_range(start, length)
+        mode = 0 if wake else _abi.ZEROPAGE_MODE_DONTWAKE
+        layout = _abi.ZEROPAGE
+        return self._fill(
+            _abi.UFFDIO_ZEROPAGE,
+            layout,
+            lambda done: layout.pack(start + done, length - done, mode, 0),
+            length,
+            "ZEROPAGE",
+        )
+
+    def writeprotect(
+        self, start: int, length: int, *, protect: bool = True, wake: bool = True
+    ) -> None:
+        """UFFDIO_WRITEPROTECT: ``protect=False`` removes protection (resolves a WP fault).
+
+        ``wake=False`` (DONTWAKE) is only valid when unprotecting.
+        """
+        _check_range(start, length)
+        if protect and not wake:
+            raise InvalidArgument(
+                errno.EINVAL,
+                "wake=False (DONTWAKE) is only valid when unprotecting (protect=False): "
+                "write-protecting wakes no one",
+            )
+        if protect:
+            mode = _abi.WRITEPROTECT_MODE_WP
+        else:
+            mode = 0 if wake else _abi.WRITEPROTECT_MODE_DONTWAKE
+        self._simple(
+            _abi.UFFDIO_WRITEPROTECT,
+            _abi.WRITEPROTECT.pack(start, length, mode),
+            "WRITEPROTECT",
+        )
+
+    def continue_(self, start: int, length: int, *, wp: bool = False, wake: bool = True) -> int:
+        """UFFDIO_CONTINUE: map the page-cache pages (resolves MINOR faults); returns bytes mapped.
+
+        ``wp=True`` maps them write-protected (CONTINUE_MODE_WP).
+        """
+        _check_range(start, length)
+        mode = (_abi.CONTINUE_MODE_WP if wp else 0) | (0 if wake else _abi.CONTINUE_MODE_DONTWAKE)
+        layout = _abi.CONTINUE
+        return self._fill(
+            _abi.UFFDIO_CONTINUE,
+            layout,
+            lambda done: layout.pack(start + done, length - done, mode, 0),
+            length,
+            "CONTINUE",
+        )
+
+    def poison(self, start: int, length: int, *, wake: bool = True) -> int:
+        """UFFDIO_POISON: accesses to the range get SIGBUS; returns bytes poisoned."""
+        _check_range(start, length)
+        if not self._available & Feature.POISON:
+            raise UnsupportedFeature(Feature.POISON, "this kernel does not offer UFFDIO_POISON")
+        mode = 0 if wake else _abi.POISON_MODE_DONTWAKE
+        layout = _abi.POISON
+        return self._fill(
+            _abi.UFFDIO_POISON,
+            layout,
+            lambda done: layout.pack(start + done, length - done, mode, 0),
+            length,
+            "POISON",
+        )
+
+    def move(
+        self,
+        dst: int,
+        src: int,
+        length: int,
+        *,
+        wake: bool = True,
+        allow_src_holes: bool = False,
+    ) -> int:
+        """UFFDIO_MOVE: move private anonymous pages from ``src`` to ``dst``; returns bytes."""
+        _check_range(src, length, "src")
+        _check_range(dst, length, "dst")
+        if not self._available & Feature.MOVE:
+            raise UnsupportedFeature(Feature.MOVE, "this kernel does not offer UFFDIO_MOVE")
+        mode = (0 if wake else _abi.MOVE_MODE_DONTWAKE) | (
+            _abi.MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0
+        )
+        layout = _abi.MOVE
+        return self._fill(
+            _abi.UFFDIO_MOVE,
+            layout,
+            lambda done: layout.pack(dst + done, src + done, length - done, mode, 0),
+            length,
+            "MOVE",
+        )
+
+    def wake(self, start: int, length: int) -> None:
+        """UFFDIO_WAKE: wake the threads waiting on faults in the range."""
+        _check_range(start, length)
+        self._simple(_abi.UFFDIO_WAKE, _abi.RANGE.pack(start, length), "WAKE")
+
+    def _simple(self, request: int, arg: bytes, what: str) -> None:
+        fd = self._require_open()
+        try:
+            fcntl.ioctl(fd, request, arg)
+        except OSError as exc:
+            raise _translate(exc, what, 0) from None
+
+    def _fill(
+        self,
+        request: int,
+        layout: Any,
+        args: Callable[[int], bytes],
+        length: int,
+        what: str,
+    ) -> int:
+        """Run a result-writing ioctl, continuing after partial progress."""
+        fd = self._require_open()
+        done = 0
+        while True:
+            buf = bytearray(args(done))
+            try:
+                fcntl.ioctl(fd, request, buf, True)
+            except OSError as exc:
+                result = layout.unpack_from(buf)[-1]
+                if exc.errno == _EAGAIN and result > 0:
+                    done += result
+                    continue
+                raise _translate(exc, what, done) from None
+            return length
+
+    # -- events -----------------------------------------------------------
+
+    def read_events(self, max_events: int = 64) -> list[Event]:
+        """Read and decode pending events without blocking; ``[]`` when none are pending."""
+        _check_int("max_events", max_events)
+        if max_events < 1:
+            raise InvalidArgument(errno.EINVAL, f"max_events must be at least 1, not {max_events}")
+        fd = self._require_open()
+        try:
+            data = os.read(fd, _abi.MSG.size * max_events)
+        except BlockingIOError:
+            return []
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise UffdClosed() from None
+            raise UffdError(exc.errno or errno.EIO, f"read() from the uffd failed: {exc}") from None
+        return self.decode(data)
+
+    def decode(self, data: bytes) -> list[Event]:
+        """Decode bytes read from this uffd; fork children become owned handles."""
+        try:
+            return decode(data, thread_ids=self._thread_ids, adopt=self._adopt_child)
+        except Exception:
+            for fd in fork_fds(data):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+
+    def _adopt_child(self, fd: int) -> Userfaultfd:
+        child = Userfaultfd._adopt(
+            fd, features=self._features, available=self._available, method=self._method
+        )
+        self._children = [c for c in self._children if not c.closed]
+        self._children.append(child)
+        return child
