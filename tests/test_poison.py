@@ -67,3 +67,23 @@ def test_poison_on_a_populated_page_is_page_exists() -> None:
         uffd.zeropage(region.address, region.length)
         with pytest.raises(ua.PageExists):
             uffd.poison(region.address, region.length)
+
+
+def test_feature_sigbus_faults_without_a_handler() -> None:
+    """With Feature.SIGBUS no event is queued: the toucher gets SIGBUS at once."""
+    code = textwrap.dedent(
+        """
+        import uffd_async as ua
+        uffd = ua.Userfaultfd.open(ua.Feature.SIGBUS)
+        region = ua.Region.anonymous(ua.PAGE_SIZE)
+        uffd.register(region.address, region.length)
+        print("registered", flush=True)
+        ua.touch(region.address, 1)
+        print("survived", flush=True)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == -signal.SIGBUS, (result.stdout, result.stderr)
+    assert "registered" in result.stdout and "survived" not in result.stdout
