@@ -129,3 +129,17 @@ def pattern(page_index: int, size: int = ua.PAGE_SIZE) -> bytes:
     """Distinct, recognisable contents for page ``page_index``."""
     stamp = f"page {page_index:08d} ".encode()
     return (stamp * (size // len(stamp) + 1))[:size]
+
+
+async def finished(worker: Worker, timeout: float = TIMEOUT) -> Any:
+    """Wait (async, bounded) for a worker thread without blocking the event loop."""
+    import anyio
+
+    with anyio.fail_after(timeout):
+        while worker.alive:
+            await anyio.sleep(0.002)
+    return worker.join(0)
+
+
+def source_bytes(pages: int) -> bytes:
+    return b"".join(pattern(i) for i in range(pages))

@@ -26,13 +26,27 @@ from ._memory import touch as touch
 from ._open import Method as Method
 from ._open import Support as Support
 from ._open import probe as probe
+from ._server import FaultServer as FaultServer
+from ._server import OnError as OnError
+from ._server import ServerStats as ServerStats
+from ._server import serve as serve
 from ._uffd import Userfaultfd as Userfaultfd
+from .reader import EventReader as EventReader
+from .resolvers import NoSourcePage as NoSourcePage
+from .resolvers import Resolver as Resolver
+from .resolvers import by_kind as by_kind
+from .resolvers import continue_minor as continue_minor
+from .resolvers import copy_from as copy_from
+from .resolvers import unprotect as unprotect
+from .resolvers import zero_fill as zero_fill
 
 __all__ = [
     "PAGE_SIZE",
     "DecodeError",
     "Event",
+    "EventReader",
     "FaultFlags",
+    "FaultServer",
     "Feature",
     "Fork",
     "InvalidArgument",
@@ -40,12 +54,16 @@ __all__ = [
     "MappingChanged",
     "Method",
     "Mode",
+    "NoSourcePage",
+    "OnError",
     "PageExists",
     "PageFault",
     "ProcessExited",
     "Region",
     "Remap",
     "Remove",
+    "Resolver",
+    "ServerStats",
     "Support",
     "UffdClosed",
     "UffdError",
@@ -53,9 +71,15 @@ __all__ = [
     "Unmap",
     "UnsupportedFeature",
     "Userfaultfd",
+    "by_kind",
+    "continue_minor",
+    "copy_from",
     "decode",
     "probe",
+    "serve",
     "touch",
+    "unprotect",
+    "zero_fill",
 ]
 
 __version__ = "0.1.0"

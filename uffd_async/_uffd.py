@@ -135,6 +135,7 @@ class Userfaultfd:
         self._thread_ids = bool(features & Feature.THREAD_ID)
         self._children: list[Userfaultfd] = []
         self._before_close: list[Callable[[int], None]] = []
+        self._unhandled: list[Event] = []
 
     @classmethod
     def open(
@@ -210,6 +211,15 @@ class Userfaultfd:
             raise UffdClosed()
         return fd
 
+    def _on_close(self, callback: Callable[[int], None]) -> None:
+        """Run ``callback(fd)`` just before the fd is closed (readers wake their waiters)."""
+        if callback not in self._before_close:
+            self._before_close.append(callback)
+
+    def _push_back(self, events: list[Event]) -> None:
+        """Keep events a server read but never handled: the kernel will not send them again."""
+        self._unhandled = list(events) + self._unhandled
+
     def close(self) -> None:
         """Close the uffd and the fork children it handed out.
 
@@ -220,9 +230,10 @@ class Userfaultfd:
         if fd < 0:
             return
         callbacks, self._before_close = self._before_close, []
+        self._fd = -1
+        self._unhandled = []
         for callback in callbacks:
             callback(fd)
-        self._fd = -1
         try:
             os.close(fd)
         finally:
@@ -470,6 +481,10 @@ class Userfaultfd:
         if max_events < 1:
             raise InvalidArgument(errno.EINVAL, f"max_events must be at least 1, not {max_events}")
         fd = self._require_open()
+        if self._unhandled:
+            events = self._unhandled[:max_events]
+            del self._unhandled[:max_events]
+            return events
         try:
             data = os.read(fd, _abi.MSG.size * max_events)
         except BlockingIOError:

@@ -1,0 +1,565 @@
+"""The fault server: reads events, runs resolvers under one task group, never drops a fault.
+
+Kernel facts this module relies on:
+
+* Each fault is delivered once, to one reader, and never again: a fault read
+  and not resolved is a thread blocked until someone resolves it or the uffd
+  closes. So every fault the server read but did not resolve, when it stops
+  for any reason, is pushed back onto the handle for the next reader.
+* Every thread that faults on a page gets its own event, and one resolving
+  ioctl wakes them all. Faults on a page whose resolution is under way are
+  coalesced into it.
+* EEXIST wakes nobody: the server wakes the page itself.
+* While a Remove/Remap/Unmap/Fork is unread every resolving ioctl fails with
+  EAGAIN (:class:`MappingChanged`). The server reads and applies pending
+  events, then retries the deferred faults; non-cooperative events in a
+  batch are applied before the faults in it (a fault may be read before the
+  REMOVE that concerns it).
+* A thread blocked on a page that was remapped or unmapped waits on the old
+  address; the server wakes it there, and it retries its access.
+* With UFFDIO_POISON, an access to a poisoned page raises SIGBUS in the
+  thread instead of reading anything: the safe answer when a resolver failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from array import array
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._abi import PAGE_SIZE, Feature
+from ._errors import MappingChanged, PageExists, ProcessExited, UffdClosed, UffdError
+from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from ._uffd import Userfaultfd
+from .reader import EventReader
+from .resolvers import AnyResolver, Resolver
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+logger = logging.getLogger("uffd_async")
+
+_LATENCY_SAMPLES = 4096
+_RETRY_DELAYS = (0.0, 0.0001, 0.0005, 0.001, 0.005)
+
+
+@attrs.frozen(kw_only=True)
+class OnError:
+    """What the server does when a resolver raises.
+
+    ``page``: ``"poison"`` (the default: UFFDIO_POISON, so the access raises
+    SIGBUS instead of reading wrong bytes; where the kernel lacks POISON the
+    thread is left blocked), ``"zero"`` (a zero page, only when you ask for
+    it), ``"leave"`` (the thread stays blocked; the fault is handed back to
+    the uffd for whoever serves it next), or a fallback resolver.
+    ``propagate``: raise the error out of ``serve`` (the default), or log it
+    and keep serving.
+    """
+
+    page: Literal["poison", "zero", "leave"] | Resolver = "poison"
+    propagate: bool = True
+
+
+@attrs.define(kw_only=True)
+class ServerStats:
+    """Counters of one server; read them while it runs or after."""
+
+    #: Page fault events read.
+    faults: int = 0
+    #: Faults resolved by a resolver.
+    resolved: int = 0
+    #: Faults folded into a resolution already under way for the same page.
+    coalesced: int = 0
+    #: Resolutions that found the page already there (EEXIST) and woke it.
+    eexist: int = 0
+    #: Resolutions retried after EAGAIN (a non-cooperative event was unread).
+    retries: int = 0
+    #: Resolver errors.
+    errors: int = 0
+    #: Remove/Remap/Unmap events applied, and Fork children served.
+    events: int = 0
+    forks: int = 0
+    #: Resolutions running right now (async ones; inline ones never overlap).
+    in_flight: int = 0
+    _latencies: array[int] = attrs.field(factory=lambda: array("q"), repr=False)
+    _next: int = attrs.field(default=0, repr=False)
+
+    def _record(self, nanoseconds: int) -> None:
+        samples = self._latencies
+        if len(samples) < _LATENCY_SAMPLES:
+            samples.append(nanoseconds)
+        else:
+            samples[self._next] = nanoseconds
+            self._next = (self._next + 1) % _LATENCY_SAMPLES
+
+    def latency_us(self, percentile: float) -> float:
+        """Resolution latency (fault read to resolved) at ``percentile``, over recent faults."""
+        if not 0 <= percentile <= 100:
+            raise ValueError("percentile must be within [0, 100]")
+        samples = sorted(self._latencies)
+        if not samples:
+            return 0.0
+        index = min(len(samples) - 1, round(percentile / 100 * (len(samples) - 1)))
+        return samples[index] / 1000
+
+    def as_dict(self) -> dict[str, float]:
+        counters = {
+            name: getattr(self, name)
+            for name in (
+                "faults", "resolved", "coalesced", "eexist", "retries", "errors", "events",
+                "forks", "in_flight",
+            )
+        }  # fmt: skip
+        for p in (50, 90, 99, 100):
+            counters[f"latency_p{p}_us"] = self.latency_us(p)
+        return counters
+
+
+class _Server:
+    def __init__(
+        self,
+        uffd: Userfaultfd,
+        resolver: AnyResolver,
+        *,
+        limit: int,
+        batch: int,
+        on_error: OnError,
+        page_size: int,
+    ) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        if not isinstance(on_error, OnError):
+            raise TypeError(f"on_error must be an OnError, not {type(on_error).__name__}")
+        self.uffd = uffd
+        self.resolver = resolver
+        self.inline = resolver if isinstance(resolver, Resolver) else None
+        self.limit = limit
+        self.batch = batch
+        self.on_error = on_error
+        self.page_mask = ~(page_size - 1)
+        self.page_size = page_size
+        self.stats = ServerStats()
+        self.reader = EventReader(uffd, batch=batch)
+        self._in_flight: dict[int, PageFault] = {}
+        self._queued: deque[PageFault] = deque()
+        self._deferred: list[PageFault] = []
+        self._retrying = False
+        self._tg: TaskGroup | None = None
+        self._fatal: BaseException | None = None
+
+    # -- the loop ----------------------------------------------------------
+
+    async def run(self, task_status: TaskStatus[Any]) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started(self)
+                reader = self.reader
+                handle = self._handle
+                while True:
+                    try:
+                        events = await reader.receive_batch()
+                    except anyio.ClosedResourceError:
+                        break
+                    handle(events)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+        finally:
+            self._tg = None
+            self._hand_back()
+
+    def _hand_back(self) -> None:
+        """Give every fault read but not resolved back to the uffd."""
+        unresolved = list(self._in_flight.values()) + list(self._queued) + self._deferred
+        self._in_flight.clear()
+        self._queued.clear()
+        self._deferred = []
+        self.stats.in_flight = 0
+        if unresolved and not self.uffd.closed:
+            self.uffd._push_back(list(unresolved))
+        self.reader.close()
+
+    def _handle(self, events: Iterable[Event], retried: Iterable[PageFault] = ()) -> None:
+        """Apply non-cooperative events, then dispatch ``retried`` and the new faults."""
+        faults: list[PageFault] = []
+        for event in events:
+            if isinstance(event, PageFault):
+                faults.append(event)
+            else:
+                self._apply(event)
+        self.stats.faults += len(faults)
+        retried = list(retried)
+        self.stats.retries += len(retried)
+        faults = retried + faults
+        if not faults:
+            return
+        resolved: set[int] = set()
+        wakes: list[int] = []
+        try:
+            for index, fault in enumerate(faults):
+                try:
+                    self._dispatch(fault, resolved, wakes)
+                except BaseException:
+                    self._queued.extend(faults[index + 1 :])  # read, never handled
+                    raise
+        finally:
+            if wakes:
+                self._wake_pages(wakes)
+
+    def _apply(self, event: Fork | Remap | Remove | Unmap) -> None:
+        stats = self.stats
+        if isinstance(event, Fork):
+            stats.forks += 1
+            child = self.resolver.fork() if isinstance(self.resolver, Resolver) else self.resolver
+            assert self._tg is not None
+            self._tg.start_soon(self._serve_child, event.uffd, child)
+            return
+        stats.events += 1
+        if self.inline is not None:
+            self.inline.apply(event)
+        if isinstance(event, (Remap, Unmap)):
+            start = event.from_address if isinstance(event, Remap) else event.start
+            end = start + event.length if isinstance(event, Remap) else event.end
+            self._release_moved(start, end)
+
+    def _release_moved(self, start: int, end: int) -> None:
+        """Faults waiting at addresses that moved or vanished: wake them to retry."""
+        for pending in (self._queued, self._deferred):
+            stale = [f for f in pending if start <= f.address < end]
+            for fault in stale:
+                pending.remove(fault)
+                self._wake(fault.address & self.page_mask, self.page_size)
+
+    # -- dispatch ----------------------------------------------------------
+
+    def _dispatch(self, fault: PageFault, resolved: set[int], wakes: list[int]) -> None:
+        stats = self.stats
+        page = fault.address & self.page_mask
+        if page in resolved or page in self._in_flight:
+            stats.coalesced += 1
+            return
+        inline = self.inline
+        if inline is not None:
+            started = time.perf_counter_ns()
+            try:
+                done = inline.resolve_now(fault, self.uffd)
+            except PageExists:
+                stats.eexist += 1
+                resolved.add(page)
+                wakes.append(page)
+                return
+            except MappingChanged:
+                self._defer(fault)
+                return
+            except ProcessExited:
+                self._process_exited()
+                return
+            except Exception as exc:
+                self._failed_inline(fault, exc)
+                resolved.add(page)
+                return
+            if done:
+                stats._record(time.perf_counter_ns() - started)
+                stats.resolved += 1
+                resolved.add(page)
+                if not inline.woke(fault):
+                    wakes.append(page)
+                return
+        if len(self._in_flight) >= self.limit:
+            self._queued.append(fault)
+        else:
+            self._start(fault)
+
+    def _start(self, fault: PageFault) -> None:
+        page = fault.address & self.page_mask
+        self._in_flight[page] = fault
+        self.stats.in_flight = len(self._in_flight)
+        assert self._tg is not None
+        self._tg.start_soon(self._resolve_async, fault, page)
+
+    async def _resolve_async(self, fault: PageFault, page: int) -> None:
+        stats = self.stats
+        started = time.perf_counter_ns()
+        resolver = self.resolver
+        outcome: Literal["unresolved", "done", "deferred", "failed"] = "unresolved"
+        error: Exception | None = None
+        try:
+            try:
+                if isinstance(resolver, Resolver):
+                    await resolver.resolve(fault, self.uffd)
+                else:
+                    await resolver(fault, self.uffd)
+            except PageExists:
+                stats.eexist += 1
+                self._wake(page, self.page_size)
+                outcome = "done"
+            except MappingChanged:
+                outcome = "deferred"
+            except ProcessExited:
+                outcome = "done"
+                self._process_exited()
+            except Exception as exc:
+                error = exc
+                await self._dispose_failed(fault)
+                outcome = "failed"
+            else:
+                stats._record(time.perf_counter_ns() - started)
+                stats.resolved += 1
+                if isinstance(resolver, Resolver) and not resolver.woke(fault):
+                    self._wake(page, self.page_size)
+                outcome = "done"
+        finally:
+            if outcome != "unresolved":  # else cancelled: _hand_back returns it to the uffd
+                del self._in_flight[page]
+                stats.in_flight = len(self._in_flight)
+                if outcome == "deferred":
+                    self._defer(fault)
+                self._start_queued()
+        if error is not None:
+            self._report(fault, error)
+
+    def _start_queued(self) -> None:
+        while self._queued and len(self._in_flight) < self.limit and self._tg is not None:
+            fault = self._queued.popleft()
+            if fault.address & self.page_mask in self._in_flight:
+                self.stats.coalesced += 1
+                continue
+            self._start(fault)
+
+    # -- EAGAIN: drain, apply, retry ----------------------------------------
+
+    def _defer(self, fault: PageFault) -> None:
+        self._deferred.append(fault)
+        if not self._retrying and self._tg is not None:
+            self._retrying = True
+            self._tg.start_soon(self._retry_deferred)
+
+    async def _retry_deferred(self) -> None:
+        try:
+            attempt = 0
+            while self._deferred:
+                await anyio.sleep(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)])
+                attempt += 1
+                try:
+                    pending = self.uffd.read_events(self.batch)  # the events behind the EAGAIN
+                except UffdClosed:
+                    return
+                faults, self._deferred = self._deferred, []
+                self._handle(pending, retried=faults)
+        finally:
+            self._retrying = False
+
+    def _process_exited(self) -> None:
+        """The process whose memory this uffd serves is gone: nothing will fault again."""
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    # -- errors ------------------------------------------------------------
+
+    def _page_action(self, fault: PageFault) -> Literal["poison", "zero", "leave"] | Resolver:
+        action = self.on_error.page
+        if action == "poison" and not self.uffd.available_features & Feature.POISON:
+            return "leave"
+        return action
+
+    def _apply_page_action_now(self, fault: PageFault) -> bool:
+        """Dispose of a failed fault's page synchronously; False if it needs awaiting."""
+        page = fault.address & self.page_mask
+        action = self._page_action(fault)
+        try:
+            if action == "poison":
+                self.uffd.poison(page, self.page_size)
+            elif action == "zero":
+                self.uffd.zeropage(page, self.page_size)
+            elif action == "leave":
+                self.uffd._push_back([fault])
+            elif not action.resolve_now(fault, self.uffd):
+                return False
+        except PageExists:
+            self._wake(page, self.page_size)
+        return True
+
+    def _failed_inline(self, fault: PageFault, exc: Exception) -> None:
+        self.stats.errors += 1
+        if self._apply_page_action_now(fault):
+            self._report(fault, exc)
+            return
+        # A fallback resolver that must await: it runs as a task, like any resolution.
+        page = fault.address & self.page_mask
+        self._in_flight[page] = fault
+        assert self._tg is not None
+        self._tg.start_soon(self._fallback_task, fault, page, exc)
+
+    async def _fallback_task(self, fault: PageFault, page: int, exc: Exception) -> None:
+        disposed = False
+        try:
+            await self._dispose_failed(fault, counted=True)
+            disposed = True
+        finally:
+            if disposed:
+                del self._in_flight[page]
+                self._start_queued()
+        self._report(fault, exc)
+
+    async def _dispose_failed(self, fault: PageFault, *, counted: bool = False) -> None:
+        """Give a failed fault's page what ``on_error`` says, awaiting a fallback if need be."""
+        if not counted:
+            self.stats.errors += 1
+            if self._apply_page_action_now(fault):
+                return
+        action = self._page_action(fault)
+        assert isinstance(action, Resolver)
+        try:
+            await action.resolve(fault, self.uffd)
+        except PageExists:
+            self._wake(fault.address & self.page_mask, self.page_size)
+
+    def _report(self, fault: PageFault, exc: Exception) -> None:
+        if self.on_error.propagate:
+            raise exc
+        logger.error("resolver failed for %s; serving goes on", fault, exc_info=exc)
+
+    # -- wakes -------------------------------------------------------------
+
+    def _wake(self, start: int, length: int) -> None:
+        try:
+            self.uffd.wake(start, length)
+        except UffdClosed:
+            pass
+
+    def _wake_pages(self, pages: list[int]) -> None:
+        """Wake each contiguous run of pages with one UFFDIO_WAKE."""
+        pages.sort()
+        size = self.page_size
+        start = end = pages[0]
+        for page in pages[1:]:
+            if page == end + size:
+                end = page
+            elif page != end:
+                self._wake(start, end - start + size)
+                start = end = page
+        self._wake(start, end - start + size)
+
+    # -- fork children --------------------------------------------------------
+
+    async def _serve_child(self, uffd: Userfaultfd, resolver: AnyResolver) -> None:
+        child = _Server(
+            uffd,
+            resolver,
+            limit=self.limit,
+            batch=self.batch,
+            on_error=self.on_error,
+            page_size=self.page_size,
+        )
+        try:
+            await child.run(anyio.TASK_STATUS_IGNORED)
+        finally:
+            uffd.close()
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error of an internal task group, or the group itself."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    real = [exc for exc in leaves if not isinstance(exc, anyio.get_cancelled_exc_class())]
+    if len(real) == 1:
+        return real[0]
+    return group
+
+
+async def serve(
+    uffd: Userfaultfd,
+    resolver: AnyResolver,
+    *,
+    limit: int = 64,
+    batch: int = 64,
+    on_error: OnError = OnError(),
+    page_size: int = PAGE_SIZE,
+    task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Resolve ``uffd``'s faults with ``resolver`` until cancelled or the uffd is closed.
+
+    At most ``limit`` resolutions that await run at once; further faults wait
+    in order, none is dropped. :class:`~uffd_async.resolvers.Resolver` objects
+    that can answer without awaiting do so inline, without a task. A resolver
+    error propagates out of ``serve`` unless ``on_error`` says otherwise.
+    ``task_status.started()`` receives an object whose ``stats`` is a
+    :class:`ServerStats`.
+    """
+    server = _Server(
+        uffd, resolver, limit=limit, batch=batch, on_error=on_error, page_size=page_size
+    )
+    await server.run(task_status)
+
+
+class FaultServer:
+    """``serve()`` in the background of an ``async with`` block.
+
+    Leaving the block stops the server (faults it read but did not resolve go
+    back to the uffd); a resolver error cancels the block and is raised from it.
+    """
+
+    def __init__(
+        self,
+        uffd: Userfaultfd,
+        resolver: AnyResolver,
+        *,
+        limit: int = 64,
+        batch: int = 64,
+        on_error: OnError = OnError(),
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self._server = _Server(
+            uffd, resolver, limit=limit, batch=batch, on_error=on_error, page_size=page_size
+        )
+        self._tg: TaskGroup | None = None
+
+    @property
+    def stats(self) -> ServerStats:
+        return self._server.stats
+
+    @property
+    def uffd(self) -> Userfaultfd:
+        return self._server.uffd
+
+    async def __aenter__(self) -> FaultServer:
+        if self._tg is not None:
+            raise RuntimeError("this FaultServer is already running")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await tg.start(self._server.run)
+        except BaseException:
+            await tg.__aexit__(*sys.exc_info())
+            raise
+        self._tg = tg
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        tg, self._tg = self._tg, None
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        try:
+            return await tg.__aexit__(*exc_info)
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+
+
+__all__ = ["FaultServer", "OnError", "ServerStats", "UffdError", "serve"]

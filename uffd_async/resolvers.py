@@ -1,0 +1,377 @@
+"""Resolvers: how a fault gets its page.
+
+A resolver is an async callable ``resolver(fault, uffd)`` that answers one
+fault with ioctls; it may await anything (a file, a socket, a service). The
+ready-made ones below are :class:`Resolver` objects: besides being awaitable
+like that, they try ``resolve_now`` first, which finishes without awaiting
+whenever it can, so the server answers those faults inline, without a task.
+
+Kernel facts these rely on (``man 2 ioctl_userfaultfd``):
+
+* A resolving ioctl covers whole pages and, unless DONTWAKE is asked for,
+  wakes every thread waiting on a fault in the range it covered.
+* EEXIST: the page is already there and *nobody was woken*. The resolvers
+  raise :class:`PageExists` for the fault's own page, and the server wakes it.
+* UFFDIO_COPY of several pages stops at the first one that exists; the pages
+  before it were copied (and woken).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._abi import PAGE_SIZE, FaultFlags
+from ._addrspace import AddressMap
+from ._errors import InvalidArgument, PageExists, UffdError
+from ._events import PageFault, Remap, Remove, Unmap
+from ._memory import Region, buffer_address
+from ._uffd import Userfaultfd
+
+__all__ = [
+    "NoSourcePage",
+    "Resolver",
+    "ResolverFunction",
+    "by_kind",
+    "continue_minor",
+    "copy_from",
+    "unprotect",
+    "zero_fill",
+]
+
+#: What ``serve()`` accepts: an async ``(fault, uffd) -> None`` callable.
+ResolverFunction = Callable[[PageFault, Userfaultfd], Awaitable[None]]
+
+
+class NoSourcePage(UffdError, LookupError):
+    """The fault is outside what the resolver can serve (past the source, or unmapped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(22, message)
+
+
+class Resolver:
+    """Base class for resolvers that can often answer a fault without awaiting.
+
+    Subclasses implement :meth:`resolve_now` (sync; return True when the
+    fault is resolved, False to take the async path) and, if that can
+    return False, :meth:`resolve`. The server calls :meth:`apply` with every
+    Remap/Remove/Unmap before the faults behind it, and :meth:`fork` for the
+    child of a Fork event.
+    """
+
+    #: Whether this resolver's ioctls wake the faulting thread (else the server wakes it).
+    wakes: bool = True
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        return False
+
+    async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        if not self.resolve_now(fault, uffd):
+            raise NotImplementedError(f"{type(self).__name__} cannot resolve {fault}")
+
+    async def __call__(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        if not self.resolve_now(fault, uffd):
+            await self.resolve(fault, uffd)
+
+    def woke(self, fault: PageFault) -> bool:
+        """Whether resolving ``fault`` woke its thread."""
+        return self.wakes
+
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        """Account for a change of the address space (no-op by default)."""
+
+    def fork(self) -> Resolver:
+        """The resolver for a forked child (same object unless it keeps per-process state)."""
+        return self
+
+
+def _page_of(fault: PageFault, page_size: int) -> int:
+    return fault.address & ~(page_size - 1)
+
+
+SyncSource = Callable[[int, int], Any]
+AsyncSource = Callable[[int, int], Awaitable[Any]]
+
+
+class CopyFrom(Resolver):
+    """UFFDIO_COPY from a source; see :func:`copy_from`."""
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        base: int,
+        size: int | None,
+        readahead: int,
+        wp: bool,
+        page_size: int,
+    ) -> None:
+        if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
+            raise InvalidArgument(22, f"readahead must be an int >= 0, not {readahead!r}")
+        if page_size <= 0 or page_size & (page_size - 1) or page_size % PAGE_SIZE:
+            raise InvalidArgument(22, f"page_size {page_size} is not a power-of-two page size")
+        if base % page_size:
+            raise InvalidArgument(22, f"base {base:#x} is not aligned to {page_size}")
+        self._page_size = page_size
+        self._readahead = readahead
+        self._wp = wp
+        self._base = base
+        self._address = 0
+        self._keepalive: object = None
+        self._fetch: SyncSource | None = None
+        self._afetch: AsyncSource | None = None
+        if isinstance(source, Region):
+            self._address, length, self._keepalive = source.address, source.length, source
+        elif callable(source):
+            if _is_async_callable(source):
+                self._afetch = source
+            else:
+                self._fetch = source
+            if size is None and readahead:
+                raise InvalidArgument(22, "readahead from a callable source needs size=")
+            length = size if size is not None else 1 << 62
+        else:
+            self._address, length, self._keepalive = buffer_address(source)
+        if size is not None:
+            length = min(length, size)
+        self._pages = length // page_size
+        self._populated = bytearray(self._pages if self._pages < 1 << 30 else 0)
+        self._map = AddressMap(base, self._pages * page_size)
+
+    def fork(self) -> CopyFrom:
+        child = object.__new__(CopyFrom)
+        child.__dict__.update(self.__dict__)
+        child._populated = bytearray(self._populated)
+        child._map = self._map.copy()
+        return child
+
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        page_size = self._page_size
+        for start, end in self._map.apply(event):
+            first = max(0, (start - self._base) // page_size)
+            last = min(self._pages, -(-(end - self._base) // page_size))
+            if first < last and self._populated:
+                self._populated[first:last] = bytes(last - first)
+
+    def _plan(self, fault: PageFault) -> tuple[int, int, int, bool]:
+        """(page, source index, pages to copy, removed) for ``fault``."""
+        page_size = self._page_size
+        page = fault.address & ~(page_size - 1)
+        original = self._map.original(page)
+        if original is None:
+            raise NoSourcePage(f"no source for the page at {page:#x} (unmapped or moved away)")
+        index = (original - self._base) // page_size
+        if not 0 <= index < self._pages:
+            raise NoSourcePage(
+                f"the page at {page:#x} is {index} pages from base, past the source's "
+                f"{self._pages} pages"
+            )
+        if original in self._map.removed:
+            return page, index, 1, True
+        count = 1
+        if self._readahead:
+            limit = min(
+                self._pages - index,
+                1 + self._readahead,
+                (self._map.run_end(page) - page) // page_size,
+            )
+            boundary = self._map.removed.next_boundary(original)
+            if boundary is not None:
+                limit = min(limit, max(1, (boundary - original) // page_size))
+            populated = self._populated
+            while count < limit and not populated[index + count]:
+                count += 1
+        return page, index, count, False
+
+    def _copy(self, uffd: Userfaultfd, page: int, index: int, count: int, data: Any) -> None:
+        length = count * self._page_size
+        try:
+            uffd.copy(page, data, length, wp=self._wp)
+        except PageExists as exc:
+            done = exc.done // self._page_size
+            if self._populated:
+                self._populated[index : index + max(done, 1)] = b"\1" * max(done, 1)
+            if done == 0:
+                raise
+            return
+        if self._populated:
+            self._populated[index : index + count] = b"\1" * count
+
+    def _zero(self, uffd: Userfaultfd, page: int, index: int) -> None:
+        try:
+            uffd.zeropage(page, self._page_size)
+        finally:
+            if self._populated:
+                self._populated[index] = 1
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        if self._afetch is not None:
+            return False
+        page, index, count, removed = self._plan(fault)
+        if removed:
+            self._zero(uffd, page, index)
+        elif self._fetch is not None:
+            length = count * self._page_size
+            data = self._fetch(index * self._page_size, length)
+            _check_fetched(data, length)
+            self._copy(uffd, page, index, count, data)
+        else:
+            self._copy(uffd, page, index, count, self._address + index * self._page_size)
+        return True
+
+    async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        if self._afetch is None:
+            self.resolve_now(fault, uffd)
+            return
+        page, index, count, removed = self._plan(fault)
+        if removed:
+            self._zero(uffd, page, index)
+            return
+        length = count * self._page_size
+        data = await self._afetch(index * self._page_size, length)
+        _check_fetched(data, length)
+        self._copy(uffd, page, index, count, data)
+
+
+def _is_async_callable(source: object) -> bool:
+    return inspect.iscoroutinefunction(source) or inspect.iscoroutinefunction(
+        getattr(source, "__call__", None)  # noqa: B004
+    )
+
+
+def _check_fetched(data: Any, length: int) -> None:
+    size = memoryview(data).nbytes
+    if size != length:
+        raise InvalidArgument(22, f"the source returned {size} bytes for a {length}-byte read")
+
+
+def copy_from(
+    source: Any,
+    *,
+    base: int,
+    readahead: int = 0,
+    wp: bool = False,
+    size: int | None = None,
+    page_size: int = PAGE_SIZE,
+) -> CopyFrom:
+    """Answer missing faults with UFFDIO_COPY from ``source``.
+
+    ``source`` is a bytes-like object or :class:`Region` (the page at offset
+    ``fault.page - base``), or a sync or async callable ``(offset, length) ->
+    bytes``. ``readahead=N`` copies up to N further pages not populated yet in
+    the same ioctl. ``wp=True`` maps pages write-protected (for MISSING|WP
+    ranges). Pages removed by MADV_DONTNEED are served zeros afterwards, and
+    remapped pages keep their contents at their new address.
+    """
+    return CopyFrom(source, base=base, size=size, readahead=readahead, wp=wp, page_size=page_size)
+
+
+class ZeroFill(Resolver):
+    def __init__(self, page_size: int) -> None:
+        self._page_size = page_size
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        uffd.zeropage(_page_of(fault, self._page_size), self._page_size)
+        return True
+
+
+def zero_fill(*, page_size: int = PAGE_SIZE) -> ZeroFill:
+    """Answer missing faults with UFFDIO_ZEROPAGE (hugetlb: a zeroed huge page)."""
+    return ZeroFill(page_size)
+
+
+class Unprotect(Resolver):
+    def __init__(self, wake: bool, page_size: int) -> None:
+        self.wakes = wake
+        self._page_size = page_size
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        uffd.writeprotect(
+            _page_of(fault, self._page_size), self._page_size, protect=False, wake=self.wakes
+        )
+        return True
+
+
+def unprotect(*, wake: bool = True, page_size: int = PAGE_SIZE) -> Unprotect:
+    """Answer write-protect faults by removing the protection from the page.
+
+    ``wake=False`` uses DONTWAKE; the server then wakes the pages it resolved,
+    each contiguous range once per batch.
+    """
+    return Unprotect(wake, page_size)
+
+
+class ContinueMinor(Resolver):
+    def __init__(self, page_size: int) -> None:
+        self._page_size = page_size
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        uffd.continue_(_page_of(fault, self._page_size), self._page_size)
+        return True
+
+
+def continue_minor(*, page_size: int = PAGE_SIZE) -> ContinueMinor:
+    """Answer minor faults with UFFDIO_CONTINUE: map the page already in the page cache."""
+    return ContinueMinor(page_size)
+
+
+AnyResolver = Resolver | ResolverFunction
+
+
+class ByKind(Resolver):
+    def __init__(
+        self,
+        missing: AnyResolver | None,
+        wp: AnyResolver | None,
+        minor: AnyResolver | None,
+    ) -> None:
+        self._missing, self._wp, self._minor = missing, wp, minor
+
+    def _choose(self, fault: PageFault) -> AnyResolver:
+        if fault.flags & FaultFlags.MINOR:
+            chosen, kind = self._minor, "minor"
+        elif fault.flags & FaultFlags.WP:
+            chosen, kind = self._wp, "write-protect"
+        else:
+            chosen, kind = self._missing, "missing"
+        if chosen is None:
+            raise NoSourcePage(f"no resolver for {kind} faults (at {fault.address:#x})")
+        return chosen
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        chosen = self._choose(fault)
+        return isinstance(chosen, Resolver) and chosen.resolve_now(fault, uffd)
+
+    async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        chosen = self._choose(fault)
+        if isinstance(chosen, Resolver):
+            await chosen.resolve(fault, uffd)
+        else:
+            await chosen(fault, uffd)
+
+    def woke(self, fault: PageFault) -> bool:
+        chosen = self._choose(fault)
+        return chosen.woke(fault) if isinstance(chosen, Resolver) else True
+
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        for part in {id(p): p for p in (self._missing, self._wp, self._minor)}.values():
+            if isinstance(part, Resolver):
+                part.apply(event)
+
+    def fork(self) -> ByKind:
+        def forked(part: AnyResolver | None) -> AnyResolver | None:
+            return part.fork() if isinstance(part, Resolver) else part
+
+        return ByKind(forked(self._missing), forked(self._wp), forked(self._minor))
+
+
+def by_kind(
+    *,
+    missing: AnyResolver | None = None,
+    wp: AnyResolver | None = None,
+    minor: AnyResolver | None = None,
+) -> ByKind:
+    """Route each fault to the resolver for its kind (MINOR, then WP, else MISSING)."""
+    return ByKind(missing, wp, minor)
