@@ -37,6 +37,7 @@ EXPECTED = {
     "Unmap",
     "UnsupportedFeature",
     "Userfaultfd",
+    "WriteTracker",
     "by_kind",
     "continue_minor",
     "copy_from",

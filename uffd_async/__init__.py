@@ -1,5 +1,6 @@
 """Serve Linux page faults from async Python: userfaultfd under anyio (asyncio and trio)."""
 
+from . import testing as testing
 from ._abi import PAGE_SIZE as PAGE_SIZE
 from ._abi import FaultFlags as FaultFlags
 from ._abi import Feature as Feature
@@ -30,6 +31,7 @@ from ._server import FaultServer as FaultServer
 from ._server import OnError as OnError
 from ._server import ServerStats as ServerStats
 from ._server import serve as serve
+from ._tracker import WriteTracker as WriteTracker
 from ._uffd import Userfaultfd as Userfaultfd
 from .reader import EventReader as EventReader
 from .resolvers import NoSourcePage as NoSourcePage
@@ -71,6 +73,7 @@ __all__ = [
     "Unmap",
     "UnsupportedFeature",
     "Userfaultfd",
+    "WriteTracker",
     "by_kind",
     "continue_minor",
     "copy_from",

@@ -180,3 +180,15 @@ class FaultFlags(enum.IntFlag):
 
 
 ALL_MODES = int(Mode.MISSING | Mode.WP | Mode.MINOR)
+
+# PAGEMAP_SCAN (Linux 6.7) on /proc/<pid>/pagemap: report pages by category
+# and, with PM_SCAN_WP_MATCHING, write-protect the matching ones in the same
+# walk. This is how WP_ASYNC dirty tracking is read.
+PM_SCAN_ARG = struct.Struct("=12Q")  # size, flags, start, end, walk_end (out), vec, vec_len,
+# max_pages, category_inverted, category_mask, category_anyof_mask, return_mask
+PAGE_REGION = struct.Struct("=QQQ")  # start, end, categories
+PAGEMAP_SCAN = _ioc(_IOC_READ | _IOC_WRITE, 16, PM_SCAN_ARG.size, type_=ord("f"))
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+PAGE_IS_WRITTEN = 1 << 1
+assert PM_SCAN_ARG.size == 96 and PAGE_REGION.size == 24

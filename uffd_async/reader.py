@@ -17,8 +17,6 @@ Facts this module relies on:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 
 from ._errors import UffdClosed
@@ -78,21 +76,14 @@ class EventReader:
             self._buffered = await self.receive_batch()
         return self._buffered.pop(0)
 
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._iterate()
+    def __aiter__(self) -> EventReader:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Event]:
-        while True:
-            try:
-                batch = await self.receive_batch()
-            except anyio.ClosedResourceError:
-                return
-            for index, event in enumerate(batch):
-                try:
-                    yield event
-                except BaseException:
-                    self._buffered = batch[index + 1 :] + self._buffered
-                    raise
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except anyio.ClosedResourceError:
+            raise StopAsyncIteration from None
 
     def push_back(self, events: list[Event]) -> None:
         """Return events that were received but not handled; they come out first."""
