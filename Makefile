@@ -13,15 +13,19 @@ $(STAMP): pyproject.toml setup.py uffd_async/_native_lib.c
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/lazy_restore.py
 
 test: lint
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check uffd_async tests examples
-	$(PY) -m ruff format --check uffd_async tests examples
+	$(PY) -m ruff check uffd_async tests examples benchmarks
+	$(PY) -m ruff format --check uffd_async tests examples benchmarks
 	$(PY) -m mypy
+
+# Builds benchmarks/c/*.c with cc -O2 into benchmarks/_build/, then measures.
+bench: $(STAMP)
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info uffd_async/*.so

@@ -9,6 +9,7 @@ builtin too: ``except FileExistsError`` sees :class:`PageExists`,
 from __future__ import annotations
 
 import errno as _errno
+from typing import ClassVar
 
 from ._abi import Feature
 
@@ -80,3 +81,44 @@ class DecodeError(UffdError, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(_errno.EPROTO, message)
+
+
+class HandoffError(UffdError, ValueError):
+    """A peer's uffd handoff (Firecracker's page-fault-handler protocol) was refused.
+
+    Every fd that arrived with the message has been closed. ``mapping`` is the
+    index of the offending mapping and ``field`` its JSON field, when the
+    fault lies there; both are ``None`` otherwise.
+    """
+
+    _ERRNO: ClassVar[int] = _errno.EPROTO
+
+    mapping: int | None
+    field: str | None
+
+    def __init__(
+        self, message: str, *, mapping: int | None = None, field: str | None = None
+    ) -> None:
+        super().__init__(self._ERRNO, message)
+        self.mapping = mapping
+        self.field = field
+
+
+class HandoffRefused(HandoffError, PermissionError):
+    """The peer runs as a uid that may not hand us a uffd; nothing was read from it."""
+
+    _ERRNO: ClassVar[int] = _errno.EACCES
+
+    pid: int
+    uid: int
+
+    def __init__(self, message: str, *, pid: int, uid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.uid = uid
+
+
+class HandoffTimeout(HandoffError, TimeoutError):
+    """The peer did not send its uffd in time (it connected, then said nothing)."""
+
+    _ERRNO: ClassVar[int] = _errno.ETIMEDOUT

@@ -110,21 +110,10 @@ class Unmap:
 
 Event = PageFault | Fork | Remap | Remove | Unmap
 
-_KNOWN = frozenset(
-    (_abi.EVENT_PAGEFAULT, _abi.EVENT_FORK, _abi.EVENT_REMAP, _abi.EVENT_REMOVE, _abi.EVENT_UNMAP)
-)
-
-
-def _records(data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, int]]:
-    if len(data) % _abi.MSG.size:
-        raise DecodeError(
-            f"{len(data)} bytes is not a whole number of {_abi.MSG.size}-byte uffd_msg records"
-        )
-    records = list(_RECORD.iter_unpack(data))
-    for index, (code, *_rest) in enumerate(records):
-        if code not in _KNOWN:
-            raise DecodeError(f"record {index} has unknown event code {code:#x}")
-    return records
+_PAGEFAULT = _abi.EVENT_PAGEFAULT
+_FLAGS = {value: FaultFlags(value) for value in range(8)}
+_new = object.__new__
+_set = object.__setattr__
 
 
 def fork_fds(data: bytes | bytearray | memoryview) -> list[int]:
@@ -151,28 +140,34 @@ def decode(
     The whole buffer is validated before any fd is adopted, so a
     :class:`DecodeError` takes ownership of nothing.
     """
-    records = _records(data)
+    if len(data) % _abi.MSG.size:
+        raise DecodeError(
+            f"{len(data)} bytes is not a whole number of {_abi.MSG.size}-byte uffd_msg records"
+        )
     events: list[Event] = []
     append = events.append
-    for code, first, second, third in records:
-        if code == _abi.EVENT_PAGEFAULT:
-            ptid = (third >> _HIGH_HALF_SHIFT) & _LOW32
-            append(
-                PageFault(
-                    address=second,
-                    flags=FaultFlags(first),
-                    thread_id=ptid if thread_ids else None,
-                )
-            )
+    forks: list[tuple[int, int]] = []  # (position, fd): adopted once all is validated
+    for code, first, second, third in _RECORD.iter_unpack(data):
+        if code == _PAGEFAULT:
+            # This is the hot path: build the frozen event without attrs' __init__.
+            fault = _new(PageFault)
+            _set(fault, "address", second)
+            _set(fault, "flags", _FLAGS.get(first) or FaultFlags(first))
+            _set(fault, "thread_id", (third >> _HIGH_HALF_SHIFT) & _LOW32 if thread_ids else None)
+            append(fault)
         elif code == _abi.EVENT_REMOVE:
             append(Remove(start=first, end=second))
         elif code == _abi.EVENT_UNMAP:
             append(Unmap(start=first, end=second))
         elif code == _abi.EVENT_REMAP:
             append(Remap(from_address=first, to_address=second, length=third))
+        elif code == _abi.EVENT_FORK:
+            forks.append((len(events), (first >> _HIGH_HALF_SHIFT) & _LOW32))
+            append(None)  # type: ignore[arg-type]  # replaced below
         else:
-            fd = (first >> _HIGH_HALF_SHIFT) & _LOW32
-            append(Fork(uffd=(adopt or _default_adopt)(fd)))
+            raise DecodeError(f"record {len(events)} has unknown event code {code:#x}")
+    for position, fd in forks:
+        events[position] = Fork(uffd=(adopt or _default_adopt)(fd))
     return events
 
 

@@ -1,0 +1,49 @@
+"""The benchmark harness runs end to end, with every result checked, on small sizes.
+
+Timings and ratios are never asserted: they belong to the machine, not the code.
+What is asserted is that the harness exits 0 (so every page of every run held
+the right contents) and reports the two baselines in every scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+BASELINES = {"c", "plain-python"}
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="the benchmarks need a C compiler (cc)")
+def test_quick_benchmark_checks_out() -> None:
+    # Well inside the suite's 120 s deadline; the quick run takes seconds.
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["quick"] is True
+    assert report["machine"]["kernel"].startswith("Linux")
+    scenarios = report["scenarios"]
+    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "5"]
+    for scenario in scenarios:
+        if scenario["skipped"]:  # a hook for the async server, with no cases yet
+            assert scenario["cases"] == []
+            continue
+        assert scenario["cases"], scenario["key"]
+        for case in scenario["cases"]:
+            where = f"scenario {scenario['key']} {case['label']}"
+            assert BASELINES <= set(case["results"]), where
+            for name in BASELINES:
+                samples = case["results"][name]["samples"]
+                assert len(samples) == report["rounds"], where
+                assert all(s["faults"] > 0 for s in samples), where
