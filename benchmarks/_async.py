@@ -1,40 +1,78 @@
-"""The hook for the uffd_async runners: the async server, measured against the C handler.
+"""The uffd_async runners: the library's async server, on asyncio and on trio.
 
-Add a runner to ``UFFD_ASYNC_RUNNERS`` under a name such as ``"uffd_async/asyncio"``.
-A runner is ``Callable[[Job], Served]``; the contract (serve faults on
-``job.uffd``, call ``job.workload.run()`` once, mark ``job.seen``, return
-counters, ``job.abort()`` on failure) is in ``benchmarks/_job.py``. The usual
-shape with anyio::
-
-    def run_asyncio(job: Job) -> Served:
-        async def main() -> Served:
-            async with anyio.create_task_group() as tg:
-                stats = await tg.start(serve, job)        # the server, under tg
-                await anyio.to_thread.run_sync(job.workload.run)
-                tg.cancel_scope.cancel()
-            return Served(faults=stats.faults, resolved=stats.resolved)
-        return anyio.run(main, backend="asyncio")
-
-If the server fails while the workload thread is blocked on a fault, that thread
-cannot be cancelled: call ``job.abort(reason)`` first, which wakes it.
-
-The stubs below raise NotImplementedError before touching the job, which the
-harness reports as "skipped" with their message.
+Each serves the job with what a user of the library would write: ``FaultServer``
+with ``copy_from`` (missing faults; ``readahead``; an async source that sleeps
+for the slow scenario) or an unprotecting resolver (write tracking), while the
+C workload runs in a worker thread (GIL released throughout). The contract
+(serve, run the workload once, mark ``job.seen``, ``job.abort()`` on failure)
+is in ``benchmarks/_job.py``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+
+import anyio
+
+import uffd_async as ua
+
 from ._job import Job, Runner, Served
 
+#: UFFD_BENCH_SPIN=seconds overrides the server's default busy-poll window.
+_SPIN = float(os.environ.get("UFFD_BENCH_SPIN", ua.DEFAULT_SPIN))
 
-def _not_yet(backend: str) -> Runner:
-    def runner(job: Job) -> Served:
-        raise NotImplementedError(f"the uffd_async server on {backend} is not plugged in yet")
 
-    return runner
+def _copy_resolver(job: Job) -> ua.resolvers.CopyFrom:
+    source = (ctypes.c_char * job.length).from_address(job.source)
+    if not job.slow_us:
+        return ua.copy_from(source, base=job.address, readahead=job.readahead)
+    delay = job.slow_us / 1e6
+
+    async def fetch(offset: int, length: int) -> bytes:
+        await anyio.sleep(delay)  # a network or disk read, overlapping with others
+        return bytes(memoryview(source)[offset : offset + length])
+
+    return ua.copy_from(fetch, base=job.address, size=job.length, readahead=job.readahead)
+
+
+async def _track_writes(job: Job) -> Served:
+    """Write tracking with the library's WriteTracker (fault mode)."""
+    async with ua.WriteTracker(
+        job.uffd, job.address, job.length, register=False, wake=not job.wake_separately
+    ) as tracker:
+        await anyio.to_thread.run_sync(job.workload.run)
+        dirty = tracker.collect()
+    for page in dirty:
+        job.seen[(page - job.address) // job.page_size] = 1
+    return Served(faults=len(dirty), resolved=len(dirty))
+
+
+async def _populate(job: Job) -> Served:
+    resolver = _copy_resolver(job)
+    async with ua.FaultServer(job.uffd, resolver, limit=64, spin=_SPIN) as server:
+        await anyio.to_thread.run_sync(job.workload.run)
+    job.seen[:] = resolver.populated
+    return Served(faults=server.stats.faults, resolved=sum(job.seen))
+
+
+async def _serve(job: Job) -> Served:
+    try:
+        return await (_track_writes(job) if job.mode == "wp" else _populate(job))
+    except BaseException as exc:
+        job.abort(f"the uffd_async server failed: {exc!r}")
+        raise
+
+
+def _runner(backend: str) -> Runner:
+    def run(job: Job) -> Served:
+        result: Served = anyio.run(_serve, job, backend=backend)
+        return result
+
+    return run
 
 
 UFFD_ASYNC_RUNNERS: dict[str, Runner] = {
-    "uffd_async/asyncio": _not_yet("asyncio"),
-    "uffd_async/trio": _not_yet("trio"),
+    "uffd_async/asyncio": _runner("asyncio"),
+    "uffd_async/trio": _runner("trio"),
 }

@@ -57,7 +57,8 @@ def run_once(
     page = ua.PAGE_SIZE
     length = case.pages * page
     with ua.Region.anonymous(length) as region:
-        features = ua.Feature.PAGEFAULT_FLAG_WP if case.mode == "wp" else ua.Feature(0)
+        wp = ua.Feature.PAGEFAULT_FLAG_WP | ua.Feature.WP_UNPOPULATED  # for WriteTracker
+        features = wp if case.mode == "wp" else ua.Feature(0)
         uffd = ua.Userfaultfd.open(features)
         try:
             if case.mode == "wp":

@@ -76,7 +76,37 @@ def _load() -> ctypes.CDLL:
         ctypes.c_int,
     ]
     lib.ua_fork_touch.restype = ctypes.c_int
+    lib.ua_resolve_batch.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.POINTER(FastPath),
+        ctypes.c_void_p,
+        ctypes.POINTER(FastCounts),
+    ]
+    lib.ua_resolve_batch.restype = ctypes.c_int
     return lib
+
+
+class FastPath(ctypes.Structure):
+    """``struct ua_fast``: what the C fast path may resolve, and how (see _native_lib.c)."""
+
+    _fields_ = [
+        ("base", ctypes.c_uint64),
+        ("pages", ctypes.c_uint64),
+        ("source", ctypes.c_uint64),
+        ("page_size", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("populated", ctypes.c_void_p),
+        ("kind", ctypes.c_int64),
+    ]
+
+
+class FastCounts(ctypes.Structure):
+    _fields_ = [("resolved", ctypes.c_uint64), ("eexist", ctypes.c_uint64)]
+
+
+FAST_COPY, FAST_ZEROPAGE, FAST_UNPROTECT = 1, 2, 3
 
 
 lib = _load()

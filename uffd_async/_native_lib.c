@@ -85,3 +85,116 @@ pid_t ua_fork_touch(uintptr_t addr, size_t len, size_t step, int for_write, int 
     ssize_t n = write(out_fd, &h, sizeof h);
     _exit(n == (ssize_t)sizeof h ? 0 : 1);
 }
+
+/* The fault server's fast path: resolve a batch of page-fault records with one
+ * ioctl each, without Python in the loop.
+ *
+ * Only what needs no decision is done here: a fault inside the served range,
+ * answered by COPY from a source in memory, ZEROPAGE, or unprotect. Anything
+ * else is left for Python (handled[i] stays 0): a record that is not a page
+ * fault (then nothing in the batch is handled, so non-cooperative events are
+ * applied before any fault behind them), a fault outside the range, and any
+ * ioctl error but EEXIST (EAGAIN, ESRCH...), which Python retries or reports.
+ * EEXIST is answered with UFFDIO_WAKE: the kernel does not wake on EEXIST.
+ */
+#include <errno.h>
+#include <linux/userfaultfd.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+
+enum { UA_COPY = 1, UA_ZEROPAGE = 2, UA_UNPROTECT = 3 };
+
+struct ua_fast {
+    uint64_t base;      /* first page served */
+    uint64_t pages;     /* pages served from base */
+    uint64_t source;    /* UA_COPY: address of the source's first page */
+    uint64_t page_size; /* a power of two */
+    uint64_t mode;      /* mode bits of the ioctl (COPY_MODE_WP, WRITEPROTECT_MODE_DONTWAKE) */
+    uint8_t *populated; /* UA_COPY: one byte per page, set once populated; may be NULL */
+    int64_t kind;
+};
+
+struct ua_fast_counts {
+    uint64_t resolved; /* faults resolved by an ioctl */
+    uint64_t eexist;   /* faults whose page was already there: woken */
+};
+
+static int wake_range(int uffd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = {.start = start, .len = len};
+    return ioctl(uffd, UFFDIO_WAKE, &range);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct ua_fast *f,
+                     uint8_t *handled, struct ua_fast_counts *counts)
+{
+    uint64_t mask = ~(f->page_size - 1);
+    uint64_t to_wake[256];
+    int nwake = 0, done = 0;
+
+    for (int i = 0; i < n; i++)
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+            return 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t page = msgs[i].arg.pagefault.address & mask;
+        uint64_t index = (page - f->base) / f->page_size;
+        int rc;
+        if (page < f->base || index >= f->pages)
+            continue;
+        if (f->kind == UA_COPY) {
+            struct uffdio_copy copy = {
+                .dst = page,
+                .src = f->source + index * f->page_size,
+                .len = f->page_size,
+                .mode = f->mode,
+            };
+            rc = ioctl(uffd, UFFDIO_COPY, &copy);
+        } else if (f->kind == UA_ZEROPAGE) {
+            struct uffdio_zeropage zero = {.range = {.start = page, .len = f->page_size}};
+            rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zero);
+        } else {
+            struct uffdio_writeprotect wp = {
+                .range = {.start = page, .len = f->page_size},
+                .mode = f->mode,
+            };
+            rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &wp);
+            if (rc == 0 && (f->mode & UFFDIO_WRITEPROTECT_MODE_DONTWAKE)) {
+                if (nwake == (int)(sizeof to_wake / sizeof to_wake[0])) {
+                    continue; /* no room to remember the wake: Python redoes it */
+                }
+                to_wake[nwake++] = page;
+            }
+        }
+        if (rc != 0) {
+            if (errno != EEXIST || wake_range(uffd, page, f->page_size) != 0)
+                continue;
+            counts->eexist++;
+        } else {
+            counts->resolved++;
+        }
+        if (f->populated)
+            f->populated[index] = 1;
+        handled[i] = 1;
+        done++;
+    }
+    if (nwake) { /* DONTWAKE: wake each contiguous run once */
+        qsort(to_wake, (size_t)nwake, sizeof to_wake[0], cmp_u64);
+        uint64_t start = to_wake[0], end = to_wake[0];
+        for (int i = 1; i < nwake; i++) {
+            if (to_wake[i] == end + f->page_size) {
+                end = to_wake[i];
+            } else if (to_wake[i] != end) {
+                wake_range(uffd, start, end - start + f->page_size);
+                start = end = to_wake[i];
+            }
+        }
+        wake_range(uffd, start, end - start + f->page_size);
+    }
+    return done;
+}

@@ -20,29 +20,51 @@ next set. Leaving the tracker unprotects the range, so no writer stays blocked.
 
 from __future__ import annotations
 
+import ctypes
+import re
 from collections import deque
 from typing import Any, Literal
 
 import anyio
 
-from ._abi import PAGE_SIZE, Feature, Mode
+from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature, Mode
 from ._errors import InvalidArgument, UnsupportedFeature
 from ._events import PageFault
 from ._pagemap import scan_written
 from ._server import FaultServer, OnError
+from ._native import FAST_UNPROTECT, FastPath
 from ._uffd import Userfaultfd
-from .resolvers import AnyResolver, Resolver, by_kind
+from .resolvers import AnyResolver, NoSourcePage, Resolver, by_kind
 
 
 class _RecordWrites(Resolver):
-    def __init__(self, tracker: WriteTracker) -> None:
+    """Unprotects the page and sets its byte in the tracker's dirty bitmap."""
+
+    def __init__(self, tracker: WriteTracker, wake: bool) -> None:
         self._tracker = tracker
+        self.wakes = wake
+        self._fast = FastPath(
+            base=tracker._start,
+            pages=len(tracker._dirty),
+            page_size=PAGE_SIZE,
+            mode=0 if wake else WRITEPROTECT_MODE_DONTWAKE,
+            populated=ctypes.addressof(tracker._dirty_c),
+            kind=FAST_UNPROTECT,
+        )
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
-        page = fault.address & ~(PAGE_SIZE - 1)
-        uffd.writeprotect(page, PAGE_SIZE, protect=False)
-        self._tracker._written(page)
+        tracker = self._tracker
+        index = (fault.address - tracker._start) // PAGE_SIZE
+        if not 0 <= index < len(tracker._dirty):
+            raise NoSourcePage(f"a write-protect fault at {fault.address:#x}, outside the tracker")
+        uffd._unprotect_nocheck(tracker._start + index * PAGE_SIZE, PAGE_SIZE, self.wakes)
+        tracker._written(index)
         return True
+
+    def _fast_path(self) -> FastPath | None:
+        # The C loop records into the bitmap but cannot announce: only while
+        # nobody awaits next_write().
+        return None if self._tracker._announce else self._fast
 
 
 class WriteTracker:
@@ -53,7 +75,8 @@ class WriteTracker:
     mode), and ``tracker.collect()``: the pages written since the last
     collect, sorted, write-protected again. ``register=False`` when the
     range is already registered with a mode that includes WP; ``missing=``
-    resolves MISSING faults of a MISSING|WP range meanwhile.
+    resolves MISSING faults of a MISSING|WP range meanwhile. ``wake=False``
+    unprotects with DONTWAKE and wakes each contiguous run once per batch.
     """
 
     def __init__(
@@ -66,6 +89,7 @@ class WriteTracker:
         register: bool = True,
         missing: AnyResolver | None = None,
         limit: int = 64,
+        wake: bool = True,
     ) -> None:
         if mode not in ("fault", "async"):
             raise InvalidArgument(22, f"mode must be 'fault' or 'async', not {mode!r}")
@@ -86,7 +110,14 @@ class WriteTracker:
         self._register = register
         self._missing = missing
         self._limit = limit
-        self._dirty: set[int] = set()
+        if length <= 0 or length % PAGE_SIZE or start % PAGE_SIZE:
+            raise InvalidArgument(22, f"[{start:#x}, +{length:#x}) is not a page-aligned range")
+        # One byte per page, set by the first write since the last collect. It
+        # never changes size: the server's C loop writes it through a pointer.
+        self._dirty = bytearray(length // PAGE_SIZE)
+        self._dirty_c = (ctypes.c_uint8 * len(self._dirty)).from_buffer(self._dirty)
+        self._wake = wake
+        self._announce = False
         self._news: deque[int] = deque()
         self._arrived = anyio.Event()
         self._server: FaultServer | None = None
@@ -103,7 +134,7 @@ class WriteTracker:
         uffd.writeprotect(self._start, self._length, protect=True)
         self._active = True
         if self._mode == "fault":
-            resolver: AnyResolver = _RecordWrites(self)
+            resolver: AnyResolver = _RecordWrites(self, self._wake)
             if self._missing is not None:
                 resolver = by_kind(missing=self._missing, wp=resolver)
             self._server = FaultServer(uffd, resolver, limit=self._limit, on_error=OnError())
@@ -134,17 +165,23 @@ class WriteTracker:
 
     # -- fault mode -------------------------------------------------------------
 
-    def _written(self, page: int) -> None:
-        self._dirty.add(page)
-        self._news.append(page)
-        self._arrived.set()
+    def _written(self, index: int) -> None:
+        self._dirty[index] = 1
+        if self._announce:
+            self._news.append(self._start + index * PAGE_SIZE)
+            self._arrived.set()
 
     async def next_write(self) -> int:
-        """The next page written for the first time since it was last collected."""
+        """The next page written for the first time since it was last collected.
+
+        Writes are announced from the first call on (before it, the server
+        records them in bulk, without announcing each one).
+        """
         if self._mode != "fault":
             raise InvalidArgument(
                 22, "next_write() needs fault mode: in async mode writes raise no event"
             )
+        self._announce = True
         while not self._news:
             if not self._active:
                 raise anyio.ClosedResourceError
@@ -172,19 +209,14 @@ class WriteTracker:
             for start, end in scan_written(self._start, self._start + self._length):
                 pages.extend(range(start, end, PAGE_SIZE))
             return pages
-        dirty = sorted(self._dirty)
-        for start, length in _runs(dirty):
-            self._uffd.writeprotect(start, length, protect=True)
-        self._dirty = set()
-        return dirty
+        pages = []
+        base = self._start
+        for run in _DIRTY_RUN.finditer(self._dirty):
+            start, end = run.span()
+            self._uffd.writeprotect(base + start * PAGE_SIZE, (end - start) * PAGE_SIZE)
+            pages.extend(range(base + start * PAGE_SIZE, base + end * PAGE_SIZE, PAGE_SIZE))
+        ctypes.memset(self._dirty_c, 0, len(self._dirty))  # in place: C holds a pointer
+        return pages
 
 
-def _runs(pages: list[int]) -> list[tuple[int, int]]:
-    """Contiguous (start, length) runs of sorted page addresses."""
-    runs: list[tuple[int, int]] = []
-    for page in pages:
-        if runs and runs[-1][0] + runs[-1][1] == page:
-            runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
-        else:
-            runs.append((page, PAGE_SIZE))
-    return runs
+_DIRTY_RUN = re.compile(b"\x01+")

@@ -49,6 +49,16 @@ from ._open import Method, feature_names, handshake, open_fd
 
 _ADDRESS_LIMIT = 1 << 64
 _EAGAIN = errno.EAGAIN
+_ioctl = fcntl.ioctl
+_pack_copy = _abi.COPY.pack
+_pack_zeropage = _abi.ZEROPAGE.pack
+_pack_writeprotect = _abi.WRITEPROTECT.pack
+_pack_range = _abi.RANGE.pack
+_UFFDIO_COPY = _abi.UFFDIO_COPY
+_UFFDIO_ZEROPAGE = _abi.UFFDIO_ZEROPAGE
+_UFFDIO_WRITEPROTECT = _abi.UFFDIO_WRITEPROTECT
+_UFFDIO_WAKE = _abi.UFFDIO_WAKE
+_MSG_SIZE = _abi.MSG.size
 
 _HINTS = {
     errno.EEXIST: "a page in the range is already populated; the kernel did not wake the "
@@ -443,6 +453,56 @@ class Userfaultfd:
         _check_range(start, length)
         self._simple(_abi.UFFDIO_WAKE, _abi.RANGE.pack(start, length), "WAKE")
 
+    # -- the server's hot path: callers validated the arguments already -------
+
+    def _copy_nocheck(self, dst: int, src: int, length: int, mode: int) -> None:
+        buf = bytearray(_pack_copy(dst, src, length, mode, 0))
+        try:
+            _ioctl(self._fd, _UFFDIO_COPY, buf, True)
+        except OSError as exc:
+            self._continue_fill(exc, buf, _abi.UFFDIO_COPY, _abi.COPY, "COPY",
+                                lambda done: _pack_copy(dst + done, src + done, length - done,
+                                                        mode, 0), length)  # fmt: skip
+
+    def _zeropage_nocheck(self, start: int, length: int) -> None:
+        buf = bytearray(_pack_zeropage(start, length, 0, 0))
+        try:
+            _ioctl(self._fd, _UFFDIO_ZEROPAGE, buf, True)
+        except OSError as exc:
+            self._continue_fill(exc, buf, _abi.UFFDIO_ZEROPAGE, _abi.ZEROPAGE, "ZEROPAGE",
+                                lambda done: _pack_zeropage(start + done, length - done, 0, 0),
+                                length)  # fmt: skip
+
+    def _unprotect_nocheck(self, start: int, length: int, wake: bool) -> None:
+        mode = 0 if wake else _abi.WRITEPROTECT_MODE_DONTWAKE
+        try:
+            _ioctl(self._fd, _UFFDIO_WRITEPROTECT, _pack_writeprotect(start, length, mode))
+        except OSError as exc:
+            raise _translate(exc, "WRITEPROTECT", 0) from None
+
+    def _wake_nocheck(self, start: int, length: int) -> None:
+        try:
+            _ioctl(self._fd, _UFFDIO_WAKE, _pack_range(start, length))
+        except OSError as exc:
+            raise _translate(exc, "WAKE", 0) from None
+
+    def _continue_fill(
+        self,
+        exc: OSError,
+        buf: bytearray,
+        request: int,
+        layout: Any,
+        what: str,
+        args: Callable[[int], bytes],
+        length: int,
+    ) -> None:
+        """After a failed first attempt: continue partial progress, or raise the typed error."""
+        result = layout.unpack_from(buf)[-1]
+        if exc.errno == _EAGAIN and result > 0:
+            self._fill(request, layout, args, length, what, done=result)
+            return
+        raise _translate(exc, what, 0) from None
+
     def _simple(self, request: int, arg: bytes, what: str) -> None:
         fd = self._require_open()
         try:
@@ -457,10 +517,10 @@ class Userfaultfd:
         args: Callable[[int], bytes],
         length: int,
         what: str,
+        done: int = 0,
     ) -> int:
         """Run a result-writing ioctl, continuing after partial progress."""
         fd = self._require_open()
-        done = 0
         while True:
             buf = bytearray(args(done))
             try:
@@ -480,17 +540,30 @@ class Userfaultfd:
         _check_int("max_events", max_events)
         if max_events < 1:
             raise InvalidArgument(errno.EINVAL, f"max_events must be at least 1, not {max_events}")
-        fd = self._require_open()
+        return self._read(max_events)
+
+    def _read_raw(self, max_events: int) -> bytes:
+        """Raw records from the fd (b"" when none are pending); pushed-back events not included."""
+        try:
+            return os.read(self._fd, _MSG_SIZE * max_events)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            if exc.errno == errno.EBADF or self._fd < 0:
+                raise UffdClosed() from None
+            raise UffdError(exc.errno or errno.EIO, f"read() from the uffd failed: {exc}") from None
+
+    def _read(self, max_events: int) -> list[Event]:
         if self._unhandled:
             events = self._unhandled[:max_events]
             del self._unhandled[:max_events]
             return events
         try:
-            data = os.read(fd, _abi.MSG.size * max_events)
+            data = os.read(self._fd, _MSG_SIZE * max_events)
         except BlockingIOError:
             return []
         except OSError as exc:
-            if exc.errno == errno.EBADF:
+            if exc.errno == errno.EBADF or self._fd < 0:
                 raise UffdClosed() from None
             raise UffdError(exc.errno or errno.EIO, f"read() from the uffd failed: {exc}") from None
         return self.decode(data)

@@ -18,6 +18,7 @@ Kernel facts these rely on (``man 2 ioctl_userfaultfd``):
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,6 +28,7 @@ from ._addrspace import AddressMap
 from ._errors import InvalidArgument, PageExists, UffdError
 from ._events import PageFault, Remap, Remove, Unmap
 from ._memory import Region, buffer_address
+from ._native import FAST_COPY, FAST_UNPROTECT, FAST_ZEROPAGE, FastPath
 from ._uffd import Userfaultfd
 
 __all__ = [
@@ -86,6 +88,10 @@ class Resolver:
         """The resolver for a forked child (same object unless it keeps per-process state)."""
         return self
 
+    def _fast_path(self) -> FastPath | None:
+        """What the server's C loop may resolve for this resolver right now (None: nothing)."""
+        return None
+
 
 def _page_of(fault: PageFault, page_size: int) -> int:
     return fault.address & ~(page_size - 1)
@@ -139,15 +145,52 @@ class CopyFrom(Resolver):
         self._pages = length // page_size
         self._populated = bytearray(self._pages if self._pages < 1 << 30 else 0)
         self._map = AddressMap(base, self._pages * page_size)
+        self._mode = 2 if wp else 0  # UFFDIO_COPY_MODE_WP
+        self._shift = page_size.bit_length() - 1
+        # One page, from memory, nothing remapped or removed yet: the common case,
+        # resolved without the general bookkeeping.
+        self._direct = (
+            self._fetch is None and self._afetch is None and not readahead and bool(self._populated)
+        )
+        self._fast: FastPath | None = None
+        self._populated_c: object = None
+
+    @property
+    def populated(self) -> memoryview:
+        """One byte per source page, non-zero once this resolver populated it (read-only).
+
+        Empty for a callable source without ``size``; removed pages read 0 again.
+        """
+        return memoryview(self._populated).toreadonly()
 
     def fork(self) -> CopyFrom:
         child = object.__new__(CopyFrom)
         child.__dict__.update(self.__dict__)
         child._populated = bytearray(self._populated)
         child._map = self._map.copy()
+        child._fast = None
         return child
 
+    def _fast_path(self) -> FastPath | None:
+        if not self._direct:
+            return None
+        if self._fast is None:
+            self._populated_c = (ctypes.c_uint8 * len(self._populated)).from_buffer(
+                self._populated
+            )
+            self._fast = FastPath(
+                base=self._base,
+                pages=self._pages,
+                source=self._address,
+                page_size=self._page_size,
+                mode=self._mode,
+                populated=ctypes.addressof(self._populated_c),
+                kind=FAST_COPY,
+            )
+        return self._fast
+
     def apply(self, event: Remap | Remove | Unmap) -> None:
+        self._direct = False
         page_size = self._page_size
         for start, end in self._map.apply(event):
             first = max(0, (start - self._base) // page_size)
@@ -207,6 +250,20 @@ class CopyFrom(Resolver):
                 self._populated[index] = 1
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        if self._direct:
+            shift = self._shift
+            index = (fault.address - self._base) >> shift
+            if 0 <= index < self._pages:
+                page = self._base + (index << shift)
+                try:
+                    uffd._copy_nocheck(
+                        page, self._address + (index << shift), self._page_size, self._mode
+                    )
+                except PageExists:
+                    self._populated[index] = 1
+                    raise
+                self._populated[index] = 1
+                return True
         if self._afetch is not None:
             return False
         page, index, count, removed = self._plan(fault)
@@ -271,9 +328,13 @@ def copy_from(
 class ZeroFill(Resolver):
     def __init__(self, page_size: int) -> None:
         self._page_size = page_size
+        self._fast = FastPath(pages=1 << 52, page_size=page_size, kind=FAST_ZEROPAGE)
+
+    def _fast_path(self) -> FastPath | None:
+        return self._fast
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
-        uffd.zeropage(_page_of(fault, self._page_size), self._page_size)
+        uffd._zeropage_nocheck(fault.address & ~(self._page_size - 1), self._page_size)
         return True
 
 
@@ -286,10 +347,19 @@ class Unprotect(Resolver):
     def __init__(self, wake: bool, page_size: int) -> None:
         self.wakes = wake
         self._page_size = page_size
+        self._fast = FastPath(
+            pages=1 << 52,
+            page_size=page_size,
+            mode=0 if wake else 2,  # UFFDIO_WRITEPROTECT_MODE_DONTWAKE (the C loop wakes)
+            kind=FAST_UNPROTECT,
+        )
+
+    def _fast_path(self) -> FastPath | None:
+        return self._fast
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
-        uffd.writeprotect(
-            _page_of(fault, self._page_size), self._page_size, protect=False, wake=self.wakes
+        uffd._unprotect_nocheck(
+            fault.address & ~(self._page_size - 1), self._page_size, self.wakes
         )
         return True
 
