@@ -8,7 +8,7 @@
 # crates and Firecracker's examples do); `plain-python`, the same written in plain
 # Python in a thread; and the uffd_async runners, plugged in through
 # benchmarks/_async.py. Scenarios: lazy population from memory, the same with
-# readahead, a slow source (1 ms per page fetch), write tracking, and (a hook) memory.
+# readahead, a slow source (1 ms per page fetch), write tracking, and memory.
 # Each case runs every runner alternately for several rounds; the table shows medians
 # and each runner's speed as a fraction of the C handler's in the same invocation.
 # After every run, every page is checked against the source (or, for write tracking,
@@ -34,6 +34,7 @@ from ._build import BuildError
 from ._c import native
 from ._job import Runner
 from ._machine import describe
+from ._memory import measure, memory_table
 from ._report import CaseResult, Result, scenario_json, table
 from ._run import RunFailed, RunnerSkipped, Sample, run_once
 from ._runners import BASELINE, all_runners
@@ -104,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         native().fill_pattern(source.address, most, ua.PAGE_SIZE)
         for scenario in chosen:
             began = time.monotonic()
+            if scenario.key == "5":
+                results = measure(quick=args.quick)
+                report.append({"key": "5", "title": scenario.title, "memory": results})
+                if not args.json:
+                    say()
+                    say(memory_table(results))
+                    say(f"   ({time.monotonic() - began:.1f} s)")
+                continue
             try:
                 cases = run_scenario(scenario, runners, skipped, source, args)
             except RunFailed as exc:
