@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test stress lint bench clean
 
 $(STAMP): pyproject.toml setup.py uffd_async/_native_lib.c
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml setup.py uffd_async/_native_lib.c
 demo: $(STAMP)
 	$(PY) examples/lazy_restore.py
 
+# The default pytest options leave out the slow tests (see pyproject.toml).
 test: lint
 	$(PY) -m pytest
+
+# The slow tests: a million faults under churn, long write tracking, and the fuzz
+# tests with more (and fresh) examples. About six minutes on 2 cores.
+stress: $(STAMP)
+	$(PY) -m pytest -m slow
+	UFFD_ASYNC_FUZZ_EXAMPLES=300 $(PY) -m pytest tests/test_hostile.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check uffd_async tests examples benchmarks

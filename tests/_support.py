@@ -7,10 +7,11 @@ Region.read/write), so they never hold the GIL while blocked on a fault.
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uffd_async as ua
@@ -143,3 +144,154 @@ async def finished(worker: Worker, timeout: float = TIMEOUT) -> Any:
 
 def source_bytes(pages: int) -> bytes:
     return b"".join(pattern(i) for i in range(pages))
+
+
+# -- what a test may leave behind -------------------------------------------------
+#
+# Facts the leak checks rely on (fs/proc/task_mmu.c, and glibc's malloc/arena.c):
+#
+# * /proc/self/smaps lists every mapping with its ``VmFlags``: ``um``, ``uw`` and
+#   ``ui`` mark a range registered with a userfaultfd (MISSING, WP, MINOR), ``nr``
+#   a MAP_NORESERVE mapping, ``ht`` a hugetlb one. Closing the last reference to a
+#   uffd unregisters its ranges, so no VMA may keep those flags after a test.
+# * Region.anonymous maps with MAP_NORESERVE; Region.shared maps a memfd named
+#   "uffd_async" (shown as ``/memfd:uffd_async``). Python's allocator (arenas,
+#   large mallocs, thread stacks) never uses MAP_NORESERVE, but glibc does, for
+#   the 64 MiB-aligned heaps of its per-thread malloc arenas, which live as long
+#   as the process: an ``nr`` mapping inside a 64 MiB block where another ``nr``
+#   mapping starts at the block's first byte is taken for one of those. A leaked
+#   Region that happens to share such a block goes unseen; nothing else is noise.
+# * /proc/self/task/TID/wchan names the kernel function a sleeping thread waits
+#   in: ``handle_userfault`` for a thread blocked on a userfaultfd fault. Where
+#   wchan is hidden (it reads "0"), that check sees nothing.
+
+_UFFD_VMFLAGS = frozenset({"um", "uw", "ui"})
+_GLIBC_HEAP = 64 << 20
+_MEMFD_NAME = "/memfd:uffd_async"
+
+
+class Mapping:
+    """One line of /proc/self/smaps, with its VmFlags."""
+
+    def __init__(self, start: int, end: int, perms: str, path: str, flags: frozenset[str]):
+        self.start, self.end, self.perms, self.path, self.flags = start, end, perms, path, flags
+
+    @property
+    def key(self) -> tuple[int, int, str, str, frozenset[str]]:
+        return (self.start, self.end, self.perms, self.path, self.flags)
+
+    def __repr__(self) -> str:
+        flags = " ".join(sorted(self.flags))
+        return f"{self.start:#x}-{self.end:#x} {self.perms} {self.path or '[anon]'} ({flags})"
+
+
+def mappings() -> list[Mapping]:
+    """Every mapping of this process, from /proc/self/smaps."""
+    with open("/proc/self/smaps") as smaps:
+        text = smaps.read()
+    # Each mapping's block starts with its header line and ends with its VmFlags line.
+    found: list[Mapping] = []
+    header = text.split("\n", 1)[0]
+    for part in text.split("VmFlags: ")[1:]:
+        flags, _, rest = part.partition("\n")
+        fields = header.split(None, 5)
+        start, end = fields[0].split("-")
+        path = fields[5] if len(fields) > 5 else ""
+        found.append(
+            Mapping(int(start, 16), int(end, 16), fields[1], path, frozenset(flags.split()))
+        )
+        header = rest.partition("\n")[0]
+    return found
+
+
+def _glibc_heap_blocks(all_mappings: list[Mapping]) -> set[int]:
+    return {
+        m.start
+        for m in all_mappings
+        if "nr" in m.flags and not m.path and m.start % _GLIBC_HEAP == 0
+    }
+
+
+def looks_like_ours(mapping: Mapping, heap_blocks: set[int]) -> bool:
+    """A mapping a Region (or a registration) made, as far as smaps can tell."""
+    if mapping.flags & _UFFD_VMFLAGS or "ht" in mapping.flags:
+        return True
+    if mapping.path.startswith(_MEMFD_NAME):
+        return True
+    if mapping.path or "nr" not in mapping.flags:
+        return False
+    block = mapping.start - mapping.start % _GLIBC_HEAP
+    in_one_block = (mapping.end - 1) - (mapping.end - 1) % _GLIBC_HEAP == block
+    return not (in_one_block and block in heap_blocks)
+
+
+def threads_in_userfault() -> dict[int, str]:
+    """Threads of this process asleep in handle_userfault: {native id: name}."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    blocked: dict[int, str] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/wchan") as wchan:
+                if wchan.read().strip() != "handle_userfault":
+                    continue
+        except OSError:
+            continue  # the thread has just exited
+        blocked[int(tid)] = names.get(int(tid), "(not a Python thread)")
+    return blocked
+
+
+class Resources:
+    """What a test might leak, taken before it runs; :meth:`leaks` compares."""
+
+    def __init__(self, *, threads: bool = True) -> None:
+        self.fds = self._open_fds()
+        self.threads = threads
+        self.blocked = set(threads_in_userfault()) if threads else set()
+        self.ours = self._ours()
+
+    @staticmethod
+    def _ours() -> dict[tuple[int, int, str, str, frozenset[str]], Mapping]:
+        every = mappings()
+        heaps = _glibc_heap_blocks(every)
+        return {m.key: m for m in every if looks_like_ours(m, heaps)}
+
+    @staticmethod
+    def _open_fds() -> set[str]:
+        # The listing's own fd is in the listing, and closed once it is done: leave it
+        # out, or the next fd opened (which gets its number) would go unnoticed.
+        return {fd for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
+
+    def leaked_fds(self) -> list[str]:
+        leaked = []
+        for fd in sorted(self._open_fds() - self.fds, key=int):
+            try:
+                leaked.append(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+            except OSError:
+                continue  # closed meanwhile
+        return leaked
+
+    def blocked_threads(self, grace: float = 2.0) -> dict[int, str]:
+        """Threads newly blocked on a fault, after ``grace`` seconds to wake (bounded)."""
+        deadline = time.monotonic() + grace
+        while True:
+            blocked = {
+                tid: name for tid, name in threads_in_userfault().items() if tid not in self.blocked
+            }
+            if not blocked or time.monotonic() > deadline:
+                return blocked
+            time.sleep(0.01)
+
+    def leaked_mappings(self) -> list[Mapping]:
+        """Registrations and Region-like mappings that were not there before."""
+        return [m for key, m in self._ours().items() if key not in self.ours]
+
+    def leaks(self, grace: float = 2.0) -> Iterator[str]:
+        """A line per leak: fds, blocked threads (given ``grace`` seconds to wake),
+        registrations and mappings."""
+        for fd in self.leaked_fds():
+            yield f"leaked fd {fd}"
+        for tid, name in (self.blocked_threads(grace) if self.threads else {}).items():
+            yield f"thread {name!r} (tid {tid}) is still blocked on a userfaultfd fault"
+        for mapping in self.leaked_mappings():
+            what = "registration" if mapping.flags & _UFFD_VMFLAGS else "mapping"
+            yield f"leaked {what} {mapping!r}"

@@ -1,12 +1,24 @@
-"""``python -m uffd_async probe`` as a user runs it."""
+"""``python -m uffd_async probe`` and ``serve`` as a user runs them."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 import uffd_async as ua
+
+from ._processes import read_until
+from ._support import TIMEOUT
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -52,3 +64,64 @@ def test_unusable_probe_exits_1_with_the_remedy() -> None:
 
 def test_usage_error() -> None:
     assert run_cli().returncode == 2
+
+
+# -- serve ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket path holds at most 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="ua-") as name:
+        yield Path(name)
+
+
+def run_client(snapshot: Path, socket_path: Path) -> None:
+    script = str(EXAMPLES / "snapshot_client.py")
+    client = subprocess.run(
+        [sys.executable, script, str(snapshot), "--socket", str(socket_path), "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert "every byte matches the snapshot: True" in client.stdout
+    assert "read zeros afterwards, the others the snapshot: True" in client.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_serve_a_snapshot_until_signalled(short_dir: Path, backend: str, signum: int) -> None:
+    snapshot, socket_path = short_dir / "snapshot.bin", short_dir / "uffd.sock"
+    snapshot.write_bytes(os.urandom(2 << 20))
+    command = [sys.executable, "-m", "uffd_async", "serve", str(snapshot)]
+    command += ["--socket", str(socket_path), "--interval", "0.05", "--backend", backend]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as server:
+        assert server.stderr is not None
+        try:
+            log = read_until(server.stderr, b"listening")
+            run_client(snapshot, socket_path)
+            log += read_until(server.stderr, b"connections 1 (0 active")  # a progress line
+            server.send_signal(signum)
+            _, err = server.communicate(timeout=TIMEOUT * 3)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.communicate()
+    log += err
+    assert server.returncode == 0, log.decode()
+    assert not socket_path.exists()
+    assert b"faults/s" in log and b"INFO serving pid" in log
+    assert f"{signal.Signals(signum).name}: stopping".encode() in log
+    assert b"stopped; connections 1 (0 active, 0 refused, 0 failed)" in log
+
+
+def test_serve_what_cannot_be_served(short_dir: Path) -> None:
+    missing = run_cli("serve", str(short_dir / "missing.bin"), "--socket", str(short_dir / "s"))
+    assert missing.returncode == 1
+    assert "cannot serve: [Errno 2] No such file or directory" in missing.stderr
+    (short_dir / "snapshot.bin").write_bytes(b"x" * 4096)
+    (short_dir / "taken").write_text("not a socket")
+    taken = run_cli("serve", str(short_dir / "snapshot.bin"), "--socket", str(short_dir / "taken"))
+    assert taken.returncode == 1
+    assert "exists and is not a socket: remove it or choose another path" in taken.stderr

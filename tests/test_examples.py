@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from ._processes import read_until
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -39,3 +44,34 @@ def test_fault_gate_example_is_a_passing_pytest_trio_test() -> None:
     result = run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLES / "fault_gate.py"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_snapshot_server_and_client(backend: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="ua-") as tmp:
+        snapshot, socket_path = Path(tmp) / "snapshot.bin", Path(tmp) / "uffd.sock"
+        snapshot.write_bytes(os.urandom(4 << 20))
+        server_command = [sys.executable, str(EXAMPLES / "snapshot_server.py"), str(snapshot)]
+        server_command += ["--socket", str(socket_path), "--backend", backend]
+        with subprocess.Popen(
+            server_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ) as server:
+            assert server.stdout is not None
+            try:
+                started = read_until(server.stdout, b"serving ")  # it listens now
+                client = run(
+                    str(EXAMPLES / "snapshot_client.py"), str(snapshot),
+                    "--socket", str(socket_path),
+                )  # fmt: skip
+                server.send_signal(signal.SIGINT)
+                rest, _ = server.communicate(timeout=60)
+            finally:
+                if server.poll() is None:
+                    server.kill()
+                    server.communicate()
+        assert client.returncode == 0, client.stdout + client.stderr
+        assert "every byte matches the snapshot: True" in client.stdout
+        output = (started + rest).decode()
+        assert server.returncode == 0, output
+        assert "stopped after serving 1 processes" in output
+        assert not socket_path.exists()

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import inspect
 
+import attrs
+
 import uffd_async as ua
 
 EXPECTED = {
+    "DEFAULT_SPIN",
     "PAGE_SIZE",
     "DecodeError",
     "Event",
     "EventReader",
-    "FaultServer",
     "FaultFlags",
+    "FaultServer",
     "Feature",
     "Fork",
+    "GuestMapping",
+    "Handoff",
+    "HandoffError",
+    "HandoffRefused",
+    "HandoffServer",
+    "HandoffStats",
+    "HandoffTimeout",
     "InvalidArgument",
     "Ioctl",
     "MappingChanged",
@@ -30,6 +40,9 @@ EXPECTED = {
     "Remove",
     "Resolver",
     "ServerStats",
+    "Snapshot",
+    "SnapshotClosed",
+    "SnapshotResolver",
     "Support",
     "UffdClosed",
     "UffdError",
@@ -42,8 +55,13 @@ EXPECTED = {
     "continue_minor",
     "copy_from",
     "decode",
+    "encode_mappings",
+    "parse_mappings",
     "probe",
+    "receive_uffd",
+    "send_uffd",
     "serve",
+    "serve_handoffs",
     "touch",
     "unprotect",
     "zero_fill",
@@ -98,3 +116,22 @@ def test_error_hierarchy() -> None:
     assert issubclass(ua.DecodeError, ValueError)
     assert issubclass(ua.InvalidArgument, ValueError)
     assert issubclass(ua.ProcessExited, ProcessLookupError)
+    for cls in [ua.HandoffError, ua.HandoffRefused, ua.HandoffTimeout, ua.SnapshotClosed]:
+        assert issubclass(cls, ua.UffdError), cls
+    assert issubclass(ua.HandoffError, ValueError)
+    assert issubclass(ua.HandoffRefused, ua.HandoffError)
+    assert issubclass(ua.HandoffRefused, PermissionError)
+    assert issubclass(ua.HandoffTimeout, ua.HandoffError)
+    assert issubclass(ua.HandoffTimeout, TimeoutError)
+
+
+def test_handoff_server_surface() -> None:
+    for name in ["serve", "stats", "allowed_uids"]:
+        assert hasattr(ua.HandoffServer, name), name
+    for name in ["resolver", "close", "closed"]:
+        assert hasattr(ua.Snapshot, name), name
+    assert issubclass(ua.SnapshotResolver, ua.Resolver)
+    assert [f.name for f in attrs.fields(ua.HandoffStats)] == [
+        "connections", "served", "active", "refused", "failed",
+        "faults", "resolved", "errors", "events", "forks",
+    ]  # fmt: skip

@@ -25,9 +25,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import uffd_async as ua
-from uffd_async._errors import HandoffError, HandoffRefused, HandoffTimeout
-from uffd_async._handoff import FIELDS, GuestMapping, encode_mappings, parse_mappings
-from uffd_async._handoff_io import STREAM_MESSAGE_LIMIT, Handoff, receive_uffd, send_uffd
+from uffd_async import (
+    GuestMapping,
+    Handoff,
+    HandoffError,
+    HandoffRefused,
+    HandoffTimeout,
+    encode_mappings,
+    parse_mappings,
+    receive_uffd,
+    send_uffd,
+)
+from uffd_async._handoff import FIELDS
+from uffd_async._handoff_io import STREAM_MESSAGE_LIMIT
 from uffd_async._open import Method, open_raw
 
 from ._support import TIMEOUT, Lab, pattern
@@ -348,6 +358,9 @@ async def test_the_received_uffd_is_the_senders(
         assert (handoff.pid, handoff.uid, handoff.gid) == (os.getpid(), os.geteuid(), os.getegid())
         assert handoff.memfd is None
         assert handoff.uffd.fileno() != uffd.fileno()
+        # The same kernel at both ends: what it offers (POISON, for one) is usable here too.
+        assert handoff.uffd.available_features == uffd.available_features
+        assert handoff.uffd.features == ua.Feature(0)  # what the sender enabled is unknowable
         worker = lab.touch(region.address + P, write=False)
         fault = await next_fault(handoff.uffd)
         assert fault.page == region.address + P
@@ -384,8 +397,7 @@ CHILD = textwrap.dedent(
     """
     import os, socket, sys, threading
     import uffd_async as ua
-    from uffd_async._handoff import GuestMapping
-    from uffd_async._handoff_io import send_uffd
+    from uffd_async import GuestMapping, send_uffd
 
     P = ua.PAGE_SIZE
     expected = bytes.fromhex(sys.argv[2])

@@ -7,10 +7,14 @@ from ._abi import Feature as Feature
 from ._abi import Ioctl as Ioctl
 from ._abi import Mode as Mode
 from ._errors import DecodeError as DecodeError
+from ._errors import HandoffError as HandoffError
+from ._errors import HandoffRefused as HandoffRefused
+from ._errors import HandoffTimeout as HandoffTimeout
 from ._errors import InvalidArgument as InvalidArgument
 from ._errors import MappingChanged as MappingChanged
 from ._errors import PageExists as PageExists
 from ._errors import ProcessExited as ProcessExited
+from ._errors import SnapshotClosed as SnapshotClosed
 from ._errors import UffdClosed as UffdClosed
 from ._errors import UffdError as UffdError
 from ._errors import UffdPermissionError as UffdPermissionError
@@ -22,15 +26,27 @@ from ._events import Remap as Remap
 from ._events import Remove as Remove
 from ._events import Unmap as Unmap
 from ._events import decode as decode
+from ._handoff import GuestMapping as GuestMapping
+from ._handoff import encode_mappings as encode_mappings
+from ._handoff import parse_mappings as parse_mappings
+from ._handoff_io import Handoff as Handoff
+from ._handoff_io import receive_uffd as receive_uffd
+from ._handoff_io import send_uffd as send_uffd
+from ._handoff_server import HandoffServer as HandoffServer
+from ._handoff_server import HandoffStats as HandoffStats
+from ._handoff_server import serve_handoffs as serve_handoffs
 from ._memory import Region as Region
 from ._memory import touch as touch
 from ._open import Method as Method
 from ._open import Support as Support
 from ._open import probe as probe
+from ._server import DEFAULT_SPIN as DEFAULT_SPIN
 from ._server import FaultServer as FaultServer
 from ._server import OnError as OnError
 from ._server import ServerStats as ServerStats
 from ._server import serve as serve
+from ._snapshot import Snapshot as Snapshot
+from ._snapshot import SnapshotResolver as SnapshotResolver
 from ._tracker import WriteTracker as WriteTracker
 from ._uffd import Userfaultfd as Userfaultfd
 from .reader import EventReader as EventReader
@@ -43,6 +59,7 @@ from .resolvers import unprotect as unprotect
 from .resolvers import zero_fill as zero_fill
 
 __all__ = [
+    "DEFAULT_SPIN",
     "PAGE_SIZE",
     "DecodeError",
     "Event",
@@ -51,6 +68,13 @@ __all__ = [
     "FaultServer",
     "Feature",
     "Fork",
+    "GuestMapping",
+    "Handoff",
+    "HandoffError",
+    "HandoffRefused",
+    "HandoffServer",
+    "HandoffStats",
+    "HandoffTimeout",
     "InvalidArgument",
     "Ioctl",
     "MappingChanged",
@@ -66,6 +90,9 @@ __all__ = [
     "Remove",
     "Resolver",
     "ServerStats",
+    "Snapshot",
+    "SnapshotClosed",
+    "SnapshotResolver",
     "Support",
     "UffdClosed",
     "UffdError",
@@ -78,8 +105,13 @@ __all__ = [
     "continue_minor",
     "copy_from",
     "decode",
+    "encode_mappings",
+    "parse_mappings",
     "probe",
+    "receive_uffd",
+    "send_uffd",
     "serve",
+    "serve_handoffs",
     "touch",
     "unprotect",
     "zero_fill",

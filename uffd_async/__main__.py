@@ -1,17 +1,29 @@
-"""``python -m uffd_async probe``: can this user serve page faults here, and how?
+"""``python -m uffd_async``: ``probe`` (can this user serve page faults here, and how?) and
+``serve`` (a page-fault handler for other processes, Firecracker's among them).
 
-Exit status 0 when a userfaultfd can be opened, 1 when not (the output then
-says exactly what to change).
+``probe`` exits with status 0 when a userfaultfd can be opened, 1 when not (the
+output then says exactly what to change). ``serve`` runs until SIGINT or
+SIGTERM, then removes its socket and exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
+import signal
 import sys
+import time
+
+import anyio
 
 from ._abi import Feature, Ioctl
+from ._handoff_server import HandoffServer, HandoffStats, serve_handoffs
 from ._open import probe
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
 
 
 def _flag_names(value: Feature | Ioctl) -> list[str]:
@@ -49,12 +61,116 @@ def _probe(args: argparse.Namespace) -> int:
     return 0 if support.available else 1
 
 
+# -- serve ----------------------------------------------------------------------
+
+
+def _progress(stats: HandoffStats, elapsed: float, rate: float) -> str:
+    return (
+        f"[{elapsed:8.1f}s] connections {stats.connections} ({stats.active} active, "
+        f"{stats.refused} refused, {stats.failed} failed)  pages served {stats.resolved:,} "
+        f"({rate:,.0f} faults/s)  forks {stats.forks}  errors {stats.errors}"
+    )
+
+
+async def _report(server: HandoffServer, interval: float) -> None:
+    """A progress line every ``interval`` seconds, when something changed."""
+    started = last_time = time.monotonic()
+    last = server.stats
+    while True:
+        await anyio.sleep(interval)
+        now, stats = time.monotonic(), server.stats
+        if stats != last:
+            rate = (stats.faults - last.faults) / (now - last_time)
+            print(_progress(stats, now - started, rate), file=sys.stderr, flush=True)
+        last, last_time = stats, now
+
+
+async def _serve_until_signalled(args: argparse.Namespace) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            server: HandoffServer = await tg.start(
+                functools.partial(
+                    serve_handoffs,
+                    args.socket,
+                    args.snapshot,
+                    allowed_uids=args.allow_uid,
+                    timeout=args.timeout,
+                    readahead=args.readahead,
+                )
+            )
+            print(
+                f"serving {args.snapshot} to processes that hand their uffd over on "
+                f"{args.socket} (uids {sorted(server.allowed_uids)}); listening",
+                file=sys.stderr,
+                flush=True,
+            )
+            tg.start_soon(_report, server, args.interval)
+            async for signum in signals:
+                print(f"{signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+                break
+            tg.cancel_scope.cancel()
+    print("stopped; " + _progress(server.stats, 0, 0).split("] ", 1)[1], file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        anyio.run(_serve_until_signalled, args, backend=args.backend)
+    except Exception as exc:
+        while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
+        print(f"cannot serve: {exc}", file=sys.stderr)  # a bad path, a socket in use, ...
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uffd_async", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     probe_parser = commands.add_parser("probe", help="check whether and how userfaultfd works here")
     probe_parser.add_argument("--json", action="store_true", help="machine-readable output")
     probe_parser.set_defaults(run=_probe)
+    serve_parser = commands.add_parser(
+        "serve",
+        help="serve a snapshot file to every process that hands its uffd over a Unix socket",
+        description="Serve the page faults of every process that connects to SOCKET and sends "
+        "its userfaultfd with Firecracker's JSON mappings, from the SNAPSHOT file (the "
+        "mappings' offsets are positions in it). Stops on SIGINT or SIGTERM.",
+    )
+    serve_parser.add_argument("snapshot", metavar="SNAPSHOT", help="the memory snapshot file")
+    serve_parser.add_argument(
+        "--socket", required=True, metavar="PATH", help="the Unix socket path to listen on"
+    )
+    serve_parser.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="a uid peers may run as (repeatable; default: this process's effective uid)",
+    )
+    serve_parser.add_argument(
+        "--readahead", type=int, default=0, help="pages copied past each fault (default 0)"
+    )
+    serve_parser.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds a connected peer has to send its uffd (default 5)",
+    )
+    serve_parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between progress lines (default 1)"
+    )
+    serve_parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    serve_parser.add_argument(
+        "--quiet", action="store_true", help="log only warnings and errors, not connections"
+    )
+    serve_parser.set_defaults(run=_serve)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

@@ -89,6 +89,10 @@ class AddressMap:
             return None
         return segment[2] + (address - segment[0])
 
+    def segments(self) -> list[tuple[int, int]]:
+        """The current ranges still served, sorted (for routing faults among several maps)."""
+        return [(start, end) for start, end, _ in self._segments]
+
     def run_end(self, address: int) -> int:
         """Where the contiguous segment holding ``address`` ends (current space)."""
         segment = self._find(address)

@@ -122,3 +122,13 @@ class HandoffTimeout(HandoffError, TimeoutError):
     """The peer did not send its uffd in time (it connected, then said nothing)."""
 
     _ERRNO: ClassVar[int] = _errno.ETIMEDOUT
+
+
+class SnapshotClosed(UffdError):
+    """A snapshot was closed while a resolver made from it was still serving."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            _errno.EBADF,
+            f"the snapshot {path!r} is closed: stop the servers that use it before closing it",
+        )

@@ -109,6 +109,14 @@ def encode_mappings(mappings: Iterable[GuestMapping]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
+def check_mappings(mappings: Iterable[GuestMapping], backing_size: int | None = None) -> None:
+    """Refuse (:class:`HandoffError`) what :func:`parse_mappings` would refuse in ``mappings``.
+
+    For mappings that did not come through :func:`parse_mappings`, before serving them.
+    """
+    _validate(list(mappings), backing_size)
+
+
 def check_limits(backing_size: int | None, max_regions: int) -> None:
     """Refuse bad limits from our own caller (TypeError, InvalidArgument), not the peer."""
     if backing_size is not None:

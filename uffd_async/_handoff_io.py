@@ -30,12 +30,19 @@ Protocol and kernel facts this module relies on:
   seen there too (Firecracker never reads its copy).
 * The memfd is a regular file (shmem or hugetlbfs); its size bounds the
   mappings' offsets.
+* The sender did the ``UFFDIO_API`` handshake, and it succeeds once per fd:
+  which features it enabled cannot be learned, so the handle records none.
+  Both ends run on the same kernel, though, so the features the kernel
+  *offers* (``UFFDIO_POISON`` among them, the safe answer when a resolver
+  fails) are learned once per process on a throwaway uffd. No range ioctl
+  depends on the features the sender enabled.
 """
 
 from __future__ import annotations
 
 import array
 import errno
+import functools
 import os
 import select
 import socket
@@ -46,6 +53,7 @@ from collections.abc import Collection, Sequence
 import anyio
 import attrs
 
+from ._abi import Feature
 from ._errors import HandoffError, HandoffRefused, HandoffTimeout, InvalidArgument
 from ._handoff import (
     DEFAULT_MAX_REGIONS,
@@ -54,6 +62,7 @@ from ._handoff import (
     encode_mappings,
     parse_mappings,
 )
+from ._open import available_features, methods_for
 from ._uffd import Userfaultfd
 
 #: Bound on the mappings message a receiver reads; Firecracker's fits in 1 KiB.
@@ -281,13 +290,24 @@ def _accept(
             backing_size = size
     mappings = parse_mappings(data, backing_size=backing_size, max_regions=max_regions)
     return Handoff(
-        uffd=Userfaultfd._adopt(uffd_fd),
+        uffd=Userfaultfd._adopt(uffd_fd, available=kernel_features()),
         mappings=tuple(mappings),
         memfd=memfd,
         pid=pid,
         uid=uid,
         gid=gid,
     )
+
+
+@functools.cache
+def kernel_features() -> Feature:
+    """The features this kernel offers, learned once; none if this process may open no uffd."""
+    for method in methods_for(None):
+        try:
+            return available_features(method)
+        except OSError:
+            continue
+    return Feature(0)
 
 
 def _describe(fd: int) -> str:

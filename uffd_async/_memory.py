@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 from ._abi import PAGE_SIZE
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, UffdError
 from ._native import lib, libc
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -63,7 +63,7 @@ def _mmap(length: int, flags: int, fd: int = -1, prot: int = _PROT_RW, addr: int
     address = libc.mmap(addr or None, length, prot, flags, fd, 0)
     if address is None or address == _MAP_FAILED:
         err = ctypes.get_errno()
-        raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
+        raise UffdError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
     return int(address)
 
 
@@ -127,6 +127,14 @@ class Region:
         alias: Region | None = None,
         memfd: int | None = None,
     ) -> None:
+        for name, value in (("address", address), ("length", length), ("page_size", page_size)):
+            if _check_int(name, value) <= 0:
+                raise InvalidArgument(errno.EINVAL, f"{name} must be positive, not {value}")
+        if address % page_size or length % page_size:
+            raise InvalidArgument(
+                errno.EINVAL,
+                f"[{address:#x}, +{length:#x}) is not aligned to the page size ({page_size})",
+            )
         self.address = address
         self.length = length
         self.page_size = page_size
@@ -157,7 +165,7 @@ class Region:
         except OSError as exc:
             if exc.errno != errno.ENOMEM:
                 raise
-            raise OSError(
+            raise UffdError(
                 errno.ENOMEM,
                 f"no free {size // 1024} KiB huge pages for {length} bytes: reserve some "
                 f"with `sysctl vm.nr_hugepages={length // size}` (as root)",
@@ -189,7 +197,7 @@ class Region:
     @staticmethod
     def _checked_length(length: int, page_size: int) -> int:
         _check_int("length", length)
-        if length <= 0 or length % page_size:
+        if length <= 0 or length % page_size or length >= 1 << 63:
             raise InvalidArgument(
                 errno.EINVAL,
                 f"length must be a positive multiple of the page size ({page_size}), not {length}",
@@ -230,6 +238,9 @@ class Region:
 
     def fill(self, offset: int, n: int, byte: int) -> None:
         """Set ``n`` bytes to ``byte``, without the GIL."""
+        _check_int("byte", byte)
+        if not 0 <= byte <= 255:
+            raise InvalidArgument(errno.EINVAL, f"byte must be within [0, 255], not {byte}")
         target = self._span(offset, n)
         if n:
             ctypes.memset(target, byte, n)

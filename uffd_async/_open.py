@@ -150,7 +150,13 @@ def remedy(failures: dict[Method, OSError]) -> str:
         else:
             lines.append(f"userfaultfd(2) failed: {syscall.strerror}")
     if user_mode is not None:
-        if user_mode.errno == errno.EINVAL:
+        if user_mode.errno == errno.EPERM:
+            lines.append(
+                "even a user-mode-only uffd was refused (EPERM), which no sysctl does: a seccomp "
+                "profile (a container's default one, for instance) or a security module blocks "
+                "userfaultfd(2); allow the syscall in that profile"
+            )
+        elif user_mode.errno == errno.EINVAL:
             lines.append("UFFD_USER_MODE_ONLY is not known to this kernel (it needs Linux 5.11+)")
         else:
             lines.append(f"userfaultfd(2) with UFFD_USER_MODE_ONLY failed: {user_mode.strerror}")

@@ -42,7 +42,7 @@ from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from ._native import FastCounts, lib
 from ._uffd import Userfaultfd
 from .reader import EventReader
-from .resolvers import AnyResolver, Resolver
+from .resolvers import AnyResolver, Resolver, zero_page
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -67,14 +67,19 @@ class OnError:
     ``page``: ``"poison"`` (the default: UFFDIO_POISON, so the access raises
     SIGBUS instead of reading wrong bytes; where the kernel lacks POISON the
     thread is left blocked), ``"zero"`` (a zero page, only when you ask for
-    it), ``"leave"`` (the thread stays blocked; the fault is handed back to
-    the uffd for whoever serves it next), or a fallback resolver.
+    it), ``"leave"`` (the thread stays blocked; when this server stops, the
+    fault is handed back to the uffd for whoever serves it next), or a fallback resolver.
     ``propagate``: raise the error out of ``serve`` (the default), or log it
     and keep serving.
     """
 
-    page: Literal["poison", "zero", "leave"] | Resolver = "poison"
-    propagate: bool = True
+    page: Literal["poison", "zero", "leave"] | Resolver = attrs.field(default="poison")
+    propagate: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+
+    @page.validator
+    def _check_page(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, Resolver) and value not in ("poison", "zero", "leave"):
+            raise ValueError(f"page must be 'poison', 'zero', 'leave' or a Resolver, not {value!r}")
 
 
 @attrs.define(kw_only=True)
@@ -148,6 +153,17 @@ class _Server:
             raise ValueError(f"limit must be a positive int, not {limit!r}")
         if not isinstance(on_error, OnError):
             raise TypeError(f"on_error must be an OnError, not {type(on_error).__name__}")
+        if not isinstance(uffd, Userfaultfd):
+            raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
+        if not callable(resolver):
+            raise TypeError(f"resolver must be an async callable, not {type(resolver).__name__}")
+        if (
+            isinstance(page_size, bool)
+            or not isinstance(page_size, int)
+            or page_size < PAGE_SIZE
+            or page_size & (page_size - 1)
+        ):
+            raise ValueError(f"page_size must be a power of two >= {PAGE_SIZE}, not {page_size!r}")
         self.uffd = uffd
         self.resolver = resolver
         self.inline = resolver if isinstance(resolver, Resolver) else None
@@ -169,29 +185,38 @@ class _Server:
         self._deferred: list[PageFault] = []
         self._retrying = False
         self._tg: TaskGroup | None = None
-        self._fatal: BaseException | None = None
+        self._children: TaskGroup | None = None
+        self._exited = False
+        self._left: list[PageFault] = []  # failed with on_error "leave": handed back at the end
+        self._undisposed: list[PageFault] = []  # failed; on_error's answer met EAGAIN
+        self._unreported: list[tuple[PageFault, Exception]] = []
 
     # -- the loop ----------------------------------------------------------
 
     async def run(self, task_status: TaskStatus[Any]) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                task_status.started(self)
-                reader = self.reader
-                handle = self._handle
-                while True:
-                    try:
-                        events = await reader.receive_batch()
-                    except anyio.ClosedResourceError:
-                        break
-                    handle(events)
-                tg.cancel_scope.cancel()
+            # Fork children get a task group of their own: they go on being
+            # served when this uffd's process exits, and end with their own.
+            async with anyio.create_task_group() as children:
+                self._children = children
+                try:
+                    async with anyio.create_task_group() as tg:
+                        self._tg = tg
+                        task_status.started(self)
+                        reader = self.reader
+                        handle = self._handle
+                        while not self._exited:
+                            try:
+                                events = await reader.receive_batch()
+                            except anyio.ClosedResourceError:
+                                break
+                            handle(events)
+                        tg.cancel_scope.cancel()
+                finally:
+                    self._tg = None
+                    self._hand_back()
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
-        finally:
-            self._tg = None
-            self._hand_back()
 
     def _fast(self, data: bytes) -> bytes:
         """Resolve what the C loop can (see ``ua_resolve_batch``); return the records it left."""
@@ -222,8 +247,17 @@ class _Server:
 
     def _hand_back(self) -> None:
         """Give every fault read but not resolved back to the uffd."""
-        unresolved = list(self._in_flight.values()) + list(self._queued) + self._deferred
+        unresolved = (
+            self._left
+            + self._undisposed
+            + list(self._in_flight.values())
+            + list(self._queued)
+            + self._deferred
+        )
+        self._left = []
+        self._undisposed = []
         self._in_flight.clear()
+        self._pending.clear()
         self._queued.clear()
         self._deferred = []
         self.stats.in_flight = 0
@@ -263,8 +297,8 @@ class _Server:
         if isinstance(event, Fork):
             stats.forks += 1
             child = self.resolver.fork() if isinstance(self.resolver, Resolver) else self.resolver
-            assert self._tg is not None
-            self._tg.start_soon(self._serve_child, event.uffd, child)
+            assert self._children is not None
+            self._children.start_soon(self._serve_child, event.uffd, child)
             return
         stats.events += 1
         if self.inline is not None:
@@ -306,6 +340,8 @@ class _Server:
             except ProcessExited:
                 self._process_exited()
                 return
+            except UffdClosed:
+                return  # closing the uffd woke every waiting thread: nothing to answer
             except Exception as exc:
                 self._failed_inline(fault, exc)
                 resolved.add(page)
@@ -372,6 +408,8 @@ class _Server:
             except ProcessExited:
                 outcome = "done"
                 self._process_exited()
+            except UffdClosed:
+                outcome = "done"  # closing the uffd woke every waiting thread
             except Exception as exc:
                 error = exc
                 await self._dispose_failed(fault)
@@ -406,6 +444,9 @@ class _Server:
 
     def _defer(self, fault: PageFault) -> None:
         self._deferred.append(fault)
+        self._start_retrying()
+
+    def _start_retrying(self) -> None:
         if not self._retrying and self._tg is not None:
             self._retrying = True
             self._tg.start_soon(self._retry_deferred)
@@ -413,7 +454,7 @@ class _Server:
     async def _retry_deferred(self) -> None:
         try:
             attempt = 0
-            while self._deferred:
+            while self._deferred or self._undisposed:
                 await anyio.sleep(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)])
                 attempt += 1
                 try:
@@ -422,11 +463,21 @@ class _Server:
                     return
                 faults, self._deferred = self._deferred, []
                 self._handle(pending, retried=faults)
+                failed, self._undisposed = self._undisposed, []
+                for fault in failed:
+                    self._apply_page_action_now(fault)  # re-queues itself on EAGAIN
+                unreported, self._unreported = self._unreported, []
+                for fault, exc in unreported:
+                    self._report(fault, exc)
         finally:
             self._retrying = False
 
     def _process_exited(self) -> None:
-        """The process whose memory this uffd serves is gone: nothing will fault again."""
+        """The process whose memory this uffd serves is gone: nothing will fault again.
+
+        Stops serving this uffd; its fork children, if any, are served until they end.
+        """
+        self._exited = True
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
@@ -446,13 +497,19 @@ class _Server:
             if action == "poison":
                 self.uffd.poison(page, self.page_size)
             elif action == "zero":
-                self.uffd.zeropage(page, self.page_size)
+                zero_page(self.uffd, page, self.page_size)
             elif action == "leave":
-                self.uffd._push_back([fault])
+                self._left.append(fault)  # the thread stays blocked while this server runs
             elif not action.resolve_now(fault, self.uffd):
                 return False
         except PageExists:
             self._wake(page, self.page_size)
+        except UffdClosed:
+            pass  # closed under us: the thread was woken by the close
+        except MappingChanged:
+            # An event is unread: dispose of the page once it has been read.
+            self._undisposed.append(fault)
+            self._start_retrying()
         return True
 
     def _failed_inline(self, fault: PageFault, exc: Exception) -> None:
@@ -491,6 +548,11 @@ class _Server:
             self._wake(fault.address & self.page_mask, self.page_size)
 
     def _report(self, fault: PageFault, exc: Exception) -> None:
+        if any(f is fault for f in self._undisposed):
+            # Its page is not disposed of yet (an event was unread): report
+            # once it is, or the thread could be left blocked behind the error.
+            self._unreported.append((fault, exc))
+            return
         if self.on_error.propagate:
             raise exc
         logger.error("resolver failed for %s; serving goes on", fault, exc_info=exc)
@@ -567,8 +629,9 @@ async def serve(
     At most ``limit`` resolutions that await run at once; further faults wait
     in order, none is dropped. ``spin`` (seconds, default 50 us) busy-polls the
     uffd that long before sleeping in the event loop, while no resolution is
-    awaiting something (see :class:`EventReader`); 0 turns it off. :class:`~uffd_async.resolvers.Resolver` objects
-    that can answer without awaiting do so inline, without a task. A resolver
+    awaiting something (see :class:`EventReader`); 0 turns it off.
+    :class:`~uffd_async.resolvers.Resolver` objects that can answer without
+    awaiting do so inline, without a task. A resolver
     error propagates out of ``serve`` unless ``on_error`` says otherwise.
     ``task_status.started()`` receives an object whose ``stats`` is a
     :class:`ServerStats`.

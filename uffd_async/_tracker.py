@@ -5,6 +5,9 @@ Two modes, both starting from a write-protected range:
 * ``"fault"``: the first write to a protected page raises a WP fault; the
   tracker records the page and unprotects it (the writer waits for that,
   once per page per collect period). ``next_write()`` reports each one.
+  MADV_DONTNEED drops the protection with the pages, so later writes there
+  raise nothing: with ``UFFD_FEATURE_EVENT_REMOVE`` on the uffd, the tracker
+  counts discarded pages as written, and collect() protects them again.
   Untouched pages are protected too only with ``UFFD_FEATURE_WP_UNPOPULATED``
   (without it, protecting an empty pte does nothing), so the uffd must have it.
 * ``"async"``: ``UFFD_FEATURE_WP_ASYNC``, the kernel resolves the faults
@@ -29,10 +32,10 @@ import anyio
 
 from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature, Mode
 from ._errors import InvalidArgument, UnsupportedFeature
-from ._events import PageFault
+from ._events import PageFault, Remap, Remove, Unmap
+from ._native import FAST_UNPROTECT, FastPath
 from ._pagemap import scan_written
 from ._server import FaultServer, OnError
-from ._native import FAST_UNPROTECT, FastPath
 from ._uffd import Userfaultfd
 from .resolvers import AnyResolver, NoSourcePage, Resolver, by_kind
 
@@ -66,6 +69,19 @@ class _RecordWrites(Resolver):
         # nobody awaits next_write().
         return None if self._tracker._announce else self._fast
 
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        """MADV_DONTNEED drops the protection with the pages: count them as written.
+
+        Their contents did change (to zeros), and the next collect() protects
+        them again, so later writes fault once more. Needs EVENT_REMOVE.
+        """
+        if isinstance(event, Remove):
+            tracker = self._tracker
+            first = max(0, (event.start - tracker._start) // PAGE_SIZE)
+            last = min(len(tracker._dirty), -(-(event.end - tracker._start) // PAGE_SIZE))
+            for index in range(first, last):
+                tracker._written(index)
+
 
 class WriteTracker:
     """Tracks the pages written in ``[start, start + length)``.
@@ -91,6 +107,11 @@ class WriteTracker:
         limit: int = 64,
         wake: bool = True,
     ) -> None:
+        if not isinstance(uffd, Userfaultfd):
+            raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
+        for name, value in (("start", start), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
         if mode not in ("fault", "async"):
             raise InvalidArgument(22, f"mode must be 'fault' or 'async', not {mode!r}")
         if mode == "async":
@@ -110,6 +131,10 @@ class WriteTracker:
         self._register = register
         self._missing = missing
         self._limit = limit
+        if length // PAGE_SIZE > _MAX_PAGES:
+            raise InvalidArgument(
+                22, f"{length:#x} bytes is more than a tracker's {_MAX_PAGES} pages"
+            )
         if length <= 0 or length % PAGE_SIZE or start % PAGE_SIZE:
             raise InvalidArgument(22, f"[{start:#x}, +{length:#x}) is not a page-aligned range")
         # One byte per page, set by the first write since the last collect. It
@@ -220,3 +245,5 @@ class WriteTracker:
 
 
 _DIRTY_RUN = re.compile(b"\x01+")
+#: One byte of bitmap per page: 2**32 pages (16 TiB) is 4 GiB of it.
+_MAX_PAGES = 1 << 32

@@ -59,6 +59,7 @@ _UFFDIO_ZEROPAGE = _abi.UFFDIO_ZEROPAGE
 _UFFDIO_WRITEPROTECT = _abi.UFFDIO_WRITEPROTECT
 _UFFDIO_WAKE = _abi.UFFDIO_WAKE
 _MSG_SIZE = _abi.MSG.size
+_MAX_EVENTS = 1 << 16  # a 2 MiB read buffer
 
 _HINTS = {
     errno.EEXIST: "a page in the range is already populated; the kernel did not wake the "
@@ -90,7 +91,7 @@ def _check_range(start: int, length: int, what: str = "start") -> None:
             errno.EINVAL,
             f"length {length} is not a positive multiple of the page size ({PAGE_SIZE})",
         )
-    if start + length > _ADDRESS_LIMIT:
+    if start + length >= _ADDRESS_LIMIT:
         raise InvalidArgument(
             errno.EINVAL, f"{what} {start:#x} + length {length:#x} overflows the address space"
         )
@@ -329,6 +330,11 @@ class Userfaultfd:
         if isinstance(src, int) and not isinstance(src, bool):
             if length is None:
                 raise TypeError("copy() from an address needs a length")
+            _check_int("length", length)
+            if src < 0 or src + max(length, 0) > _ADDRESS_LIMIT:
+                raise InvalidArgument(
+                    errno.EINVAL, f"src {src:#x} + length {length:#x} is not a valid address range"
+                )
             source, keepalive = src, None
         else:
             source, size, keepalive = buffer_address(src)
@@ -538,8 +544,10 @@ class Userfaultfd:
     def read_events(self, max_events: int = 64) -> list[Event]:
         """Read and decode pending events without blocking; ``[]`` when none are pending."""
         _check_int("max_events", max_events)
-        if max_events < 1:
-            raise InvalidArgument(errno.EINVAL, f"max_events must be at least 1, not {max_events}")
+        if not 1 <= max_events <= _MAX_EVENTS:
+            raise InvalidArgument(
+                errno.EINVAL, f"max_events must be within [1, {_MAX_EVENTS}], not {max_events}"
+            )
         return self._read(max_events)
 
     def _read_raw(self, max_events: int) -> bytes:

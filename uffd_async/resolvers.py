@@ -93,6 +93,20 @@ class Resolver:
         return None
 
 
+_ZEROS: dict[int, bytes] = {}
+
+
+def zero_page(uffd: Userfaultfd, page: int, page_size: int) -> None:
+    """Map a zero page: UFFDIO_ZEROPAGE, or (hugetlbfs refuses that) a COPY of zeros."""
+    if page_size == PAGE_SIZE:
+        uffd._zeropage_nocheck(page, page_size)
+        return
+    zeros = _ZEROS.get(page_size)
+    if zeros is None:
+        zeros = _ZEROS[page_size] = bytes(page_size)
+    uffd.copy(page, zeros, page_size)
+
+
 def _page_of(fault: PageFault, page_size: int) -> int:
     return fault.address & ~(page_size - 1)
 
@@ -114,6 +128,11 @@ class CopyFrom(Resolver):
         wp: bool,
         page_size: int,
     ) -> None:
+        for name, value in (("base", base), ("page_size", page_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise InvalidArgument(22, f"size must be an int >= 0, not {size!r}")
         if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
             raise InvalidArgument(22, f"readahead must be an int >= 0, not {readahead!r}")
         if page_size <= 0 or page_size & (page_size - 1) or page_size % PAGE_SIZE:
@@ -175,9 +194,7 @@ class CopyFrom(Resolver):
         if not self._direct:
             return None
         if self._fast is None:
-            self._populated_c = (ctypes.c_uint8 * len(self._populated)).from_buffer(
-                self._populated
-            )
+            self._populated_c = (ctypes.c_uint8 * len(self._populated)).from_buffer(self._populated)
             self._fast = FastPath(
                 base=self._base,
                 pages=self._pages,
@@ -232,9 +249,11 @@ class CopyFrom(Resolver):
         length = count * self._page_size
         try:
             uffd.copy(page, data, length, wp=self._wp)
-        except PageExists as exc:
+        except UffdError as exc:
+            # The faulting page came first: if it was copied, the fault is
+            # resolved, and the readahead behind it was only ever optional.
             done = exc.done // self._page_size
-            if self._populated:
+            if self._populated and (done or isinstance(exc, PageExists)):
                 self._populated[index : index + max(done, 1)] = b"\1" * max(done, 1)
             if done == 0:
                 raise
@@ -244,7 +263,7 @@ class CopyFrom(Resolver):
 
     def _zero(self, uffd: Userfaultfd, page: int, index: int) -> None:
         try:
-            uffd.zeropage(page, self._page_size)
+            zero_page(uffd, page, self._page_size)
         finally:
             if self._populated:
                 self._populated[index] = 1
@@ -328,18 +347,23 @@ def copy_from(
 class ZeroFill(Resolver):
     def __init__(self, page_size: int) -> None:
         self._page_size = page_size
-        self._fast = FastPath(pages=1 << 52, page_size=page_size, kind=FAST_ZEROPAGE)
+        # The C loop uses UFFDIO_ZEROPAGE, which hugetlbfs refuses.
+        self._fast = (
+            FastPath(pages=1 << 52, page_size=page_size, kind=FAST_ZEROPAGE)
+            if page_size == PAGE_SIZE
+            else None
+        )
 
     def _fast_path(self) -> FastPath | None:
         return self._fast
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
-        uffd._zeropage_nocheck(fault.address & ~(self._page_size - 1), self._page_size)
+        zero_page(uffd, fault.address & ~(self._page_size - 1), self._page_size)
         return True
 
 
 def zero_fill(*, page_size: int = PAGE_SIZE) -> ZeroFill:
-    """Answer missing faults with UFFDIO_ZEROPAGE (hugetlb: a zeroed huge page)."""
+    """Answer missing faults with UFFDIO_ZEROPAGE (hugetlbfs: a COPY of a zeroed huge page)."""
     return ZeroFill(page_size)
 
 
@@ -358,9 +382,7 @@ class Unprotect(Resolver):
         return self._fast
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
-        uffd._unprotect_nocheck(
-            fault.address & ~(self._page_size - 1), self._page_size, self.wakes
-        )
+        uffd._unprotect_nocheck(fault.address & ~(self._page_size - 1), self._page_size, self.wakes)
         return True
 
 

@@ -105,6 +105,8 @@ class FaultGate:
             self._server = FaultServer(self._uffd, _Gate(self), limit=1 << 16)
             await self._server.__aenter__()
         except BaseException:
+            self._send.close()
+            self._receive.close()
             if self._owned:
                 self._uffd.close()
             raise

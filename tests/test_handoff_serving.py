@@ -1,0 +1,623 @@
+"""Serving handed-over uffds: real processes map memory, hand it over, and check every byte.
+
+The peers are separate Python processes (a script below) that read their memory
+from plain Python, GIL held, and compare it with a model of what it must hold;
+fork children (os.fork in the peer: the handler is in another process) check
+their own copies. Hostile peers are real sockets sending real fds: each one is
+refused, its fds closed (the autouse leak guard checks), and a good peer is
+served afterwards by the same server.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import uffd_async as ua
+from uffd_async._memory import huge_page_size
+
+from ._support import TIMEOUT, Lab, finished, source_bytes
+from .conftest import needs_root
+
+pytestmark = pytest.mark.anyio
+
+P = ua.PAGE_SIZE
+PAGES = 64
+SNAPSHOT = source_bytes(PAGES)  # page n reads "page 0000000n page ..."
+U64 = 1 << 64
+
+#: A peer: maps ``memory`` pages in one region, registers all of it, declares
+#: ``mappings`` ([first page in memory, pages, first page in the snapshot]), hands
+#: its uffd over and runs ``steps`` against a model of what its memory must hold.
+PEER = textwrap.dedent(
+    """
+    import ctypes, json, os, signal, socket, sys
+    import uffd_async as ua
+
+    config = json.loads(sys.argv[1])
+    P = config["page_size"]  # hugetlbfs memory when larger than the base page
+    signal.alarm(60)  # a page that never comes ends this process, not the test run
+    with open(config["snapshot"], "rb") as f:
+        snapshot = f.read()
+    steps = config["steps"]
+    text = json.dumps(steps)
+    features = ua.Feature.EVENT_REMOVE
+    if '"fork"' in text:
+        features |= ua.Feature.EVENT_FORK
+    if '"remap"' in text:
+        features |= ua.Feature.EVENT_REMAP
+    uffd = ua.Userfaultfd.open(features)
+    if P == ua.PAGE_SIZE:
+        region = ua.Region.anonymous(config["memory"] * P)
+    else:
+        region = ua.Region.hugetlb(config["memory"] * P)
+    uffd.register(region.address, region.length)
+    model = bytearray(region.length)  # what the memory must read as
+    mappings = []
+    for page, pages, snap in config["mappings"]:
+        model[page * P : (page + pages) * P] = snapshot[snap * P : (snap + pages) * P]
+        mappings.append(ua.GuestMapping(base_host_virt_addr=region.address + page * P,
+                                        size=pages * P, offset=snap * P, page_size=P))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(config["socket"])
+    ua.send_uffd(sock, uffd, mappings)
+
+    def fail(message):
+        print(f"pid {os.getpid()}: {message}", flush=True)
+        os._exit(1)
+
+    def run(steps):
+        for step in steps:
+            kind, args = step[0], step[1:]
+            if kind == "read":  # from Python, GIL held: the handler is another process
+                page, pages = args
+                got = ctypes.string_at(region.address + page * P, pages * P)
+                want = bytes(model[page * P : (page + pages) * P])
+                if got != want:
+                    bad = next(i for i in range(pages) if got[i*P:(i+1)*P] != want[i*P:(i+1)*P])
+                    fail(f"page {page + bad} holds {got[bad*P:bad*P+24]!r}, "
+                         f"not {want[bad*P:bad*P+24]!r}")
+            elif kind == "discard":
+                page, pages = args
+                region.discard(page * P, pages * P)
+                model[page * P : (page + pages) * P] = bytes(pages * P)
+            elif kind == "remap":
+                region.move()
+            elif kind == "fork":
+                pid = os.fork()
+                if pid == 0:
+                    run(args[0])
+                    os._exit(0)
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                if code != 0:
+                    fail(f"the fork child exited with {code}")
+            elif kind == "touch":  # a page no mapping declares: poisoned, SIGBUS
+                ctypes.string_at(region.address + args[0] * P, 1)
+                fail("read an undeclared page")
+    run(steps)
+    print("ok", flush=True)
+    """
+)
+
+#: Two mappings over one contiguous region, their snapshot offsets in reverse order.
+SPLIT = [[0, 24, 40], [24, 40, 0]]
+READ_ALL = ["read", 0, PAGES]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket path holds at most 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="ua-") as name:
+        yield Path(name)
+
+
+@pytest.fixture
+def snapshot_path(short_dir: Path) -> str:
+    path = short_dir / "snapshot.bin"
+    path.write_bytes(SNAPSHOT)
+    return str(path)
+
+
+@pytest.fixture
+def socket_path(short_dir: Path) -> str:
+    return str(short_dir / "uffd.sock")
+
+
+@contextlib.asynccontextmanager
+async def running(path: str, source: Any, **options: Any) -> AsyncIterator[ua.HandoffServer]:
+    async with anyio.create_task_group() as tg:
+        server = await tg.start(functools.partial(ua.serve_handoffs, path, source, **options))
+        yield server
+        tg.cancel_scope.cancel()
+
+
+async def peer(
+    socket_path: str,
+    snapshot_path: str,
+    steps: list[Any],
+    *,
+    mappings: list[list[int]] = SPLIT,
+    memory: int = PAGES,
+    page_size: int = P,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a peer process to the end (bounded); its output is in ``.stdout``."""
+    config = {
+        "socket": socket_path,
+        "snapshot": snapshot_path,
+        "memory": memory,
+        "page_size": page_size,
+        "mappings": mappings,
+        "steps": steps,
+    }
+    with anyio.fail_after(TIMEOUT * 3):
+        return await anyio.run_process(
+            [sys.executable, "-c", PEER, json.dumps(config)], check=False, stderr=subprocess.STDOUT
+        )
+
+
+async def served(socket_path: str, snapshot_path: str, steps: list[Any] | None = None) -> None:
+    """A good peer, run to the end: it must find every byte it reads right."""
+    result = await peer(socket_path, snapshot_path, steps or [READ_ALL])
+    assert result.returncode == 0, result.stdout.decode()
+    assert result.stdout.endswith(b"ok\n")
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    with anyio.fail_after(TIMEOUT):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+# -- serving real processes -------------------------------------------------------
+
+
+async def test_every_byte_of_every_mapping_is_served(socket_path: str, snapshot_path: str) -> None:
+    async with running(socket_path, snapshot_path) as server:
+        await served(socket_path, snapshot_path, [["read", 30, 10], READ_ALL])
+        await until(lambda: server.stats.active == 0)  # it hung up by exiting
+    stats = server.stats
+    assert (stats.connections, stats.served, stats.refused, stats.failed) == (1, 1, 0, 0)
+    assert stats.resolved == PAGES and stats.errors == 0
+    assert not os.path.exists(socket_path)
+
+
+async def test_several_processes_at_once(socket_path: str, snapshot_path: str) -> None:
+    async with running(socket_path, snapshot_path, readahead=3) as server:
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(served, socket_path, snapshot_path)
+    assert server.stats.served == 4 and server.stats.failed == 0
+
+
+async def test_removed_pages_read_zeros_across_mappings(
+    socket_path: str, snapshot_path: str
+) -> None:
+    """One MADV_DONTNEED spans both mappings: each one's bookkeeping gets its part."""
+    steps = [READ_ALL, ["discard", 20, 8], READ_ALL, ["discard", 50, 2], READ_ALL]
+    async with running(socket_path, snapshot_path) as server:
+        await served(socket_path, snapshot_path, steps)
+    assert server.stats.events == 2
+
+
+async def test_remapped_memory_is_served_at_its_new_address(
+    socket_path: str, snapshot_path: str
+) -> None:
+    steps = [["read", 0, 8], ["discard", 2, 2], ["remap"], READ_ALL]
+    async with running(socket_path, snapshot_path):
+        await served(socket_path, snapshot_path, steps)
+
+
+@needs_root
+async def test_fork_children_are_served_with_their_own_state(
+    socket_path: str, snapshot_path: str
+) -> None:
+    """The grandchild discards pages the parent never touched: the parent still gets the
+    snapshot's bytes there (each process has its own copy of the bookkeeping)."""
+    grandchild = [["read", 0, 4], ["discard", 2, 12], READ_ALL, ["discard", 40, 4], READ_ALL]
+    steps = [["read", 0, 8], ["fork", grandchild], READ_ALL]
+    async with running(socket_path, snapshot_path) as server:
+        await served(socket_path, snapshot_path, steps)
+        await until(lambda: server.stats.active == 0)
+    assert server.stats.forks == 1
+    assert server.stats.resolved == PAGES  # the parent's; the child's are its own server's
+
+
+@needs_root
+async def test_a_fork_child_forks_again(socket_path: str, snapshot_path: str) -> None:
+    steps = [["read", 0, 2], ["fork", [["read", 2, 2], ["fork", [READ_ALL]], READ_ALL]]]
+    async with running(socket_path, snapshot_path) as server:
+        await served(socket_path, snapshot_path, steps)
+    assert server.stats.forks == 1  # the grandchild's fork was its own server's
+
+
+async def test_an_undeclared_page_is_poisoned_and_serving_goes_on(
+    socket_path: str, snapshot_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The peer registered a page it did not declare: no source, so SIGBUS, never zeros."""
+    async with running(socket_path, snapshot_path) as server:
+        result = await peer(
+            socket_path,
+            snapshot_path,
+            [["read", 0, 8], ["touch", 9]],
+            mappings=[[0, 8, 0]],
+            memory=10,
+        )
+        assert result.returncode == -signal.SIGBUS, result.stdout.decode()
+        await served(socket_path, snapshot_path)
+    assert server.stats.errors == 1 and server.stats.failed == 0
+    assert "no mapping holds the page" in caplog.text
+
+
+async def test_a_peer_served_in_this_process(
+    lab: Lab, socket_path: str, snapshot_path: str
+) -> None:
+    """A handoff from a thread of ours, with the memfd as Firecracker's forks send it, and
+    bytes and fds after it, which are dropped."""
+    region = lab.anonymous(8)
+    memfd = os.memfd_create("guest-memory", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, PAGES * P)
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    mapping = ua.GuestMapping(
+        base_host_virt_addr=region.address, size=region.length, offset=16 * P, page_size=P
+    )
+    async with running(socket_path, snapshot_path) as server:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(socket_path)
+            ua.send_uffd(sock, uffd, [mapping], memfd=memfd)
+            os.close(memfd)
+            await until(lambda: server.stats.active == 1)
+            r, w = os.pipe()
+            try:
+                fds = array.array("i", [r, w])
+                sock.sendmsg([b"more bytes"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            finally:
+                os.close(r)
+                os.close(w)
+            await finished(lab.touch(region.address, region.length, write=False))
+        await until(lambda: server.stats.active == 0)
+    assert region.read(0, region.length) == SNAPSHOT[16 * P : 24 * P]
+    assert server.stats.resolved == 8
+
+
+# -- hostile peers ----------------------------------------------------------------------
+
+
+def mapping_json(**fields: int) -> dict[str, int]:
+    item = {"base_host_virt_addr": 0x7F00_0000_0000, "size": 4 * P, "offset": 0, "page_size": P}
+    item.update(fields)
+    return item
+
+
+def json_message(*items: dict[str, int]) -> bytes:
+    return json.dumps(list(items)).encode()
+
+
+def send_message(payload: bytes) -> Callable[[socket.socket, Lab], None]:
+    def send(sock: socket.socket, lab: Lab) -> None:
+        ua.send_uffd(sock, lab.uffd(), payload)
+
+    return send
+
+
+def send_no_fd(sock: socket.socket, lab: Lab) -> None:
+    sock.send(json_message(mapping_json()))
+
+
+def send_three_fds(sock: socket.socket, lab: Lab) -> None:
+    region = lab.shared(4)
+    assert region.memfd is not None
+    fds = array.array("i", [lab.uffd().fileno(), region.memfd, lab.uffd().fileno()])
+    sock.sendmsg([json_message(mapping_json())], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
+def send_a_pipe(sock: socket.socket, lab: Lab) -> None:
+    r, w = os.pipe()
+    try:
+        ua.send_uffd(sock, r, json_message(mapping_json()))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+HOSTILE: dict[str, tuple[Callable[[socket.socket, Lab], None], str]] = {
+    "garbage JSON": (send_message(b"[{]}"), "not UTF-8 JSON"),
+    "not JSON at all": (send_message(b"\xff\xfe\x00GET / HTTP/1.1"), "not UTF-8 JSON"),
+    "overlapping regions": (
+        send_message(
+            json_message(mapping_json(), mapping_json(base_host_virt_addr=0x7F00_0000_1000))
+        ),
+        "overlaps mapping 0",
+    ),
+    "overflowing region": (
+        send_message(json_message(mapping_json(base_host_virt_addr=U64 - P))),
+        "overflows 64 bits",
+    ),
+    "past the snapshot": (
+        send_message(json_message(mapping_json(offset=(PAGES - 2) * P))),
+        "ends past the 0x40000-byte backing memory",
+    ),
+    "no fd": (send_no_fd, "carried no fd"),
+    "three fds": (send_three_fds, "more than two fds"),
+    "not a uffd": (send_a_pipe, "the first fd must be a userfaultfd"),
+}
+
+
+@pytest.mark.parametrize(("send", "reason"), HOSTILE.values(), ids=HOSTILE)
+async def test_hostile_peers_are_refused_and_the_next_is_served(
+    lab: Lab,
+    socket_path: str,
+    snapshot_path: str,
+    caplog: pytest.LogCaptureFixture,
+    send: Callable[[socket.socket, Lab], None],
+    reason: str,
+) -> None:
+    async with running(socket_path, snapshot_path) as server:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(socket_path)
+            send(sock, lab)
+            with anyio.fail_after(TIMEOUT):
+                await anyio.wait_readable(sock)
+            assert sock.recv(1) == b""  # the server hung up on us
+        await until(lambda: server.stats.refused == 1)
+        await served(socket_path, snapshot_path)
+    assert (server.stats.connections, server.stats.served, server.stats.failed) == (2, 1, 0)
+    [refusal] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert refusal.name == "uffd_async" and reason in refusal.getMessage()
+
+
+async def test_a_silent_peer_times_out_without_holding_up_the_others(
+    socket_path: str, snapshot_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(socket_path, snapshot_path, timeout=TIMEOUT) as server:
+        with socket.socket(socket.AF_UNIX) as silent:
+            silent.connect(socket_path)
+            await until(lambda: server.stats.connections == 1)
+            await served(socket_path, snapshot_path)  # while the silent one waits
+            assert server.stats.refused == 0
+        await until(lambda: server.stats.refused == 1)  # it hung up: refused at once
+    async with running(socket_path, snapshot_path, timeout=0.2) as server:
+        with socket.socket(socket.AF_UNIX) as silent:
+            silent.connect(socket_path)
+            await until(lambda: server.stats.refused == 1)
+            assert silent.recv(1) == b""
+    assert "sent no uffd within 0.2 seconds" in caplog.text
+
+
+async def test_a_peer_that_dies_mid_handshake(socket_path: str, snapshot_path: str) -> None:
+    code = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+    async with running(socket_path, snapshot_path) as server:
+        with anyio.fail_after(TIMEOUT):
+            await anyio.run_process([sys.executable, "-I", "-c", code, socket_path])
+        await until(lambda: server.stats.refused == 1)
+        await served(socket_path, snapshot_path)
+    assert server.stats.served == 1
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs a system python3")
+async def test_a_peer_of_another_uid_is_refused(
+    snapshot_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real process running as nobody (65534), on an abstract socket it can reach."""
+    name = f"\0uffd-async-test-{uuid.uuid4().hex}"
+    code = textwrap.dedent(
+        """
+        import array, socket, sys
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect("\\0" + sys.argv[1])
+            fds = array.array("i", [0])
+            try:  # the handler hangs up without reading: maybe before we even send
+                sock.sendmsg([b"[]"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                assert sock.recv(1) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        """
+    )
+    async with running(name, snapshot_path) as server:
+        with anyio.fail_after(TIMEOUT):
+            result = await anyio.run_process(
+                [SYSTEM_PYTHON, "-I", "-S", "-c", code, name[1:]],  # argv holds no NUL
+                check=False,
+                user=65534,
+                group=65534,
+                extra_groups=[],
+                cwd="/",
+            )
+        assert result.returncode == 0, result.stderr.decode()
+        await until(lambda: server.stats.refused == 1)
+        await served(name, snapshot_path)
+    assert "runs as uid 65534, not one of [0]" in caplog.text
+
+
+# -- the server itself ---------------------------------------------------------------------
+
+
+async def test_a_factory_chooses_each_resolver_or_refuses(
+    lab: Lab, socket_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    handoffs: list[ua.Handoff] = []
+
+    def factory(handoff: ua.Handoff) -> ua.Resolver:
+        handoffs.append(handoff)
+        if len(handoffs) == 1:
+            raise ua.HandoffError("not today")
+        if len(handoffs) == 2:
+            raise KeyError("a bug in the factory")
+        return ua.zero_fill()
+
+    region = lab.anonymous(4)
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    region_mapping = ua.GuestMapping(
+        base_host_virt_addr=region.address, size=region.length, offset=0, page_size=P
+    )
+    async with running(socket_path, factory) as server:
+        for attempt in range(3):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(socket_path)
+                ua.send_uffd(sock, uffd, [region_mapping])
+                if attempt < 2:
+                    with anyio.fail_after(TIMEOUT):
+                        await anyio.wait_readable(sock)
+                    assert sock.recv(1) == b""
+                else:
+                    await finished(lab.touch(region.address, region.length))
+    assert region.read(0, region.length) == bytes(region.length)
+    stats = server.stats
+    assert (stats.refused, stats.failed, stats.served, stats.resolved) == (1, 1, 1, 4)
+    assert "not today" in caplog.text and "a bug in the factory" in caplog.text
+    assert all(handoff.uffd.closed for handoff in handoffs)
+
+
+async def test_a_stale_socket_file_is_replaced_and_removed(
+    socket_path: str, snapshot_path: str
+) -> None:
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(socket_path)  # a server that died left this behind
+    async with running(socket_path, snapshot_path):
+        assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
+        await served(socket_path, snapshot_path)
+    assert not os.path.exists(socket_path)
+
+
+async def test_a_live_socket_or_another_file_is_left_alone(
+    short_dir: Path, socket_path: str, snapshot_path: str
+) -> None:
+    async with running(socket_path, snapshot_path):
+        with pytest.raises(FileExistsError, match="another server is listening on"):
+            await ua.serve_handoffs(socket_path, snapshot_path)
+        assert os.path.exists(socket_path)
+    regular = short_dir / "regular"
+    regular.write_text("precious")
+    with pytest.raises(FileExistsError, match="exists and is not a socket"):
+        await ua.serve_handoffs(regular, snapshot_path)
+    assert regular.read_text() == "precious"
+
+
+async def test_a_socket_file_replaced_meanwhile_is_not_removed(
+    short_dir: Path, socket_path: str, snapshot_path: str
+) -> None:
+    async with running(socket_path, snapshot_path):
+        os.unlink(socket_path)
+        Path(socket_path).write_text("someone else's")
+    assert Path(socket_path).read_text() == "someone else's"
+
+
+async def test_stopping_closes_every_connection(
+    lab: Lab, socket_path: str, snapshot_path: str
+) -> None:
+    """Cancelled while a peer is connected and another is mid-handshake: every fd closed."""
+    region = lab.anonymous(4)
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    mapping = ua.GuestMapping(
+        base_host_virt_addr=region.address, size=region.length, offset=0, page_size=P
+    )
+    with socket.socket(socket.AF_UNIX) as connected, socket.socket(socket.AF_UNIX) as silent:
+        async with running(socket_path, snapshot_path) as server:
+            connected.connect(socket_path)
+            ua.send_uffd(connected, uffd, [mapping])
+            silent.connect(socket_path)
+            await until(lambda: server.stats.active == 1 and server.stats.connections == 2)
+        assert connected.recv(1) == b"" and silent.recv(1) == b""
+    assert not os.path.exists(socket_path)
+
+
+async def test_bad_arguments(socket_path: str, snapshot_path: str) -> None:
+    with pytest.raises(ValueError, match="readahead"):
+        ua.HandoffServer(socket_path, snapshot_path, readahead=-1)
+    with pytest.raises(ValueError, match="readahead applies to snapshot sources"):
+        ua.HandoffServer(socket_path, lambda handoff: ua.zero_fill(), readahead=2)
+    with pytest.raises(ValueError, match="timeout"):
+        ua.HandoffServer(socket_path, snapshot_path, timeout=0)
+    with pytest.raises(TypeError, match="on_error"):
+        ua.HandoffServer(socket_path, snapshot_path, on_error="zero")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        await ua.serve_handoffs(socket_path, snapshot_path + ".missing")
+    assert not os.path.exists(socket_path)
+
+
+# -- hugetlbfs mappings ----------------------------------------------------------------------
+
+
+def free_huge_pages() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+needs_huge_pages = pytest.mark.skipif(
+    free_huge_pages() < 6, reason="needs 6 free huge pages (sysctl vm.nr_hugepages=6)"
+)
+
+
+@needs_huge_pages
+async def test_huge_page_mappings_are_served_a_huge_page_at_a_time(
+    lab: Lab, short_dir: Path
+) -> None:
+    huge = huge_page_size()
+    contents = os.urandom(2 * huge)
+    path = short_dir / "huge.bin"
+    path.write_bytes(bytes(huge) + contents)  # the mapping's bytes start one huge page in
+    region = lab.adopt_region(ua.Region.hugetlb(2 * huge))
+    uffd = lab.uffd(ua.Feature.EVENT_REMOVE)
+    uffd.register(region.address, region.length)
+    mapping = ua.GuestMapping(
+        base_host_virt_addr=region.address, size=region.length, offset=huge, page_size=huge
+    )
+    with ua.Snapshot(path) as snapshot:
+        async with ua.FaultServer(uffd, snapshot.resolver([mapping])) as server:
+            await finished(lab.touch(region.address + huge + 5 * P, 1, write=False))
+            assert server.stats.faults == 1
+            await finished(lab.touch(region.address, region.length, write=False))
+            assert server.stats.faults == 2
+            await finished(lab.run(lambda: region.discard(huge, huge)))
+            await finished(lab.touch(region.address, region.length, write=False))
+    assert region.read(0, huge) == contents[:huge]
+    assert region.read(huge, huge) == bytes(huge)  # removed: zeros, through UFFDIO_COPY
+
+
+@needs_huge_pages
+async def test_a_process_with_huge_page_mappings(short_dir: Path) -> None:
+    """Served whole huge pages; a removed one reads zeros; an undeclared one is poisoned
+    whole (SIGBUS: hugetlbfs refuses to poison less than a huge page)."""
+    huge = huge_page_size()
+    snapshot_path, socket_path = str(short_dir / "huge.bin"), str(short_dir / "uffd.sock")
+    Path(snapshot_path).write_bytes(os.urandom(4 * huge))
+    steps = [["read", 0, 2], ["discard", 1, 1], ["read", 0, 2]]
+    async with running(socket_path, snapshot_path) as server:
+        result = await peer(
+            socket_path, snapshot_path, [*steps, ["touch", 2]],
+            mappings=[[0, 2, 1]], memory=3, page_size=huge,
+        )  # fmt: skip
+        assert result.returncode == -signal.SIGBUS, result.stdout.decode()
+        result = await peer(
+            socket_path, snapshot_path, steps, mappings=[[0, 2, 2]], memory=2, page_size=huge
+        )
+        assert result.returncode == 0, result.stdout.decode()
+    assert server.stats.errors == 1 and server.stats.failed == 0

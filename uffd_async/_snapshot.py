@@ -1,0 +1,215 @@
+"""Serving several guest mappings from one memory snapshot file.
+
+Kernel and protocol facts this module relies on:
+
+* A snapshot file holds the guest's memory regions laid end to end; a mapping
+  (:class:`~uffd_async._handoff.GuestMapping`) says where its bytes start in
+  the file (``offset``) and where the sender maps them
+  (``base_host_virt_addr``). A fault at ``base + n`` gets byte ``offset + n``.
+* The file is mapped read-only, once: ``UFFDIO_COPY`` then copies straight
+  from the page cache into the faulting process, with no copy in Python. An
+  access the file cannot back (it was truncated) makes the ioctl fail with
+  EFAULT; nothing here ever touches the bytes itself.
+* Remap, Remove and Unmap events name current addresses, which may span
+  several mappings. Each mapping applies every event to its own bookkeeping
+  (an :class:`~uffd_async._addrspace.AddressMap` ignores what does not
+  concern it), and faults are routed by where the pages are *now*.
+* A REMOVE (a balloon inflating, or MADV_DONTNEED in the sender) makes the
+  range fault as missing again, and the right contents are then zeros, not
+  the snapshot's bytes.
+* On hugetlbfs every resolving ioctl covers whole huge pages, fault addresses
+  are reported at the huge page's start, and ``UFFDIO_ZEROPAGE`` is not
+  supported (EINVAL): a removed huge page gets a zeroed huge page through
+  ``UFFDIO_COPY`` instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import functools
+import mmap
+import os
+import stat
+from collections.abc import Iterable
+
+from ._abi import PAGE_SIZE
+from ._addrspace import AddressMap
+from ._errors import InvalidArgument, SnapshotClosed
+from ._events import PageFault, Remap, Remove, Unmap
+from ._handoff import GuestMapping, check_mappings
+from ._memory import _MAP_SHARED, Region, _mmap
+from ._native import libc
+from ._uffd import Userfaultfd
+from .resolvers import CopyFrom, NoSourcePage, Resolver
+
+__all__ = ["Snapshot", "SnapshotResolver"]
+
+
+class Snapshot:
+    """A memory snapshot file, mapped read-only once and shared by every resolver made from it.
+
+    Close it (or leave its ``with`` block) only once no resolver of it is
+    serving: a resolver of a closed snapshot refuses to serve (its faults
+    then get what the server's ``on_error`` says) rather than copy from an
+    address that may hold something else by then.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise InvalidArgument(
+                    errno.EINVAL, f"the snapshot {self.path!r} is not a regular file"
+                )
+            if status.st_size == 0:
+                raise InvalidArgument(
+                    errno.EINVAL, f"the snapshot {self.path!r} is empty: there is nothing to serve"
+                )
+            self.size = status.st_size
+            self._address = _mmap(self.size, _MAP_SHARED, fd, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    @property
+    def closed(self) -> bool:
+        return self._address == 0
+
+    def resolver(self, mappings: Iterable[GuestMapping], *, readahead: int = 0) -> SnapshotResolver:
+        """A resolver for a process that maps ``mappings`` of this snapshot; see
+        :class:`SnapshotResolver`."""
+        return SnapshotResolver(self, mappings, readahead=readahead)
+
+    def _view(self, mapping: GuestMapping) -> Region:
+        """The mapping's bytes in the file, as a source for ``copy_from`` (never closed)."""
+        if self.closed:
+            raise SnapshotClosed(self.path)
+        return Region(self._address + mapping.offset, mapping.size, page_size=mapping.page_size)
+
+    def close(self) -> None:
+        """Unmap the file. Idempotent."""
+        address, self._address = self._address, 0
+        if address:
+            libc.munmap(address, self.size)
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self.closed else ""
+        return f"<Snapshot{state} {self.path!r} size={self.size}>"
+
+
+@functools.cache
+def _zeros(size: int) -> bytes:
+    return bytes(size)
+
+
+class _Part:
+    """One mapping: its copier, and where its pages are now (for routing, and huge zeros)."""
+
+    __slots__ = ("copier", "huge", "mapping", "where")
+
+    def __init__(
+        self, mapping: GuestMapping, copier: CopyFrom, where: AddressMap, huge: bool
+    ) -> None:
+        self.mapping = mapping
+        self.copier = copier
+        self.where = where
+        self.huge = huge
+
+    def fork(self) -> _Part:
+        return _Part(self.mapping, self.copier.fork(), self.where.copy(), self.huge)
+
+
+class SnapshotResolver(Resolver):
+    """Answers missing faults in several guest mappings from one :class:`Snapshot`.
+
+    Each fault goes to the mapping whose pages are at its address now (after
+    any mremap), which copies ``page_size`` bytes (a huge page for hugetlbfs
+    mappings) from ``offset`` in the snapshot, plus up to ``readahead`` more
+    pages not populated yet. Pages removed by MADV_DONTNEED (or a balloon)
+    are served zeros. A fault outside every mapping raises
+    :class:`~uffd_async.NoSourcePage`. Forks get a copy of all that state.
+    """
+
+    def __init__(
+        self, snapshot: Snapshot, mappings: Iterable[GuestMapping], *, readahead: int = 0
+    ) -> None:
+        mappings = list(mappings)
+        check_mappings(mappings, snapshot.size)
+        self._snapshot = snapshot
+        self._parts = [
+            _Part(
+                mapping,
+                CopyFrom(
+                    snapshot._view(mapping),
+                    base=mapping.base_host_virt_addr,
+                    size=mapping.size,
+                    readahead=readahead,
+                    wp=False,
+                    page_size=mapping.page_size,
+                ),
+                AddressMap(mapping.base_host_virt_addr, mapping.size),
+                mapping.page_size > PAGE_SIZE,
+            )
+            for mapping in mappings
+        ]
+        self._route()
+
+    @property
+    def mappings(self) -> tuple[GuestMapping, ...]:
+        return tuple(part.mapping for part in self._parts)
+
+    def _route(self) -> None:
+        """Rebuild the routing table: sorted current ranges, and the part serving each."""
+        table = sorted(
+            ((start, end, part) for part in self._parts for start, end in part.where.segments()),
+            key=lambda entry: entry[0],
+        )
+        self._starts = [start for start, _, _ in table]
+        self._ends = [end for _, end, _ in table]
+        self._owners = [part for _, _, part in table]
+
+    def _part_for(self, address: int) -> _Part:
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0 and address < self._ends[i]:
+            return self._owners[i]
+        raise NoSourcePage(
+            f"no mapping holds the page at {address:#x}: the process registered memory it "
+            "did not list in its mappings, or the pages moved away or were unmapped"
+        )
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        if self._snapshot.closed:
+            raise SnapshotClosed(self._snapshot.path)
+        part = self._part_for(fault.address)
+        if part.huge:
+            page = fault.address & ~(part.mapping.page_size - 1)
+            original = part.where.original(page)
+            if original is not None and original in part.where.removed:
+                uffd.copy(page, _zeros(part.mapping.page_size))  # no ZEROPAGE on hugetlbfs
+                return True
+        return part.copier.resolve_now(fault, uffd)
+
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        for part in self._parts:
+            part.copier.apply(event)
+            part.where.apply(event)
+        if not isinstance(event, Remove):
+            self._route()
+
+    def fork(self) -> SnapshotResolver:
+        child = object.__new__(SnapshotResolver)
+        child._snapshot = self._snapshot
+        child._parts = [part.fork() for part in self._parts]
+        child._route()
+        return child
+
+    def __repr__(self) -> str:
+        return f"<SnapshotResolver of {self._snapshot!r}: {len(self._parts)} mappings>"
