@@ -39,6 +39,8 @@ from ._report import CaseResult, Result, scenario_json, table
 from ._run import RunFailed, RunnerSkipped, Sample, run_once
 from ._runners import BASELINE, all_runners
 from ._scenarios import Scenario, scenarios
+from ._wpasync import measure as measure_wp_async
+from ._wpasync import wp_async_table
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -125,6 +127,16 @@ def main(argv: list[str] | None = None) -> int:
                 say(table(scenario, cases, BASELINE))
                 if scenario.cases:
                     say(f"   ({took:.1f} s with setup and checks)")
+            if scenario.key == "4":
+                first = scenario.cases[0]
+                wp_async = measure_wp_async(first.pages, first.threads, args.rounds, source.address)
+                c_rate = _baseline_rate(cases[0])
+                report.append(
+                    {"key": "4b", "wp_async": wp_async, "c_fault_mode_pages_per_s": c_rate}
+                )
+                if not args.json:
+                    say()
+                    say(wp_async_table(wp_async, c_rate))
     if args.json:
         out = {
             "machine": machine,
@@ -140,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, reason in skipped.items():
             say(f"skipped runner {name}: {reason}")
     return 0
+
+
+def _baseline_rate(case: CaseResult) -> float | None:
+    baseline = case.baseline(BASELINE)
+    return baseline.pages_per_s if baseline else None
 
 
 def run_scenario(

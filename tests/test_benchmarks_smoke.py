@@ -35,8 +35,11 @@ def test_quick_benchmark_checks_out() -> None:
     assert report["quick"] is True
     assert report["machine"]["kernel"].startswith("Linux")
     scenarios = report["scenarios"]
-    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "5"]
+    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5"]
     for scenario in scenarios:
+        if scenario["key"] == "4b":  # WP_ASYNC: the library's tracker only
+            assert {r["runner"] for r in scenario["wp_async"]} == LIBRARY
+            continue
         if scenario["key"] == "5":  # memory: the library's server only
             runs = scenario["memory"]
             assert {(r["backend"], r["resolver"]) for r in runs} == {
