@@ -99,6 +99,7 @@ class FastPath(ctypes.Structure):
         ("mode", ctypes.c_uint64),
         ("populated", ctypes.c_void_p),
         ("kind", ctypes.c_int64),
+        ("readahead", ctypes.c_uint64),
     ]
 
 

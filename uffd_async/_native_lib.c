@@ -112,6 +112,7 @@ struct ua_fast {
     uint64_t mode;      /* mode bits of the ioctl (COPY_MODE_WP, WRITEPROTECT_MODE_DONTWAKE) */
     uint8_t *populated; /* UA_COPY: one byte per page, set once populated; may be NULL */
     int64_t kind;
+    uint64_t readahead; /* UA_COPY: also copy up to this many following unpopulated pages */
 };
 
 struct ua_fast_counts {
@@ -148,13 +149,26 @@ int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct 
         if (page < f->base || index >= f->pages)
             continue;
         if (f->kind == UA_COPY) {
+            uint64_t count = 1;
+            if (f->populated) /* readahead: the run of unpopulated pages behind it */
+                while (count <= f->readahead && index + count < f->pages &&
+                       !f->populated[index + count])
+                    count++;
             struct uffdio_copy copy = {
                 .dst = page,
                 .src = f->source + index * f->page_size,
-                .len = f->page_size,
+                .len = count * f->page_size,
                 .mode = f->mode,
             };
             rc = ioctl(uffd, UFFDIO_COPY, &copy);
+            if (rc != 0 && copy.copy >= (int64_t)f->page_size) {
+                /* Stopped part-way (a page behind was there already): the
+                 * faulting page, first, was copied; the readahead is optional. */
+                count = (uint64_t)copy.copy / f->page_size;
+                rc = 0;
+            }
+            if (rc == 0 && f->populated)
+                memset(f->populated + index, 1, count);
         } else if (f->kind == UA_ZEROPAGE) {
             struct uffdio_zeropage zero = {.range = {.start = page, .len = f->page_size}};
             rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zero);

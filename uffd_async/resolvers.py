@@ -171,6 +171,8 @@ class CopyFrom(Resolver):
         self._direct = (
             self._fetch is None and self._afetch is None and not readahead and bool(self._populated)
         )
+        # The C loop also handles readahead from memory, until an event arrives.
+        self._fast_ok = self._fetch is None and self._afetch is None and bool(self._populated)
         self._fast: FastPath | None = None
         self._populated_c: object = None
 
@@ -191,7 +193,7 @@ class CopyFrom(Resolver):
         return child
 
     def _fast_path(self) -> FastPath | None:
-        if not self._direct:
+        if not self._fast_ok:
             return None
         if self._fast is None:
             self._populated_c = (ctypes.c_uint8 * len(self._populated)).from_buffer(self._populated)
@@ -203,11 +205,12 @@ class CopyFrom(Resolver):
                 mode=self._mode,
                 populated=ctypes.addressof(self._populated_c),
                 kind=FAST_COPY,
+                readahead=self._readahead,
             )
         return self._fast
 
     def apply(self, event: Remap | Remove | Unmap) -> None:
-        self._direct = False
+        self._direct = self._fast_ok = False
         page_size = self._page_size
         for start, end in self._map.apply(event):
             first = max(0, (start - self._base) // page_size)
