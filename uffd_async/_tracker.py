@@ -33,6 +33,7 @@ import anyio
 from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature, Mode
 from ._errors import InvalidArgument, UnsupportedFeature
 from ._events import PageFault, Remap, Remove, Unmap
+from ._memory import _check_int
 from ._native import FAST_UNPROTECT, FastPath
 from ._pagemap import scan_written
 from ._server import FaultServer, OnError
@@ -109,9 +110,8 @@ class WriteTracker:
     ) -> None:
         if not isinstance(uffd, Userfaultfd):
             raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
-        for name, value in (("start", start), ("length", length)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        _check_int("start", start)
+        _check_int("length", length)
         if mode not in ("fault", "async"):
             raise InvalidArgument(22, f"mode must be 'fault' or 'async', not {mode!r}")
         if mode == "async":

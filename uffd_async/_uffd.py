@@ -44,7 +44,7 @@ from ._errors import (
     UnsupportedFeature,
 )
 from ._events import Event, decode, fork_fds
-from ._memory import buffer_address
+from ._memory import _check_int, buffer_address
 from ._open import Method, feature_names, handshake, open_fd
 
 _ADDRESS_LIMIT = 1 << 64
@@ -71,12 +71,6 @@ _HINTS = {
     errno.EBUSY: "the range is registered with another userfaultfd, or (MOVE) the source page "
     "is shared with another process",
 }
-
-
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    return value
 
 
 def _check_range(start: int, length: int, what: str = "start") -> None:
@@ -566,15 +560,8 @@ class Userfaultfd:
             events = self._unhandled[:max_events]
             del self._unhandled[:max_events]
             return events
-        try:
-            data = os.read(self._fd, _MSG_SIZE * max_events)
-        except BlockingIOError:
-            return []
-        except OSError as exc:
-            if exc.errno == errno.EBADF or self._fd < 0:
-                raise UffdClosed() from None
-            raise UffdError(exc.errno or errno.EIO, f"read() from the uffd failed: {exc}") from None
-        return self.decode(data)
+        data = self._read_raw(max_events)
+        return self.decode(data) if data else []
 
     def decode(self, data: bytes) -> list[Event]:
         """Decode bytes read from this uffd; fork children become owned handles."""

@@ -27,7 +27,7 @@ from ._abi import PAGE_SIZE, FaultFlags
 from ._addrspace import AddressMap
 from ._errors import InvalidArgument, PageExists, UffdError
 from ._events import PageFault, Remap, Remove, Unmap
-from ._memory import Region, buffer_address
+from ._memory import Region, _check_int, buffer_address
 from ._native import FAST_COPY, FAST_UNPROTECT, FAST_ZEROPAGE, FastPath
 from ._uffd import Userfaultfd
 
@@ -128,9 +128,8 @@ class CopyFrom(Resolver):
         wp: bool,
         page_size: int,
     ) -> None:
-        for name, value in (("base", base), ("page_size", page_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        _check_int("base", base)
+        _check_int("page_size", page_size)
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise InvalidArgument(22, f"size must be an int >= 0, not {size!r}")
         if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
