@@ -4,13 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test stress lint bench clean
+.PHONY: probe demo test stress lint bench clean
 
 $(STAMP): pyproject.toml setup.py uffd_async/_native_lib.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+probe: $(STAMP)
+	$(PY) -m uffd_async probe
 
 demo: $(STAMP)
 	$(PY) examples/lazy_restore.py

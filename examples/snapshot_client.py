@@ -73,7 +73,7 @@ def run(path: str, socket_path: str) -> bool:
             )
         sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         sock.connect(socket_path)
-        ua.send_uffd(sock, uffd, mappings)  # and keep the connection open while we need pages
+        ua.send_uffd(sock, uffd, mappings)  # served until we exit, the socket open or not
         print(f"handed over {len(regions)} regions, {size >> 10} KiB; reading them from Python")
 
         def check_all(start: int, end: int) -> bool:

@@ -3,7 +3,8 @@
 # Firecracker's JSON mappings (Firecracker restoring a VM, or examples/snapshot_client.py)
 # gets its memory filled in lazily from a snapshot file: each page is copied from the file
 # the first time the process touches it, pages it discarded (a balloon) come back as zeros,
-# and its fork children are served too. One event loop (asyncio or trio) serves every
+# and its fork children are served too, until it exits (whichever Firecracker release it is,
+# however it treats its socket after the handshake). One event loop (asyncio or trio) serves every
 # connection; peers of another uid, malformed messages and silent peers are refused without
 # disturbing the others. A progress line is printed every second; Ctrl-C or SIGTERM stops
 # the server and removes the socket.
@@ -15,7 +16,9 @@
 # As Firecracker's page-fault handler: give Firecracker's snapshot-load request
 # `"mem_backend": {"backend_type": "Uffd", "backend_path": "/tmp/uffd.sock"}`, serve the
 # snapshot's memory file, and pass --allow-uid with the uid Firecracker runs as (the
-# jailer's), since by default only this process's own uid may hand a uffd over.
+# jailer's): by default only this process's own uid may hand a uffd over. A jailed
+# Firecracker also needs to be allowed to connect to the socket file: see the README's
+# "A jailed Firecracker" (`--socket-mode`, `--socket-group` of `python -m uffd_async serve`).
 # (`python -m uffd_async serve` is the same server, with more options.)
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ async def report(server: ua.HandoffServer) -> None:
         stats = server.stats
         print(
             f"connections {stats.connections} ({stats.active} active, {stats.refused} refused)"
-            f"  faults {stats.faults:,}  resolved {stats.resolved:,}  forks {stats.forks}",
+            f"  faults {stats.faults:,}  pages copied {stats.pages:,}  forks {stats.forks}",
             flush=True,
         )
 
@@ -59,7 +62,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Serve a snapshot file to uffd handoffs.")
     parser.add_argument("snapshot", help="the memory snapshot file")
     parser.add_argument("--socket", required=True, help="the Unix socket path to listen on")
-    parser.add_argument("--allow-uid", type=int, action="append", help="a uid peers may run as")
+    parser.add_argument(
+        "--allow-uid", type=int, action="append", help="another uid peers may run as"
+    )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)  # connections, refusals, errors: "uffd_async"

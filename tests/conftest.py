@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import errno
 import faulthandler
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Generator, Iterator
 
@@ -11,25 +14,135 @@ import pytest
 
 import uffd_async as ua
 
-from ._support import Lab, Resources
+from ._support import Lab, Resources, huge_pages_free
 
 #: No single test may take longer. The watchdog is a C thread, so it fires even
 #: when a thread holding the GIL is stuck on an unresolved fault in the kernel.
-TEST_DEADLINE = 120.0
+#: Every bounded wait inside a test stays well below, teardown included
+#: (``_support.TIMEOUT``, the stress rounds' ``_stress.ROUND_TIMEOUT``), so a hang
+#: there fails its own test and the run goes on.
+TEST_DEADLINE = 180.0
 #: The same for tests marked ``slow`` (stress; ``make stress``).
 SLOW_TEST_DEADLINE = 420.0
+
+# Run by the reporter process: waits for the pytest process (argv[1]) to end; if
+# the watchdog's dump is in the file (argv[2]), prints it and where it is kept.
+_REPORTER = """
+import os, select, sys
+pid, path = int(sys.argv[1]), sys.argv[2]
+try:
+    select.select([os.pidfd_open(pid)], [], [])
+except ProcessLookupError:
+    pass
+try:
+    with open(path, errors="replace") as dump:
+        text = dump.read()
+except OSError:
+    sys.exit()
+if "Timeout (" not in text:
+    os.unlink(path)
+    sys.exit()
+sys.stderr.write(f"\\n{text}\\nThe stacks above are kept in {path}\\n")
+"""
+
+
+class Watchdog:
+    """Ends the run when a test hangs, and leaves every thread's stack in a file.
+
+    faulthandler's timer writes the dump to a file, not to fd 2: pytest captures
+    fd 2 into a temporary file that is lost when the timer ends the process. When a
+    test starts, the file is emptied and gets a line naming it. A reporter process,
+    given the real stderr before capturing starts, waits for this one to end; if it
+    ended with a dump in the file, it prints the dump and the file's path.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.fd, self.path = tempfile.mkstemp(prefix="uffd_async-watchdog-", suffix=".txt")
+        capture = config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            stderr = os.dup(2)
+        self.reporter: subprocess.Popen[bytes] | None = None
+        try:
+            self.reporter = subprocess.Popen(
+                [sys.executable, "-I", "-c", _REPORTER, str(os.getpid()), self.path],
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,  # survives a ^C or a kill of the process group
+            )
+        except OSError as exc:  # the dump is still written; the header names the file
+            os.write(stderr, f"uffd_async watchdog: no reporter ({exc})\n".encode())
+        finally:
+            os.close(stderr)
+
+    def start(self, test: str, limit: float) -> None:
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(
+            self.fd,
+            f"uffd_async watchdog: {test} was still running {limit:g} s after it started "
+            f"(tests/conftest.py), so the watchdog ended the run (exit status 1). "
+            f"Every thread's stack, most recent call first:\n".encode(),
+        )
+        faulthandler.dump_traceback_later(limit, exit=True, file=self.fd)
+
+    def stop(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.kill()
+            self.reporter.wait()
+        os.close(self.fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+_watchdog: Watchdog | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _watchdog
+    config.addinivalue_line(
+        "markers", "huge_pages(count): how many huge pages the huge_pages fixture frees"
+    )
+    _watchdog = Watchdog(config)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if _watchdog is None:
+        return None
+    return f"watchdog: a hung test's dump goes to {_watchdog.path}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.close()
+        _watchdog = None
 
 
 @pytest.fixture(autouse=True)
 def deadline(request: pytest.FixtureRequest) -> Iterator[None]:
     """A hung test dumps every thread's stack and ends the run with status 1."""
+    assert _watchdog is not None
     slow = request.node.get_closest_marker("slow") is not None
-    limit = SLOW_TEST_DEADLINE if slow else TEST_DEADLINE
-    faulthandler.dump_traceback_later(limit, exit=True, file=sys.__stderr__ or 2)
+    _watchdog.start(request.node.nodeid, SLOW_TEST_DEADLINE if slow else TEST_DEADLINE)
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        _watchdog.stop()
+
+
+@pytest.fixture
+def huge_pages(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The huge page size, with as many huge pages free as the test's
+    ``huge_pages(count)`` mark asks (one without): reserved for it as root and
+    given back after; the test skips where they cannot be had
+    (``_support.huge_pages_free``)."""
+    mark = request.node.get_closest_marker("huge_pages")
+    with huge_pages_free(int(mark.args[0]) if mark else 1) as size:
+        yield size
 
 
 @pytest.fixture

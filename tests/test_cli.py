@@ -41,7 +41,7 @@ def test_probe_json_matches_the_api() -> None:
     report = json.loads(result.stdout)
     support = ua.probe()
     assert report["available"] is True
-    assert report["method"] == support.method.value if support.method else None
+    assert support.method is not None and report["method"] == support.method.value, report
     assert set(report["features"]) == {f.name for f in ua.Feature if f in support.features}
 
 
@@ -60,6 +60,22 @@ def test_unusable_probe_exits_1_with_the_remedy() -> None:
     assert result.returncode == 1
     assert "NOT available" in result.stdout
     assert "sysctl -w vm.unprivileged_userfaultfd=1" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop one capability")
+def test_probe_does_not_offer_event_fork_without_cap_sys_ptrace() -> None:
+    """The kernel lists EVENT_FORK but refuses the handshake asking for it (EPERM)."""
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_ptrace", sys.executable, "-m", "uffd_async", "probe"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    features = result.stdout.split("features: ", 1)[1].split("\n", 1)[0].split()
+    assert "EVENT_REMOVE" in features and "EVENT_FORK" not in features
+    assert "EVENT_FORK is offered but needs CAP_SYS_PTRACE" in result.stdout
+    assert "EVENT_FORK" in run_cli("probe").stdout  # with it, as root
 
 
 def test_usage_error() -> None:
@@ -111,7 +127,8 @@ def test_serve_a_snapshot_until_signalled(short_dir: Path, backend: str, signum:
     log += err
     assert server.returncode == 0, log.decode()
     assert not socket_path.exists()
-    assert b"faults/s" in log and b"INFO serving pid" in log
+    assert b"pages copied" in log and b"INFO serving pid" in log
+    assert b"until it exits (pidfd from SO_PEERPIDFD)" in log
     assert f"{signal.Signals(signum).name}: stopping".encode() in log
     assert b"stopped; connections 1 (0 active, 0 refused, 0 failed)" in log
 

@@ -19,6 +19,7 @@ EXPECTED = {
     "Feature",
     "Fork",
     "GuestMapping",
+    "MessageShape",
     "Handoff",
     "HandoffError",
     "HandoffRefused",
@@ -133,5 +134,5 @@ def test_handoff_server_surface() -> None:
     assert issubclass(ua.SnapshotResolver, ua.Resolver)
     assert [f.name for f in attrs.fields(ua.HandoffStats)] == [
         "connections", "served", "active", "refused", "failed",
-        "faults", "resolved", "errors", "events", "forks",
+        "faults", "resolved", "pages", "errors", "events", "forks",
     ]  # fmt: skip

@@ -27,6 +27,7 @@ from ._events import Remove as Remove
 from ._events import Unmap as Unmap
 from ._events import decode as decode
 from ._handoff import GuestMapping as GuestMapping
+from ._handoff import MessageShape as MessageShape
 from ._handoff import encode_mappings as encode_mappings
 from ._handoff import parse_mappings as parse_mappings
 from ._handoff_io import Handoff as Handoff
@@ -78,6 +79,7 @@ __all__ = [
     "InvalidArgument",
     "Ioctl",
     "MappingChanged",
+    "MessageShape",
     "Method",
     "Mode",
     "NoSourcePage",

@@ -18,7 +18,7 @@ import time
 
 import anyio
 
-from ._abi import Feature, Ioctl
+from ._abi import PAGE_SIZE, Feature, Ioctl
 from ._handoff_server import HandoffServer, HandoffStats, serve_handoffs
 from ._open import probe
 
@@ -67,8 +67,9 @@ def _probe(args: argparse.Namespace) -> int:
 def _progress(stats: HandoffStats, elapsed: float, rate: float) -> str:
     return (
         f"[{elapsed:8.1f}s] connections {stats.connections} ({stats.active} active, "
-        f"{stats.refused} refused, {stats.failed} failed)  pages served {stats.resolved:,} "
-        f"({rate:,.0f} faults/s)  forks {stats.forks}  errors {stats.errors}"
+        f"{stats.refused} refused, {stats.failed} failed)  faults {stats.faults:,} "
+        f"({rate:,.0f}/s)  pages copied {stats.pages:,} ({stats.pages * PAGE_SIZE / 2**20:,.1f} "
+        f"MiB)  forks {stats.forks}  errors {stats.errors}"
     )
 
 
@@ -94,6 +95,8 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
                     args.socket,
                     args.snapshot,
                     allowed_uids=args.allow_uid,
+                    socket_mode=args.socket_mode,
+                    socket_group=args.socket_group,
                     timeout=args.timeout,
                     readahead=args.readahead,
                 )
@@ -130,6 +133,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not within 000 to 777")
+    return mode
+
+
+def _group(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uffd_async", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,7 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         action="append",
         metavar="UID",
-        help="a uid peers may run as (repeatable; default: this process's effective uid)",
+        help="a uid peers may run as besides this process's own effective uid (repeatable): "
+        "the uid a jailed Firecracker runs as",
+    )
+    serve_parser.add_argument(
+        "--socket-mode",
+        type=_octal_mode,
+        metavar="MODE",
+        help="the socket file's permission bits, in octal, e.g. 660 (default: from the umask, "
+        "which lets only this user connect)",
+    )
+    serve_parser.add_argument(
+        "--socket-group",
+        type=_group,
+        metavar="GROUP",
+        help="the socket file's group (a name or a gid), e.g. the jailed Firecracker's",
     )
     serve_parser.add_argument(
         "--readahead", type=int, default=0, help="pages copied past each fault (default 0)"

@@ -58,9 +58,10 @@ from ._errors import HandoffError, HandoffRefused, HandoffTimeout, InvalidArgume
 from ._handoff import (
     DEFAULT_MAX_REGIONS,
     GuestMapping,
+    MessageShape,
     check_limits,
     encode_mappings,
-    parse_mappings,
+    parse_message,
 )
 from ._open import available_features, methods_for
 from ._uffd import Userfaultfd
@@ -89,6 +90,8 @@ class Handoff:
     closes both, after which :attr:`memfd` is ``None``. To keep the memfd past
     that, ``os.dup`` it. ``pid``, ``uid`` and ``gid`` are the peer's, from
     ``SO_PEERCRED`` (``pid`` is 0 when the peer is in another pid namespace).
+    ``shape`` says which Firecracker release the message looks like, and so
+    whether the peer's hangup can mean that it exited.
     """
 
     uffd: Userfaultfd
@@ -96,6 +99,7 @@ class Handoff:
     pid: int
     uid: int
     gid: int
+    shape: MessageShape = MessageShape.PAGE_SIZE
     # A mutable cell, so that close() can forget the number (the class is frozen).
     _memfd: list[int] = attrs.field(
         alias="memfd", converter=_fd_cell, repr=lambda cell: repr(cell[0] if cell else None)
@@ -163,6 +167,15 @@ def _fd_number(name: str, fd: Userfaultfd | int) -> int:
     return fd
 
 
+def allowed_uid_set(allowed_uids: Collection[int] | None) -> frozenset[int]:
+    """Our own effective uid, plus ``allowed_uids``: who may hand a uffd over."""
+    extra = frozenset() if allowed_uids is None else frozenset(allowed_uids)
+    for uid in extra:
+        if isinstance(uid, bool) or not isinstance(uid, int) or uid < 0:
+            raise InvalidArgument(errno.EINVAL, f"allowed_uids holds {uid!r}, not a uid")
+    return extra | {os.geteuid()}
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, from ``SO_PEERCRED``."""
     pid, uid, gid = _UCRED.unpack(
@@ -182,9 +195,9 @@ async def receive_uffd(
 ) -> Handoff:
     """Receive a peer's uffd handoff from the connected Unix socket ``sock``.
 
-    The peer is untrusted. Its uid must be in ``allowed_uids`` (default: only
-    our own effective uid; pass the uid Firecracker runs as, e.g. the
-    jailer's, to accept it), checked before anything is read. It has
+    The peer is untrusted. Its uid must be our own effective uid or one of
+    ``allowed_uids`` (pass the uid Firecracker runs as, e.g. the jailer's,
+    to accept it), checked before anything is read. It has
     ``timeout`` seconds to send one message of at most ``max_message`` bytes
     carrying one fd (the uffd) or two (the uffd and the guest memfd), whose
     mappings must lie within ``backing_size`` bytes (default: the memfd's
@@ -202,11 +215,11 @@ async def receive_uffd(
         raise InvalidArgument(errno.EINVAL, f"timeout must be positive, not {timeout!r}")
     check_limits(backing_size, max_regions)
     pid, uid, gid = peer_credentials(sock)
-    allowed = {os.geteuid()} if allowed_uids is None else set(allowed_uids)
+    allowed = allowed_uid_set(allowed_uids)
     if uid not in allowed:
         raise HandoffRefused(
             f"refused the handoff from pid {pid}: it runs as uid {uid}, not one of "
-            f"{sorted(allowed)} (pass allowed_uids to accept it)",
+            f"{sorted(allowed)} (add it to allowed_uids to accept it)",
             pid=pid,
             uid=uid,
         )
@@ -288,10 +301,11 @@ def _accept(
         size = _memfd_size(memfd)
         if backing_size is None:
             backing_size = size
-    mappings = parse_mappings(data, backing_size=backing_size, max_regions=max_regions)
+    mappings, shape = parse_message(data, backing_size=backing_size, max_regions=max_regions)
     return Handoff(
         uffd=Userfaultfd._adopt(uffd_fd, available=kernel_features()),
         mappings=tuple(mappings),
+        shape=shape,
         memfd=memfd,
         pid=pid,
         uid=uid,

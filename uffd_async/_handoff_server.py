@@ -1,22 +1,26 @@
 """Serving the page faults of every process that hands its uffd over a Unix socket.
 
 Kernel and protocol facts this module relies on (see :mod:`._handoff_io` for
-the handshake itself):
+the handshake, :mod:`._peer_lifetime` for watching the peer, :mod:`._listener`
+for the socket file):
 
-* A peer connects, sends its uffd and mappings in one message, and keeps the
-  connection open for as long as it wants its faults served: Firecracker
-  does exactly that. Its end of the socket closes when it closes it or exits
-  (and only when every process holding that end did: a forked child shares
-  it). That hangup is the only end-of-serving signal there is: a uffd never
-  reports end-of-file, its faults just stop coming when the process dies.
+* A peer connects, sends its uffd and mappings in one message, and then may
+  close the connection at once (Firecracker 1.1 to 1.11) or keep it until it
+  exits (1.12 and later): the hangup is no end-of-serving signal, and a uffd
+  never reports end-of-file either. A handoff is served until its process
+  exits (a pidfd), and then until every process holding its end of the
+  socket closed it (fork children share it). Without a pidfd the hangup
+  has to do, when the message says the peer keeps its connection; else only
+  ESRCH from an ioctl, or the server stopping, ends it.
 * The peer keeps its own copy of the uffd. Closing ours then wakes nobody
   and changes nothing for it: a fault of its that was never resolved stays
   blocked until it exits. A uffd the kernel hands *us* for a fork child
   (``EVENT_FORK``) is held by nobody else, though: closing it unregisters
   the child's memory, whose missing pages then read as zeros. So a
-  connection's fds are closed only once its peer hung up, or when the whole
-  server stops, even if serving its uffd ended earlier. (The fault server
-  closes a fork child's uffd itself when serving the parent's stops.)
+  connection's fds are closed only once its peer has gone as said above (or
+  serving ended because its memory is gone: ESRCH), or when the whole server
+  stops. (The fault server closes a fork child's uffd itself when serving
+  the parent's stops.)
 * On hugetlbfs, ``UFFDIO_POISON`` (what a failed resolution gets) must cover
   a whole huge page: each connection is served with its mappings' page size
   when they all agree.
@@ -26,10 +30,6 @@ the handshake itself):
 * Peers are untrusted: the uid check, the bounds on the message and on the
   time to send it, and the checks on the mappings are :func:`receive_uffd`'s.
   A refused or failing peer ends its own connection, never the server.
-* A path left behind by a server that died is a socket nobody listens on
-  (``connect`` gets ECONNREFUSED): it is replaced. A path where someone
-  listens, or that is not a socket, is left alone. On the way out the socket
-  file is removed, unless something else has replaced it since.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import functools
 import logging
 import os
 import socket
-import stat
 import sys
 from collections.abc import Callable, Collection
 from typing import Any
@@ -51,7 +50,16 @@ from anyio.abc import TaskStatus
 from ._abi import PAGE_SIZE, Feature
 from ._errors import HandoffError, InvalidArgument
 from ._handoff import DEFAULT_MAX_REGIONS
-from ._handoff_io import DEFAULT_MAX_MESSAGE, DEFAULT_TIMEOUT, Handoff, receive_uffd
+from ._handoff_io import (
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_TIMEOUT,
+    Handoff,
+    allowed_uid_set,
+    peer_credentials,
+    receive_uffd,
+)
+from ._listener import Listener, check_socket_access
+from ._peer_lifetime import PeerExit
 from ._server import OnError, ServerStats, serve
 from ._snapshot import Snapshot
 from .resolvers import AnyResolver
@@ -66,9 +74,6 @@ logger = logging.getLogger("uffd_async")
 #: Makes the resolver for one handoff; raising :class:`HandoffError` refuses the handoff.
 ResolverFactory = Callable[[Handoff], AnyResolver]
 
-#: accept() errors that mean "too many fds or too little memory right now": wait and retry.
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_RESOURCE_BACKOFF = 0.1
 _DRAIN = 4096
 
 
@@ -85,9 +90,11 @@ class HandoffStats:
     refused: int = 0
     #: Connections whose serving failed after the handoff (each one logged).
     failed: int = 0
-    #: Summed over every handed-over uffd (fork children count in ``forks`` only).
+    #: Summed over every handed-over uffd and every fork child's (see :class:`ServerStats`):
+    #: faults read, faults resolved, and base pages mapped in (readahead included).
     faults: int = 0
     resolved: int = 0
+    pages: int = 0
     errors: int = 0
     events: int = 0
     forks: int = 0
@@ -96,7 +103,7 @@ class HandoffStats:
         return attrs.asdict(self)
 
 
-_SUMMED = ("faults", "resolved", "errors", "events", "forks")
+_SUMMED = ("faults", "resolved", "pages", "errors", "events", "forks")
 
 
 class HandoffServer:
@@ -106,10 +113,14 @@ class HandoffServer:
     :class:`Snapshot` (each handoff's mappings are served from it, and must
     lie inside it), or a factory ``(handoff) -> resolver``. Each connection
     gets its own :func:`~uffd_async.serve` under the server's task group,
-    until its peer hangs up. See :meth:`serve` for what ends the server.
+    until its process exits (see the module's notes). See :meth:`serve` for
+    what ends the server.
 
-    ``allowed_uids``: the uids a peer may run as (default: this process's
-    effective uid only; add Firecracker's, or the jailer's, to serve it).
+    ``allowed_uids``: uids a peer may run as besides this process's effective
+    uid (add Firecracker's, or the jailer's, to serve it). ``socket_mode``
+    and ``socket_group`` (a name or a gid): the socket file's permissions and
+    group, so that a peer of another uid may connect at all (``0o660`` and
+    the jail's group, or ``0o666`` in a directory only it can reach).
     ``timeout``, ``max_message``, ``max_regions``: bounds on the handshake,
     as in :func:`~uffd_async.receive_uffd`. ``readahead``: pages copied past
     each fault (snapshot sources only). ``limit``: as in ``serve()``.
@@ -125,6 +136,8 @@ class HandoffServer:
         source: str | os.PathLike[str] | Snapshot | ResolverFactory,
         *,
         allowed_uids: Collection[int] | None = None,
+        socket_mode: int | None = None,
+        socket_group: int | str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_regions: int = DEFAULT_MAX_REGIONS,
@@ -135,6 +148,8 @@ class HandoffServer:
         self.path = os.fspath(path)
         if not self.path:
             raise InvalidArgument(errno.EINVAL, "the socket path is empty")
+        self._socket_mode = socket_mode
+        self._socket_gid = check_socket_access(self.path, socket_mode, socket_group)
         if isinstance(source, Snapshot) or callable(source):
             self._source: str | Snapshot | ResolverFactory = source
         else:
@@ -149,7 +164,7 @@ class HandoffServer:
             raise TypeError(f"on_error must be an OnError or None, not {type(on_error).__name__}")
         if not timeout > 0:
             raise InvalidArgument(errno.EINVAL, f"timeout must be positive, not {timeout!r}")
-        self._allowed = frozenset({os.geteuid()} if allowed_uids is None else allowed_uids)
+        self._allowed = allowed_uid_set(allowed_uids)
         self._timeout = timeout
         self._max_message = max_message
         self._max_regions = max_regions
@@ -169,8 +184,7 @@ class HandoffServer:
         """A snapshot of the counters, live connections included."""
         stats = attrs.evolve(self._totals)
         for live in self._live.values():
-            for name in _SUMMED:
-                setattr(stats, name, getattr(stats, name) + getattr(live, name))
+            _add(stats, live)
         return stats
 
     async def serve(
@@ -183,7 +197,8 @@ class HandoffServer:
         factory, its resolutions, its socket) are logged to the
         ``uffd_async`` logger and end that connection only. What ends the
         server: cancellation; a socket path that cannot be bound (another
-        server listens there, or it is not a socket: ``FileExistsError``);
+        server listens there, or it is not a socket: ``FileExistsError``; its
+        directory is missing: ``FileNotFoundError``);
         a snapshot that cannot be opened; errors accepting connections other
         than running out of fds or memory (after which it waits and retries);
         and ``BaseException``\\ s such as ``KeyboardInterrupt``. On the way
@@ -203,17 +218,13 @@ class HandoffServer:
             self._running = False
 
     async def _listen(self, snapshot: Snapshot | None, task_status: TaskStatus[Any]) -> None:
-        listener, identity = _bind(self.path)
-        try:
-            with listener:
-                async with anyio.create_task_group() as tg:
-                    task_status.started(self)
-                    while True:
-                        conn = await _accept(listener)
-                        if conn is not None:
-                            tg.start_soon(self._connection, conn, snapshot)
-        finally:
-            _unlink_if_ours(self.path, identity)
+        with Listener(self.path, mode=self._socket_mode, gid=self._socket_gid) as listener:
+            async with anyio.create_task_group() as tg:
+                task_status.started(self)
+                while True:
+                    conn = await listener.accept()
+                    if conn is not None:
+                        tg.start_soon(self._connection, conn, snapshot)
 
     # -- one connection -------------------------------------------------------
 
@@ -222,34 +233,42 @@ class HandoffServer:
         totals.connections += 1
         with conn:
             try:
-                handoff = await receive_uffd(
-                    conn,
-                    allowed_uids=self._allowed,
-                    max_message=self._max_message,
-                    timeout=self._timeout,
-                    backing_size=snapshot.size if snapshot is not None else None,
-                    max_regions=self._max_regions,
-                )
-            except HandoffError as exc:
-                totals.refused += 1
-                logger.warning("refused a handoff: %s", exc)
-                return
-            except Exception as exc:
+                # Watch the peer before anything else: see _peer_lifetime on pid reuse.
+                peer = PeerExit(conn, peer_credentials(conn)[0])
+            except OSError as exc:
                 totals.failed += 1
-                logger.error("receiving a handoff failed", exc_info=exc)
+                logger.error("cannot learn who connected: %s", exc)
                 return
-            with handoff:
+            with peer:
                 try:
-                    resolver = self._resolver(handoff, snapshot)
+                    handoff = await receive_uffd(
+                        conn,
+                        allowed_uids=self._allowed,
+                        max_message=self._max_message,
+                        timeout=self._timeout,
+                        backing_size=snapshot.size if snapshot is not None else None,
+                        max_regions=self._max_regions,
+                    )
                 except HandoffError as exc:
                     totals.refused += 1
-                    logger.warning("refused the handoff of pid %d: %s", handoff.pid, exc)
+                    logger.warning("refused a handoff: %s", exc)
                     return
                 except Exception as exc:
                     totals.failed += 1
-                    logger.error("no resolver for pid %d", handoff.pid, exc_info=exc)
+                    logger.error("receiving a handoff failed", exc_info=exc)
                     return
-                await self._serve_handoff(conn, handoff, resolver)
+                with handoff:
+                    try:
+                        resolver = self._resolver(handoff, snapshot)
+                    except HandoffError as exc:
+                        totals.refused += 1
+                        logger.warning("refused the handoff of pid %d: %s", handoff.pid, exc)
+                        return
+                    except Exception as exc:
+                        totals.failed += 1
+                        logger.error("no resolver for pid %d", handoff.pid, exc_info=exc)
+                        return
+                    await self._serve_handoff(conn, handoff, resolver, peer)
 
     def _resolver(self, handoff: Handoff, snapshot: Snapshot | None) -> AnyResolver:
         if snapshot is not None:
@@ -265,37 +284,44 @@ class HandoffServer:
         return OnError(page="leave", propagate=True)
 
     async def _serve_handoff(
-        self, conn: socket.socket, handoff: Handoff, resolver: AnyResolver
+        self, conn: socket.socket, handoff: Handoff, resolver: AnyResolver, peer: PeerExit
     ) -> None:
         totals = self._totals
         totals.served += 1
         totals.active += 1
         size = sum(mapping.size for mapping in handoff.mappings)
         logger.info(
-            "serving pid %d (uid %d): %d mappings, %d bytes",
-            handoff.pid, handoff.uid, len(handoff.mappings), size,
+            "serving pid %d (uid %d): %d mappings, %d bytes, Firecracker %s's message; %s",
+            handoff.pid, handoff.uid, len(handoff.mappings), size, handoff.shape.value,
+            _how_it_ends(handoff, peer),
         )  # fmt: skip
         served: list[ServerStats] = []
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._run_server, handoff, resolver, served)
-                await _hangup(conn)
+                tg.start_soon(self._run_server, handoff, resolver, served, tg.cancel_scope)
+                await _gone(conn, handoff, peer)
                 tg.cancel_scope.cancel()
         finally:
             totals.active -= 1
             for stats in served:
                 del self._live[id(stats)]
-                for name in _SUMMED:
-                    setattr(totals, name, getattr(totals, name) + getattr(stats, name))
+                _add(totals, stats)
+        summed = [stats.with_children() for stats in served]
         logger.info(
-            "pid %d hung up: %d faults resolved, %d forks",
-            handoff.pid, sum(s.resolved for s in served), sum(s.forks for s in served),
+            "pid %d: done: %d faults, %d pages, %d forks",
+            handoff.pid, sum(s.faults for s in summed), sum(s.pages for s in summed),
+            sum(s.forks for s in summed),
         )  # fmt: skip
 
     async def _run_server(
-        self, handoff: Handoff, resolver: AnyResolver, served: list[ServerStats]
+        self,
+        handoff: Handoff,
+        resolver: AnyResolver,
+        served: list[ServerStats],
+        handoff_scope: anyio.CancelScope,
     ) -> None:
-        """Serve until cancelled; if serving ends first, log why and leave the fds be."""
+        """Serve until cancelled. Serving that ends by itself (the memory is gone: ESRCH)
+        ends the handoff; serving that failed leaves the fds be until the peer is gone."""
         try:
             async with anyio.create_task_group() as tg:
                 server = await tg.start(
@@ -318,9 +344,10 @@ class HandoffServer:
                 exc_info=_single(exc),
             )
         else:
-            # The process exited, or the uffd was closed. Fork children of it may
-            # still run on the uffds we hold: those stay open until it hangs up.
-            logger.info("pid %d: serving its uffd ended; waiting for it to hang up", handoff.pid)
+            # Only ESRCH ends serve() here (we never close the uffd while it runs), and
+            # it returns once the fork children it served have ended too.
+            logger.info("pid %d: its memory is gone (ESRCH)", handoff.pid)
+            handoff_scope.cancel()
 
 
 async def serve_handoffs(
@@ -328,6 +355,8 @@ async def serve_handoffs(
     source: str | os.PathLike[str] | Snapshot | ResolverFactory,
     *,
     allowed_uids: Collection[int] | None = None,
+    socket_mode: int | None = None,
+    socket_group: int | str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     max_message: int = DEFAULT_MAX_MESSAGE,
     max_regions: int = DEFAULT_MAX_REGIONS,
@@ -345,6 +374,8 @@ async def serve_handoffs(
         path,
         source,
         allowed_uids=allowed_uids,
+        socket_mode=socket_mode,
+        socket_group=socket_group,
         timeout=timeout,
         max_message=max_message,
         max_regions=max_regions,
@@ -362,81 +393,36 @@ def _page_size(handoff: Handoff) -> int:
     return sizes.pop() if len(sizes) == 1 else PAGE_SIZE
 
 
-# -- the socket ----------------------------------------------------------------
+def _add(totals: HandoffStats, stats: ServerStats) -> None:
+    summed = stats.with_children()
+    for name in _SUMMED:
+        setattr(totals, name, getattr(totals, name) + getattr(summed, name))
 
 
-def _bind(path: str) -> tuple[socket.socket, tuple[int, int] | None]:
-    """A listening, non-blocking socket at ``path``, and the identity of its file."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            sock.bind(path)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or _abstract(path):
-                raise
-            _remove_stale(path)
-            sock.bind(path)
-        identity = None
-        if not _abstract(path):
-            status = os.stat(path)
-            identity = (status.st_dev, status.st_ino)
-        sock.listen()
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock, identity
+# -- when a handoff ends ------------------------------------------------------
 
 
-def _abstract(path: str) -> bool:
-    return path.startswith("\0")
-
-
-def _remove_stale(path: str) -> None:
-    """Unlink a socket file nobody listens on; refuse anything else."""
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise FileExistsError(
-            errno.EEXIST, f"{path} exists and is not a socket: remove it or choose another path"
-        )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.setblocking(False)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # left behind by a server that is gone
-            return
-        except BlockingIOError:
-            pass  # someone listens, with a full backlog
-    raise FileExistsError(
-        errno.EADDRINUSE, f"another server is listening on {path}: stop it or choose another path"
+def _how_it_ends(handoff: Handoff, peer: PeerExit) -> str:
+    if peer.watched:
+        return f"until it exits (pidfd from {peer.watch.value})"
+    if handoff.shape.keeps_connection:
+        return f"until it hangs up (no pidfd: {peer.why_not})"
+    return (
+        f"no pidfd ({peer.why_not}) and Firecracker {handoff.shape.value} closes its socket "
+        "right after the handshake: serving ends when an ioctl finds its memory gone (ESRCH) "
+        "or when this server stops"
     )
 
 
-def _unlink_if_ours(path: str, identity: tuple[int, int] | None) -> None:
-    if identity is None:
-        return
-    try:
-        status = os.lstat(path)
-        if (status.st_dev, status.st_ino) == identity:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-async def _accept(listener: socket.socket) -> socket.socket | None:
-    """The next connection, or None when accept() failed in a way worth retrying."""
-    await anyio.wait_readable(listener)
-    try:
-        conn, _ = listener.accept()
-    except (BlockingIOError, ConnectionAbortedError):
-        return None
-    except OSError as exc:
-        if exc.errno not in _RESOURCE_ERRORS:
-            raise
-        logger.error("accepting a connection failed (%s); retrying shortly", exc)
-        await anyio.sleep(_RESOURCE_BACKOFF)
-        return None
-    return conn
+async def _gone(conn: socket.socket, handoff: Handoff, peer: PeerExit) -> None:
+    """Return once the handoff's peer is gone, as well as this can be told (see the notes)."""
+    if peer.watched:
+        await peer.wait()
+        await _hangup(conn)  # fork children that share the socket still run
+    elif handoff.shape.keeps_connection:
+        await _hangup(conn)
+    else:
+        await anyio.sleep_forever()
 
 
 async def _hangup(conn: socket.socket) -> None:

@@ -104,7 +104,11 @@ class FastPath(ctypes.Structure):
 
 
 class FastCounts(ctypes.Structure):
-    _fields_ = [("resolved", ctypes.c_uint64), ("eexist", ctypes.c_uint64)]
+    _fields_ = [
+        ("resolved", ctypes.c_uint64),
+        ("eexist", ctypes.c_uint64),
+        ("filled", ctypes.c_uint64),
+    ]
 
 
 FAST_COPY, FAST_ZEROPAGE, FAST_UNPROTECT = 1, 2, 3

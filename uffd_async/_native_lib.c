@@ -118,6 +118,7 @@ struct ua_fast {
 struct ua_fast_counts {
     uint64_t resolved; /* faults resolved by an ioctl */
     uint64_t eexist;   /* faults whose page was already there: woken */
+    uint64_t filled;   /* bytes mapped in by COPY (readahead included) and ZEROPAGE */
 };
 
 static int wake_range(int uffd, uint64_t start, uint64_t len)
@@ -167,11 +168,16 @@ int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct 
                 count = (uint64_t)copy.copy / f->page_size;
                 rc = 0;
             }
-            if (rc == 0 && f->populated)
-                memset(f->populated + index, 1, count);
+            if (rc == 0) {
+                counts->filled += count * f->page_size;
+                if (f->populated)
+                    memset(f->populated + index, 1, count);
+            }
         } else if (f->kind == UA_ZEROPAGE) {
             struct uffdio_zeropage zero = {.range = {.start = page, .len = f->page_size}};
             rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zero);
+            if (rc == 0)
+                counts->filled += f->page_size;
         } else {
             struct uffdio_writeprotect wp = {
                 .range = {.start = page, .len = f->page_size},

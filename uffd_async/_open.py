@@ -228,7 +228,8 @@ class Support:
     available: bool
     #: How (None when not available).
     method: Method | None
-    #: Features the kernel offers (empty when not available).
+    #: Features this process can enable (empty when not available): what the kernel
+    #: offers, less EVENT_FORK without CAP_SYS_PTRACE.
     features: Feature
     #: ioctls the handshake and a scratch registration reported.
     ioctls: Ioctl
@@ -254,6 +255,10 @@ def probe() -> Support:
         ioctls |= _range_ioctls(fd, available)
     finally:
         os.close(fd)
+    notes = []
+    if available & Feature.EVENT_FORK and not _may_enable(method, Feature.EVENT_FORK):
+        available &= ~Feature.EVENT_FORK
+        notes.append("EVENT_FORK is offered but needs CAP_SYS_PTRACE, which this process lacks")
     if method is Method.USER_MODE_ONLY:
         failures: dict[Method, OSError] = {}
         for other in (Method.SYSCALL, Method.DEVICE):
@@ -268,7 +273,23 @@ def probe() -> Support:
         )
     else:
         reason = f"full userfaultfd via {method.value}"
+    reason = "; ".join([reason, *notes])
     return Support(available=True, method=method, features=available, ioctls=ioctls, reason=reason)
+
+
+def _may_enable(method: Method, feature: Feature) -> bool:
+    """Whether the handshake grants ``feature`` to this process (tried on a throwaway fd)."""
+    try:
+        fd = open_raw(method)
+    except OSError:
+        return False
+    try:
+        api(fd, int(feature))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _range_ioctls(fd: int, available: Feature) -> Ioctl:

@@ -42,7 +42,7 @@ from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from ._native import FastCounts, lib
 from ._uffd import Userfaultfd
 from .reader import EventReader
-from .resolvers import AnyResolver, Resolver, zero_page
+from .resolvers import AnyResolver, Resolver, as_resolver, zero_page
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -60,6 +60,17 @@ _LATENCY_SAMPLES = 4096
 _RETRY_DELAYS = (0.0, 0.0001, 0.0005, 0.001, 0.005)
 
 
+def _fallback(page: object) -> Literal["poison", "zero", "leave"] | Resolver:
+    if page in ("poison", "zero", "leave"):
+        return page
+    if isinstance(page, str) or not callable(page):
+        raise ValueError(
+            f"page must be 'poison', 'zero', 'leave' or a resolver (an async callable), "
+            f"not {page!r}"
+        )
+    return as_resolver(page)
+
+
 @attrs.frozen(kw_only=True)
 class OnError:
     """What the server does when a resolver raises.
@@ -68,18 +79,22 @@ class OnError:
     SIGBUS instead of reading wrong bytes; where the kernel lacks POISON the
     thread is left blocked), ``"zero"`` (a zero page, only when you ask for
     it), ``"leave"`` (the thread stays blocked; when this server stops, the
-    fault is handed back to the uffd for whoever serves it next), or a fallback resolver.
+    fault is handed back to the uffd for whoever serves it next), or a fallback
+    resolver (a :class:`Resolver` or any async ``resolver(fault, uffd)``).
     ``propagate``: raise the error out of ``serve`` (the default), or log it
     and keep serving.
     """
 
-    page: Literal["poison", "zero", "leave"] | Resolver = attrs.field(default="poison")
+    page: Literal["poison", "zero", "leave"] | Resolver = attrs.field(
+        default="poison", converter=_fallback
+    )
     propagate: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
-    @page.validator
-    def _check_page(self, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, Resolver) and value not in ("poison", "zero", "leave"):
-            raise ValueError(f"page must be 'poison', 'zero', 'leave' or a Resolver, not {value!r}")
+
+_COUNTERS = (
+    "faults", "resolved", "pages", "coalesced", "eexist", "retries", "errors", "events",
+    "forks", "in_flight",
+)  # fmt: skip
 
 
 @attrs.define(kw_only=True)
@@ -90,6 +105,9 @@ class ServerStats:
     faults: int = 0
     #: Faults resolved by a resolver.
     resolved: int = 0
+    #: Base pages (``PAGE_SIZE`` bytes) mapped in to resolve them: copied, zeroed or
+    #: continued, readahead included (a 2 MiB huge page counts 512).
+    pages: int = 0
     #: Faults folded into a resolution already under way for the same page.
     coalesced: int = 0
     #: Resolutions that found the page already there (EEXIST) and woke it.
@@ -103,6 +121,8 @@ class ServerStats:
     forks: int = 0
     #: Resolutions running right now (async ones; inline ones never overlap).
     in_flight: int = 0
+    #: The stats of each fork child served (``EVENT_FORK``), in fork order.
+    children: list[ServerStats] = attrs.field(factory=list, repr=False)
     _latencies: array[int] = attrs.field(factory=lambda: array("q"), repr=False)
     _next: int = attrs.field(default=0, repr=False)
 
@@ -124,14 +144,17 @@ class ServerStats:
         index = min(len(samples) - 1, round(percentile / 100 * (len(samples) - 1)))
         return samples[index] / 1000
 
+    def with_children(self) -> ServerStats:
+        """A copy whose counters also count every fork descendant's (latencies are this one's)."""
+        total = attrs.evolve(self, children=[])
+        for child in self.children:
+            summed = child.with_children()
+            for name in _COUNTERS:
+                setattr(total, name, getattr(total, name) + getattr(summed, name))
+        return total
+
     def as_dict(self) -> dict[str, float]:
-        counters = {
-            name: getattr(self, name)
-            for name in (
-                "faults", "resolved", "coalesced", "eexist", "retries", "errors", "events",
-                "forks", "in_flight",
-            )
-        }  # fmt: skip
+        counters = {name: getattr(self, name) for name in _COUNTERS}
         for p in (50, 90, 99, 100):
             counters[f"latency_p{p}_us"] = self.latency_us(p)
         return counters
@@ -190,6 +213,7 @@ class _Server:
         self._left: list[PageFault] = []  # failed with on_error "leave": handed back at the end
         self._undisposed: list[PageFault] = []  # failed; on_error's answer met EAGAIN
         self._unreported: list[tuple[PageFault, Exception]] = []
+        self._filled_before = uffd._filled
 
     # -- the loop ----------------------------------------------------------
 
@@ -238,6 +262,8 @@ class _Server:
         stats.faults += done
         stats.resolved += counts.resolved
         stats.eexist += counts.eexist
+        self.uffd._filled += counts.filled
+        self._count_pages()
         if done == count:
             return b""
         view = memoryview(data)
@@ -245,8 +271,12 @@ class _Server:
             view[i * _MSG_SIZE : (i + 1) * _MSG_SIZE] for i in range(count) if not handled[i]
         )
 
+    def _count_pages(self) -> None:
+        self.stats.pages = (self.uffd._filled - self._filled_before) // PAGE_SIZE
+
     def _hand_back(self) -> None:
         """Give every fault read but not resolved back to the uffd."""
+        self._count_pages()
         unresolved = (
             self._left
             + self._undisposed
@@ -291,6 +321,7 @@ class _Server:
         finally:
             if wakes:
                 self._wake_pages(wakes)
+            self._count_pages()
 
     def _apply(self, event: Fork | Remap | Remove | Unmap) -> None:
         stats = self.stats
@@ -421,6 +452,7 @@ class _Server:
                     self._wake(page, self.page_size)
                 outcome = "done"
         finally:
+            self._count_pages()
             if outcome != "unresolved":  # else cancelled: _hand_back returns it to the uffd
                 del self._in_flight[page]
                 stats.in_flight = len(self._in_flight)
@@ -589,6 +621,7 @@ class _Server:
             on_error=self.on_error,
             page_size=self.page_size,
         )
+        self.stats.children.append(child.stats)
         try:
             await child.run(anyio.TASK_STATUS_IGNORED)
         finally:

@@ -73,6 +73,10 @@ _HINTS = {
 }
 
 
+#: The ioctls that map pages in (counted in ``Userfaultfd._filled``).
+_FILLING = frozenset({"COPY", "ZEROPAGE", "CONTINUE", "MOVE"})
+
+
 def _check_range(start: int, length: int, what: str = "start") -> None:
     _check_int(what, start)
     _check_int("length", length)
@@ -141,6 +145,9 @@ class Userfaultfd:
         self._children: list[Userfaultfd] = []
         self._before_close: list[Callable[[int], None]] = []
         self._unhandled: list[Event] = []
+        #: Bytes this handle's ioctls (and the server's C loop) mapped in: COPY, ZEROPAGE,
+        #: CONTINUE and MOVE, readahead included.
+        self._filled = 0
 
     @classmethod
     def open(
@@ -463,6 +470,8 @@ class Userfaultfd:
             self._continue_fill(exc, buf, _abi.UFFDIO_COPY, _abi.COPY, "COPY",
                                 lambda done: _pack_copy(dst + done, src + done, length - done,
                                                         mode, 0), length)  # fmt: skip
+        else:
+            self._filled += length
 
     def _zeropage_nocheck(self, start: int, length: int) -> None:
         buf = bytearray(_pack_zeropage(start, length, 0, 0))
@@ -472,6 +481,8 @@ class Userfaultfd:
             self._continue_fill(exc, buf, _abi.UFFDIO_ZEROPAGE, _abi.ZEROPAGE, "ZEROPAGE",
                                 lambda done: _pack_zeropage(start + done, length - done, 0, 0),
                                 length)  # fmt: skip
+        else:
+            self._filled += length
 
     def _unprotect_nocheck(self, start: int, length: int, wake: bool) -> None:
         mode = 0 if wake else _abi.WRITEPROTECT_MODE_DONTWAKE
@@ -501,6 +512,8 @@ class Userfaultfd:
         if exc.errno == _EAGAIN and result > 0:
             self._fill(request, layout, args, length, what, done=result)
             return
+        if result > 0:
+            self._filled += result
         raise _translate(exc, what, 0) from None
 
     def _simple(self, request: int, arg: bytes, what: str) -> None:
@@ -530,7 +543,11 @@ class Userfaultfd:
                 if exc.errno == _EAGAIN and result > 0:
                     done += result
                     continue
+                if what in _FILLING:
+                    self._filled += done + max(result, 0)
                 raise _translate(exc, what, done) from None
+            if what in _FILLING:
+                self._filled += length
             return length
 
     # -- events -----------------------------------------------------------

@@ -414,6 +414,28 @@ def continue_minor(*, page_size: int = PAGE_SIZE) -> ContinueMinor:
 AnyResolver = Resolver | ResolverFunction
 
 
+class _Awaited(Resolver):
+    """A plain async resolver function where a :class:`Resolver` is wanted: always awaited."""
+
+    def __init__(self, function: ResolverFunction) -> None:
+        self.function = function
+
+    async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        await self.function(fault, uffd)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.function!r})"
+
+
+def as_resolver(resolver: AnyResolver) -> Resolver:
+    """``resolver`` as a :class:`Resolver` (a plain async function is wrapped)."""
+    if isinstance(resolver, Resolver):
+        return resolver
+    if not callable(resolver):
+        raise TypeError(f"a resolver must be an async callable, not {type(resolver).__name__}")
+    return _Awaited(resolver)
+
+
 class ByKind(Resolver):
     def __init__(
         self,
