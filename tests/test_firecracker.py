@@ -23,7 +23,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,11 @@ import pytest
 
 import uffd_async as ua
 from uffd_async._handoff import parse_message
+from uffd_async._peer_lifetime import SO_PEERPIDFD
 
 from ._firecracker_peer import firecracker_message
 from ._processes import read_until
+from ._seccomp import ALLOW, ARCH, ERRNO, JEQ, LD, MACHINE, NR, RET, arg, installing
 from ._support import TIMEOUT, source_bytes, with_huge_pages
 from .conftest import needs_root
 
@@ -332,49 +333,29 @@ def test_the_command_line_serves_every_release(place: Path, version: str, backen
 
 # -- a peer in another pid namespace, and a kernel without pidfds ------------------------
 
-#: (AUDIT_ARCH_*, getsockopt, pidfd_open) where the filter knows them.
-ARCHES = {"x86_64": (0xC000003E, 55, 434), "aarch64": (0xC00000B7, 209, 434)}
-
-#: Installs a seccomp filter that makes this process look like a kernel before 5.3:
-#: no SO_PEERPIDFD (ENOPROTOOPT), no pidfd_open (ENOSYS).
-NO_PIDFDS = textwrap.dedent(
-    """
-    import ctypes, struct
-    def no_pidfds(arch, nr_getsockopt, nr_pidfd_open, so_peerpidfd):
-        LD, JEQ, RET, ALLOW, ERRNO = 0x20, 0x15, 0x06, 0x7FFF0000, 0x00050000
-        program = [
-            (LD, 0, 0, 4),                      # seccomp_data.arch
-            (JEQ, 0, 7, arch),
-            (LD, 0, 0, 0),                      # seccomp_data.nr
-            (JEQ, 0, 1, nr_pidfd_open),
-            (RET, 0, 0, ERRNO | {enosys}),
-            (JEQ, 0, 3, nr_getsockopt),
-            (LD, 0, 0, 16 + 2 * 8),             # args[2]: optname
-            (JEQ, 0, 1, so_peerpidfd),
-            (RET, 0, 0, ERRNO | {enoprotoopt}),
-            (RET, 0, 0, ALLOW),
-        ]
-        raw = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in program))
-        class Program(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-        prog = Program(len(program), ctypes.addressof(raw))
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p,
-                               ctypes.c_ulong, ctypes.c_ulong]
-        if libc.prctl(38, 1, None, 0, 0) or libc.prctl(22, 2, ctypes.addressof(prog), 0, 0):
-            raise OSError(ctypes.get_errno(), "installing the seccomp filter")
-    """
-).format(enosys=errno.ENOSYS, enoprotoopt=errno.ENOPROTOOPT)
-
 needs_filter = pytest.mark.skipif(
-    platform.machine() not in ARCHES, reason=f"no seccomp filter for {platform.machine()}"
+    MACHINE is None, reason=f"no seccomp filter for {platform.machine()}"
 )
 in_new_pid_namespace = ("unshare", "--pid", "--fork", "--kill-child")
 
 
 def no_pidfds() -> str:
-    arch, getsockopt, pidfd_open = ARCHES[platform.machine()]
-    return NO_PIDFDS + f"no_pidfds({arch}, {getsockopt}, {pidfd_open}, 77)\n"
+    """A kernel before 5.3, as this process sees it: no SO_PEERPIDFD, no pidfd_open."""
+    assert MACHINE is not None
+    return installing(
+        [
+            (LD, 0, 0, ARCH),
+            (JEQ, 0, 7, MACHINE["arch"]),
+            (LD, 0, 0, NR),
+            (JEQ, 0, 1, MACHINE["pidfd_open"]),
+            (RET, 0, 0, ERRNO | errno.ENOSYS),
+            (JEQ, 0, 3, MACHINE["getsockopt"]),
+            (LD, 0, 0, arg(2)),  # optname
+            (JEQ, 0, 1, SO_PEERPIDFD),
+            (RET, 0, 0, ERRNO | errno.ENOPROTOOPT),
+            (RET, 0, 0, ALLOW),
+        ]
+    )
 
 
 def server_inside(unshare: subprocess.Popen[bytes]) -> int:

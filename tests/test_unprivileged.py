@@ -35,48 +35,43 @@ import uffd_async as ua
 from uffd_async import _abi
 from uffd_async._open import DEVICE_PATH, SYSCTL_PATH
 
+from ._seccomp import (
+    ALLOW,
+    ARCH,
+    ERRNO,
+    JEQ,
+    LD,
+    MACHINE,
+    NR,
+    RET,
+    Instruction,
+    arg,
+    installing,
+)
 from ._support import TIMEOUT, Lab, finished, pattern
 from .conftest import needs_root
 
-#: (AUDIT_ARCH_*, userfaultfd, ioctl) syscall numbers, where the filter knows them.
-ARCHES = {"x86_64": (0xC000003E, 323, 16), "aarch64": (0xC00000B7, 282, 29)}
 needs_seccomp_arch = pytest.mark.skipif(
-    platform.machine() not in ARCHES, reason=f"no seccomp filter for {platform.machine()}"
+    MACHINE is None, reason=f"no seccomp filter for {platform.machine()}"
 )
 
-SECCOMP = textwrap.dedent(
-    """
-    import ctypes, struct, sys
-    def deny_userfaultfd(arch, nr_uffd, nr_ioctl, syscall_errno, device_errno, ioc_new):
-        # seccomp_data: nr (u32) at 0, arch (u32) at 4, args[6] (u64) from 16.
-        LD, JEQ, RET = 0x20, 0x15, 0x06
-        ALLOW, ERRNO = 0x7FFF0000, 0x00050000
-        program = [
-            (LD, 0, 0, 4),
-            (JEQ, 0, 7, arch),                 # another ABI: allow
-            (LD, 0, 0, 0),
-            (JEQ, 0, 1, nr_uffd),
-            (RET, 0, 0, ERRNO | syscall_errno if syscall_errno else ALLOW),
-            (JEQ, 0, 3, nr_ioctl),
-            (LD, 0, 0, 16 + 8 + 0),            # args[1] (the request), low 32 bits
-            (JEQ, 0, 1, ioc_new & 0xFFFFFFFF),
-            (RET, 0, 0, ERRNO | device_errno),
-            (RET, 0, 0, ALLOW),
-        ]
-        raw = b"".join(struct.pack("=HBBI", *insn) for insn in program)
-        filters = ctypes.create_string_buffer(raw)
-        class Program(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-        prog = Program(len(program), ctypes.addressof(filters))
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p,
-                               ctypes.c_ulong, ctypes.c_ulong]
-        if libc.prctl(38, 1, None, 0, 0):  # PR_SET_NO_NEW_PRIVS
-            raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
-        if libc.prctl(22, 2, ctypes.addressof(prog), 0, 0):  # PR_SET_SECCOMP, FILTER
-            raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
-    """
-)
+
+def deny_userfaultfd(syscall_errno: int | None, device_errno: int) -> list[Instruction]:
+    """userfaultfd(2) refused (or allowed, for None), and /dev/userfaultfd's ioctl refused."""
+    assert MACHINE is not None
+    refuse_syscall: Instruction = (RET, 0, 0, ERRNO | syscall_errno if syscall_errno else ALLOW)
+    return [
+        (LD, 0, 0, ARCH),
+        (JEQ, 0, 7, MACHINE["arch"]),  # another ABI: allow
+        (LD, 0, 0, NR),
+        (JEQ, 0, 1, MACHINE["userfaultfd"]),
+        refuse_syscall,
+        (JEQ, 0, 3, MACHINE["ioctl"]),
+        (LD, 0, 0, arg(1)),  # the request, low 32 bits
+        (JEQ, 0, 1, _abi.USERFAULTFD_IOC_NEW & 0xFFFFFFFF),
+        (RET, 0, 0, ERRNO | device_errno),
+        (RET, 0, 0, ALLOW),
+    ]
 
 
 def run_filtered(
@@ -87,13 +82,9 @@ def run_filtered(
     prefix: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run Python ``code`` in a child under the seccomp filter (after ``prefix``, e.g. setpriv)."""
-    arch, nr_uffd, nr_ioctl = ARCHES[platform.machine()]
-    install = (
-        f"deny_userfaultfd({arch}, {nr_uffd}, {nr_ioctl}, {syscall_errno or 0}, "
-        f"{device_errno}, {_abi.USERFAULTFD_IOC_NEW})\n"
-    )
+    install = installing(deny_userfaultfd(syscall_errno, device_errno))
     return subprocess.run(
-        [*prefix, sys.executable, "-c", SECCOMP + install + textwrap.dedent(code)],
+        [*prefix, sys.executable, "-c", install + textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=60,
