@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in chosen:
             began = time.monotonic()
             if scenario.key == "5":
-                results = measure(quick=args.quick)
+                try:
+                    results = measure(quick=args.quick)
+                except RuntimeError as exc:  # a page that does not hold its source bytes
+                    warn(f"FAILED: {exc}")
+                    return 1
                 report.append({"key": "5", "title": scenario.title, "memory": results})
                 if not args.json:
                     say()
@@ -129,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"   ({took:.1f} s with setup and checks)")
             if scenario.key == "4":
                 first = scenario.cases[0]
-                wp_async = measure_wp_async(first.pages, first.threads, args.rounds, source.address)
+                try:
+                    wp_async = measure_wp_async(
+                        first.pages, first.threads, args.rounds, source.address
+                    )
+                except RuntimeError as exc:  # a page not collected, or without its write
+                    warn(f"FAILED: {exc}")
+                    return 1
                 c_rate = _baseline_rate(cases[0])
                 report.append(
                     {"key": "4b", "wp_async": wp_async, "c_fault_mode_pages_per_s": c_rate}

@@ -17,8 +17,9 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run an example to its end; a hung one fails its test, well before the watchdog."""
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=EXAMPLES.parent
     )
 
 

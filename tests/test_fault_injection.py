@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import anyio
 import pytest
+from anyio.abc import TaskStatus
 
 import uffd_async as ua
 
@@ -73,7 +74,7 @@ async def test_a_raising_resolver(
 ) -> None:
     """The failed page gets what ``on_error.page`` says, the others their bytes; the
     error leaves the block (propagate) or is logged while serving goes on."""
-    pages = 4
+    pages = 5  # page 4 is first touched after the error, to show that serving went on
     uffd = lab.uffd()
     region = lab.anonymous(pages)
     uffd.register(region.address, region.length)
@@ -93,16 +94,19 @@ async def test_a_raising_resolver(
                 victim = lab.run(lambda: region.read(2 * P, P))
                 while server.stats.errors < 1:
                     await anyio.sleep(0.001)
-                if not propagate and page != "leave":
-                    assert await finished(victim) is not None  # serving went on meanwhile
-                    await finished(lab.touch(region.address + 3 * P))
+                if not propagate:
+                    if page != "leave":
+                        assert await finished(victim) == expected_victim_page(page, source)
+                    # Serving went on: a fault taken after the error is served as usual.
+                    fresh = await finished(lab.run(lambda: region.read(4 * P, P)))
+                    assert fresh == source[4 * P :]
                     assert server.stats.errors == 1
                 await anyio.sleep(TIMEOUT if propagate else 0)
             assert not propagate, "the error should have left the block"
         except Broken:
             assert propagate
     assert region.read(0, 2 * P) == source[: 2 * P]
-    assert region.read(3 * P, P) == source[3 * P :]
+    assert region.read(3 * P, P) == source[3 * P : 4 * P]
     if not propagate:
         assert "resolver failed" in caplog.text and "Broken" in caplog.text
     if page == "leave":
@@ -113,8 +117,12 @@ async def test_a_raising_resolver(
         assert next_one.stats.faults == 1
         assert got == source[2 * P : 3 * P]
     else:
-        got = await finished(victim)
-        assert got == (bytes(P) if page == "zero" else fallback_page(source, 2))
+        assert await finished(victim) == expected_victim_page(page, source)
+
+
+def expected_victim_page(page: Literal["zero", "fallback"], source: bytes) -> bytes:
+    """What the failed page (page 2) holds under ``on_error.page``."""
+    return bytes(P) if page == "zero" else fallback_page(source, 2)
 
 
 def fallback_page(source: bytes, index: int) -> bytes:
@@ -435,13 +443,18 @@ async def test_the_served_process_killed_mid_run(lab: Lab) -> None:
                 handoff = await receive_uffd(ours)
             with handoff:
                 dead = anyio.Event()
-                seen = 0
+                returned = anyio.Event()
+                seen = exited = 0
 
                 async def after_death(fault: ua.PageFault, uffd: ua.Userfaultfd) -> None:
-                    nonlocal seen
+                    nonlocal seen, exited
                     seen += 1
                     await dead.wait()
-                    uffd.copy(fault.page, pattern(0))
+                    try:
+                        uffd.copy(fault.page, pattern(0))
+                    except ua.ProcessExited:  # ESRCH: the server takes it for the end
+                        exited += 1
+                        raise
 
                 async def kill_when_all_wait() -> None:
                     while seen < 4:
@@ -451,14 +464,26 @@ async def test_the_served_process_killed_mid_run(lab: Lab) -> None:
                         await anyio.sleep(0.005)
                     dead.set()
 
-                with anyio.fail_after(TIMEOUT):
+                async def serve_until_it_returns(
+                    *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED
+                ) -> None:
+                    await ua.serve(handoff.uffd, after_death, task_status=task_status)
+                    returned.set()
+
+                # Bounded, but not with fail_after: a serve() that does not return is
+                # the failure below, with the process's output, not a TimeoutError.
+                with anyio.move_on_after(TIMEOUT):
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(kill_when_all_wait)
-                        await ua.serve(handoff.uffd, after_death)
+                        server = await tg.start(serve_until_it_returns)
+                        await returned.wait()
         finally:
             faulter.kill()
             output, _ = faulter.communicate(timeout=TIMEOUT)
-    assert faulter.returncode == -signal.SIGKILL, output
+    assert seen == 4 and dead.is_set(), f"the process did not fault 4 times, then die: {output}"
+    assert returned.is_set(), f"serve() still running {TIMEOUT}s after the process died"
+    assert exited >= 1, "no resolution met ESRCH"
+    assert server.stats.errors == 0 and server.stats.faults == 4, server.stats
 
 
 # -- a failure while an event is unread ---------------------------------------------------

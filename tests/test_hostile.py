@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
+import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -399,3 +403,114 @@ def test_a_shared_region_past_off_t_is_a_typed_error(length: int) -> None:
 def test_a_tracker_too_large_to_track() -> None:
     with ua.Userfaultfd.open(ua.Feature.WP_UNPOPULATED) as uffd, pytest.raises(TYPED):
         ua.WriteTracker(uffd, 0x10000, 2**60)
+
+
+# -- the handoff's mappings: overlaps anywhere in the list -------------------------------
+
+#: Where the generated layouts start (a user-space address like a guest's).
+GUEST_BASE = 0x7F00_0000_0000
+HUGE = 2 * 1024 * 1024
+OVERLAP = re.compile(r"mapping (\d+) \[(0x[0-9a-f]+), (0x[0-9a-f]+)\) overlaps mapping (\d+) \[")
+
+
+def _align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
+
+
+@st.composite
+def guest_layouts(draw: st.DrawFn, *, overlap: bool) -> list[ua.GuestMapping]:
+    """1 to 8 mappings (4 KiB and 2 MiB pages), in any order; with ``overlap``, one
+    mapping moved so that it overlaps another, chosen anywhere in the layout."""
+    count = draw(st.integers(2 if overlap else 1, 8))
+    laid: list[ua.GuestMapping] = []
+    address = GUEST_BASE
+    offset = 0
+    for _ in range(count):
+        page_size = draw(st.sampled_from([P, P, P, HUGE]))
+        # Gaps of zero pages are common: mappings that touch are still disjoint.
+        address = _align_up(address, page_size) + draw(st.integers(0, 2)) * page_size
+        size = draw(st.integers(1, 4)) * page_size
+        offset = _align_up(offset, page_size)
+        laid.append(
+            ua.GuestMapping(
+                base_host_virt_addr=address, size=size, offset=offset, page_size=page_size
+            )
+        )
+        address += size
+        offset += size
+    if overlap:
+        host, moved = draw(
+            st.lists(st.sampled_from(range(count)), min_size=2, max_size=2, unique=True)
+        )
+        target, mover = laid[host], laid[moved]
+        inside = draw(st.integers(target.base_host_virt_addr, target.end - 1))
+        base = inside - inside % mover.page_size  # its end is past `inside`: they overlap
+        laid[moved] = attrs.evolve(mover, base_host_virt_addr=base)
+    return draw(st.permutations(laid))
+
+
+def _overlap(a: ua.GuestMapping, b: ua.GuestMapping) -> bool:
+    return a.base_host_virt_addr < b.end and b.base_host_virt_addr < a.end
+
+
+def _as_message(layout: list[ua.GuestMapping]) -> bytes:
+    # Not encode_mappings: that validates, and these must reach the parser.
+    return json.dumps([attrs.asdict(mapping) for mapping in layout]).encode()
+
+
+def _check_overlap_verdict(layout: list[ua.GuestMapping]) -> None:
+    """parse_mappings refuses the layout exactly when two of its mappings overlap
+    (whatever their places in the list), and names a pair that does."""
+    overlapping = {
+        (i, j)
+        for i, j in itertools.permutations(range(len(layout)), 2)
+        if _overlap(layout[i], layout[j])
+    }
+    try:
+        parsed = ua.parse_mappings(_as_message(layout))
+    except ua.HandoffError as exc:
+        assert overlapping, f"refused a disjoint layout: {exc}"
+        found = OVERLAP.search(str(exc))
+        assert found, f"the refusal names no overlapping pair: {exc}"
+        named, start, end, other = (
+            int(found[1]),
+            int(found[2], 16),
+            int(found[3], 16),
+            int(found[4]),
+        )
+        assert (named, other) in overlapping, f"{exc} but {named} and {other} are disjoint"
+        assert (start, end) == (layout[named].base_host_virt_addr, layout[named].end), str(exc)
+        assert exc.mapping == named and exc.field == "base_host_virt_addr"
+    else:
+        assert not overlapping, f"accepted {sorted(overlapping)[0]} overlapping"
+        assert parsed == layout
+
+
+@fuzz
+@given(layout=guest_layouts(overlap=False))
+def test_parse_mappings_accepts_disjoint_mappings_in_any_order(
+    layout: list[ua.GuestMapping],
+) -> None:
+    _check_overlap_verdict(layout)
+
+
+@fuzz
+@given(layout=guest_layouts(overlap=True))
+def test_parse_mappings_refuses_an_overlap_anywhere(layout: list[ua.GuestMapping]) -> None:
+    _check_overlap_verdict(layout)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [(0, 1, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0)],
+    ids=["apart", "apart-reversed", "neighbours", "neighbours-last"],
+)
+def test_an_overlap_between_mappings_that_are_not_neighbours(order: tuple[int, ...]) -> None:
+    """Pinned: A and C overlap, B overlaps neither; B between them in the list, or not."""
+    a = ua.GuestMapping(base_host_virt_addr=GUEST_BASE, size=4 * P, offset=0, page_size=P)
+    b = ua.GuestMapping(base_host_virt_addr=GUEST_BASE + 8 * P, size=P, offset=4 * P, page_size=P)
+    c = ua.GuestMapping(base_host_virt_addr=GUEST_BASE + 3 * P, size=P, offset=5 * P, page_size=P)
+    layout = [(a, b, c)[i] for i in order]
+    _check_overlap_verdict(layout)
+    with pytest.raises(ua.HandoffError, match="overlaps"):
+        ua.parse_mappings(_as_message(layout))

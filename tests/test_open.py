@@ -74,8 +74,11 @@ def test_unknown_feature_is_named_and_nothing_leaks() -> None:
     # no_leaks (autouse) checks that both the real and the throwaway fd were closed
 
 
-def test_the_handshake_succeeds_once_per_fd() -> None:
-    fd = _open.open_raw(ua.Method.SYSCALL)
+@pytest.mark.parametrize("method", [ua.Method.SYSCALL, ua.Method.USER_MODE_ONLY])
+def test_the_handshake_succeeds_once_per_fd(method: ua.Method) -> None:
+    """On a full uffd and on the user-mode-only one (all an unprivileged user gets;
+    the full one is skipped there)."""
+    fd = _open.open_raw(method)
     try:
         _open.api(fd, 0)
         with pytest.raises(OSError) as info:

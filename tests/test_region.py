@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import uffd_async as ua
 from uffd_async._memory import huge_page_size
 
-from ._support import Lab, pattern, wait_fault
+from ._support import NR_HUGEPAGES, Lab, pattern, wait_fault
 
 P = ua.PAGE_SIZE
-NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
 def test_anonymous_region_read_write_fill() -> None:
@@ -73,23 +70,6 @@ def test_touch_validates() -> None:
         ua.touch(0x1000, 0)
     with pytest.raises(TypeError):
         ua.touch("0x1000", 1)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def huge_pages() -> Iterator[int]:
-    """Reserve a few huge pages for the test (root only), and give them back."""
-    size = huge_page_size()
-    try:
-        before = int(NR_HUGEPAGES.read_text())
-        NR_HUGEPAGES.write_text(str(before + 4))
-    except OSError as exc:
-        pytest.skip(f"cannot reserve huge pages: {exc}")
-    try:
-        if int(NR_HUGEPAGES.read_text()) < before + 4:
-            pytest.skip("the kernel could not reserve huge pages")
-        yield size
-    finally:
-        NR_HUGEPAGES.write_text(str(before))
 
 
 def test_hugetlb_missing_fault(lab: Lab, huge_pages: int) -> None:
