@@ -9,8 +9,7 @@ writing, in a main region (private anonymous or shmem) and in a second,
 
 * discards parts of the main region (MADV_DONTNEED: a Remove event);
 * moves the mobile region (mremap: a Remap event; touchers hold a read lock
-  on it, so none touches the old address afterwards, which would SIGSEGV;
-  it is served without readahead, see ``_churn_round``);
+  on it, so none touches the old address afterwards, which would SIGSEGV);
 * forks (``ua_fork_touch``: the raw clone syscall, never ``os.fork`` in the
   handler's process) a child that touches and hashes another part, served
   through the Fork event's uffd (needs CAP_SYS_PTRACE for EVENT_FORK).
@@ -20,6 +19,15 @@ readahead per fault (each with its own idea of what is populated, so readahead
 runs into pages another one filled: partial copies and EEXIST), and which
 sometimes plays a second resolver: it copies the page first with DONTWAKE, so
 the real copy gets EEXIST and only the server's UFFDIO_WAKE lets the thread go.
+A Racer's source is a callable, so all of that runs in Python. With
+``path="C"`` a :class:`FastRacer` serves instead: ``copy_from`` from memory, so
+the server's C loop resolves every batch (a random readahead per batch), and
+the second resolver races it from the server's own thread, just before each
+batch, with a DONTWAKE copy of a page some toucher is at: usually the page that
+toucher is blocked on, its fault read (or about to be) and not resolved yet, so
+the C loop's COPY finds it there and only the C loop's UFFDIO_WAKE frees it.
+The main region is then not discarded (the first Remove would turn the C path
+off for good, and a racing copy could land after the discard's zap).
 
 Then every page is read back and must hold exactly its source bytes, or zeros
 where an anonymous page was discarded (MADV_DONTNEED on shmem keeps the page
@@ -50,7 +58,7 @@ import anyio
 import attrs
 
 import uffd_async as ua
-from uffd_async._native import lib
+from uffd_async._native import FastPath, lib
 from uffd_async.resolvers import CopyFrom, SyncSource
 
 from ._support import TIMEOUT, Lab, Worker, finished
@@ -62,8 +70,11 @@ Kind = Literal["anonymous", "shmem"]
 READAHEADS = (0, 0, 0, 0, 1, 3, 15)
 #: Pages a toucher takes as one unit of work (the mobile region: a quarter of it).
 CHUNK = 32
-#: Bound on one round (the slow tests run many rounds; each is bounded).
-ROUND_TIMEOUT = 120.0
+#: Bound on one round (the slow tests run many rounds; each is bounded), well
+#: below conftest's per-test deadline, so a hung round fails its own test.
+ROUND_TIMEOUT = 90.0
+#: Which resolver the stress serves with: :class:`Racer` (Python) or :class:`FastRacer` (C).
+RacePath = Literal["python", "C"]
 
 
 class RWLock:
@@ -171,6 +182,76 @@ class Racer(ua.Resolver):
         return Racer([inner.fork() for inner in self._inners], self._context)
 
 
+class FastRacer(ua.Resolver):
+    """copy_from from memory with a random readahead per batch, on the C fast path; and,
+    where ``at`` says which page each toucher is at, a second resolver racing it."""
+
+    def __init__(
+        self,
+        inners: list[CopyFrom],
+        context: _RaceContext,
+        source: bytes,
+        base: int,
+        at: list[int] | None,
+    ) -> None:
+        self._inners = inners
+        self._context = context
+        self._source = source
+        self._base = base
+        self._at = at
+
+    @classmethod
+    def over(
+        cls,
+        source: bytes,
+        base: int,
+        rng: random.Random,
+        race_rate: float,
+        *,
+        uffd: ua.Userfaultfd,
+        at: list[int] | None = None,
+        readaheads: tuple[int, ...] = READAHEADS,
+    ) -> FastRacer:
+        context = _RaceContext(rng, race_rate)
+        context.uffd = uffd
+        inners = [ua.copy_from(source, base=base, readahead=n) for n in readaheads]
+        return cls(inners, context, source, base, at)
+
+    @property
+    def races(self) -> int:
+        return self._context.races
+
+    def _fast_path(self) -> FastPath | None:
+        # The server calls this once per batch of faults it read, just before the C
+        # loop resolves them: the moment for another resolver to get there first.
+        context = self._context
+        fast = context.rng.choice(self._inners)._fast_path()
+        if fast is not None and self._at and context.rng.random() < context.race_rate:
+            page = context.rng.choice(self._at)
+            if page:
+                assert context.uffd is not None
+                offset = page - self._base
+                try:
+                    context.uffd.copy(page, self._source[offset : offset + P], wake=False)
+                except (ua.PageExists, ua.MappingChanged):
+                    pass  # resolved already, or a Fork event is unread: no race this time
+                else:
+                    context.races += 1
+        return fast
+
+    def resolve_now(self, fault: ua.PageFault, uffd: ua.Userfaultfd) -> bool:
+        return self._context.rng.choice(self._inners).resolve_now(fault, uffd)
+
+    def apply(self, event: ua.Remap | ua.Remove | ua.Unmap) -> None:
+        for inner in self._inners:
+            inner.apply(event)
+
+    def fork(self) -> FastRacer:
+        # The child's pages are another process's: its server does not race.
+        inners = [inner.fork() for inner in self._inners]
+        return FastRacer(inners, self._context, self._source, self._base, None)
+
+
 @attrs.define
 class Tally:
     """What a stress run did, for its assertions and the README's table."""
@@ -263,15 +344,19 @@ async def serve_under_churn(
     threads: int = 16,
     pages: int = 4096,
     race_rate: float = 0.05,
+    path: RacePath = "python",
 ) -> Tally:
-    """Rounds of touching-while-churning until the servers have read ``faults`` faults."""
+    """Rounds of touching-while-churning until the servers have read ``faults`` faults;
+    ``path="C"`` serves with :class:`FastRacer` (see the module's docstring)."""
     rng = random.Random(seed)
     source = rng.randbytes(pages * P)
     mobile_source = rng.randbytes(pages // 8 * P)
     tally = Tally()
     forking = fork_features()
     while tally.faults < faults:
-        await _churn_round(kind, tally, rng, source, mobile_source, threads, race_rate, forking)
+        await _churn_round(
+            kind, tally, rng, source, mobile_source, threads, race_rate, forking, path
+        )
         tally.rounds += 1
     return tally
 
@@ -285,6 +370,7 @@ async def _churn_round(
     threads: int,
     race_rate: float,
     forking: ua.Feature,
+    path: RacePath,
 ) -> None:
     lab = Lab()
     try:
@@ -296,19 +382,29 @@ async def _churn_round(
         main_uffd, mobile_uffd = lab.uffd(events), lab.uffd(ua.Feature.EVENT_REMAP | forking)
         main_uffd.register(main.address, main.length)
         mobile_uffd.register(mobile.address, mobile.length)
-        main_racer = Racer.over(source, main.address, random.Random(rng.random()), race_rate)
-        # No readahead where mremap churns: a multi-page copy that a move cuts short
-        # after the faulting page ends serving (a known bug, see test_fault_injection's
-        # test_readahead_cut_short_after_the_faulting_page_still_resolves_it).
-        mobile_racer = Racer.over(
-            mobile_source, mobile.address, random.Random(rng.random()), race_rate, (0,)
-        )
+        at = [0] * threads  # the page each toucher of the main region is at (path "C")
+        main_racer: Racer | FastRacer
+        mobile_racer: Racer | FastRacer
+        if path == "C":
+            main_racer = FastRacer.over(
+                source, main.address, random.Random(rng.random()), race_rate, uffd=main_uffd, at=at
+            )
+            # Served by the C loop until the first move, then by copy_from in Python.
+            mobile_racer = FastRacer.over(
+                mobile_source, mobile.address, random.Random(rng.random()), race_rate,
+                uffd=mobile_uffd,
+            )  # fmt: skip
+        else:
+            main_racer = Racer.over(source, main.address, random.Random(rng.random()), race_rate)
+            mobile_racer = Racer.over(
+                mobile_source, mobile.address, random.Random(rng.random()), race_rate
+            )
         mobile_lock = RWLock()
         stop = threading.Event()
         discarded: list[tuple[int, int]] = []  # (offset, length) zeroed on anonymous memory
         touches = [0]
 
-        def toucher(seed: float) -> None:
+        def toucher(index: int, seed: float) -> None:
             # A random quarter of the chunks, each from a random page to its end,
             # for reading or writing: threads meet on pages, in different orders.
             local = random.Random(seed)
@@ -318,7 +414,12 @@ async def _churn_round(
                 first = start + local.randrange(count)
                 length = (start + count - first) * P
                 write = local.random() < 0.5
-                if where == "main":
+                if where == "main" and path == "C":
+                    for page in range(first, start + count):  # saying where, for FastRacer
+                        at[index] = main.address + page * P
+                        ua.touch(at[index], 1, write=write)
+                    at[index] = 0
+                elif where == "main":
                     ua.touch(main.address + first * P, length, write=write)
                 else:
                     with mobile_lock.read():
@@ -329,7 +430,8 @@ async def _churn_round(
             local = random.Random(seed)
             discard_zone = pages // 4
             fork_start, fork_pages = pages // 4, pages // 4
-            operations = ["discard", "move"] + (["fork"] if forking else [])
+            operations = (["discard"] if path == "python" else []) + ["move"]
+            operations += ["fork"] if forking else []
             first_of_each = list(operations)
             while not stop.is_set() or first_of_each:
                 operation = first_of_each.pop() if first_of_each else local.choice(operations)
@@ -357,23 +459,27 @@ async def _churn_round(
                     tally.forks += 1
                 time.sleep(local.random() * 0.002)
 
-        with anyio.fail_after(ROUND_TIMEOUT):
-            async with (
-                ua.FaultServer(main_uffd, main_racer) as main_server,
-                ua.FaultServer(mobile_uffd, mobile_racer) as mobile_server,
-            ):
-                workers = [
-                    lab.run(functools.partial(toucher, rng.random())) for _ in range(threads)
-                ]
-                churner = lab.run(functools.partial(churn, rng.random()))
-                for worker in workers:
-                    await finished(worker, ROUND_TIMEOUT)
-                stop.set()
-                await finished(churner, ROUND_TIMEOUT)
-                # Read everything back while the servers still run: pages never
-                # touched, or discarded and not touched since, fault here.
-                main_bytes = await finished(lab.run(lambda: main.read(0, main.length)))
-                mobile_bytes = await finished(lab.run(lambda: mobile.read(0, mobile.length)))
+        try:
+            with anyio.fail_after(ROUND_TIMEOUT):
+                async with (
+                    ua.FaultServer(main_uffd, main_racer) as main_server,
+                    ua.FaultServer(mobile_uffd, mobile_racer) as mobile_server,
+                ):
+                    workers = [
+                        lab.run(functools.partial(toucher, index, rng.random()))
+                        for index in range(threads)
+                    ]
+                    churner = lab.run(functools.partial(churn, rng.random()))
+                    for worker in workers:
+                        await finished(worker, ROUND_TIMEOUT)
+                    stop.set()
+                    await finished(churner, ROUND_TIMEOUT)
+                    # Read everything back while the servers still run: pages never
+                    # touched, or discarded and not touched since, fault here.
+                    main_bytes = await finished(lab.run(lambda: main.read(0, main.length)))
+                    mobile_bytes = await finished(lab.run(lambda: mobile.read(0, mobile.length)))
+        finally:
+            stop.set()  # a failed round: the churn must end too, or lab.close() waits on it
         expected = bytearray(source)
         for offset, length in discarded:
             expected[offset : offset + length] = bytes(length)

@@ -10,7 +10,6 @@ killed mid-run. Every server test runs on asyncio and trio.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import select
@@ -512,27 +511,3 @@ async def test_a_failure_while_an_event_is_unread_still_disposes_and_reports(lab
                 victim = lab.run(lambda: region.read(0, P))
                 await anyio.sleep(TIMEOUT)
         assert await finished(victim) == bytes(P)
-
-
-def test_readahead_cut_short_after_the_faulting_page_still_resolves_it(
-    lab: Lab, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    uffd = lab.uffd()
-    region = lab.anonymous(4)
-    uffd.register(region.address, region.length)
-    source = source_bytes(4)
-    real_copy = uffd.copy
-
-    def short_copy(dst: int, src: Any, length: int | None = None, **kwargs: Any) -> int:
-        """The kernel's copy when the mapping moves after the first page: ENOENT, 1 page done."""
-        if length is not None and length > P:
-            first = src if isinstance(src, int) else bytes(memoryview(src)[:P])
-            done = real_copy(dst, first, P)
-            raise ua.UffdError(errno.ENOENT, "UFFDIO_COPY failed: No such file", done=done)
-        return real_copy(dst, src, length, **kwargs)
-
-    monkeypatch.setattr(uffd, "copy", short_copy)
-    resolver = ua.copy_from(source, base=region.address, readahead=3)
-    fault = ua.PageFault(address=region.address, flags=ua.FaultFlags(0))
-    assert resolver.resolve_now(fault, uffd)
-    assert region.read(0, P) == source[:P]

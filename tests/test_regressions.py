@@ -1,7 +1,8 @@
 """Regression tests for bugs found in the server and resolvers (now fixed).
 
-Each test states what must happen: a "leave" that does not spin, zeros served
-for removed huge pages, and fork children served after their parent died.
+Each docstring says what was broken; the test checks what must happen instead: a
+"leave" that does not spin, zeros served for removed huge pages, and fork children
+served after their parent died.
 """
 
 from __future__ import annotations
@@ -20,29 +21,21 @@ import pytest
 import uffd_async as ua
 from uffd_async._memory import huge_page_size
 
-from ._support import TIMEOUT, Lab, finished, source_bytes
+from ._support import TIMEOUT, Lab, finished, source_bytes, with_huge_pages
 from .conftest import needs_root
 
 P = ua.PAGE_SIZE
 
 
-def free_huge_pages() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
-
-
-needs_huge_pages = pytest.mark.skipif(
-    free_huge_pages() < 2, reason="needs 2 free huge pages (sysctl vm.nr_hugepages=2)"
-)
+#: Made free for the test as root (the ``huge_pages`` fixture); skips elsewhere.
+needs_huge_pages = with_huge_pages(2)
 
 
 def test_leave_without_propagating_does_not_spin() -> None:
-    """OnError(page="leave", propagate=False): the failed fault is pushed back onto the
-    uffd, and the same server reads it again at once: the resolver runs (and an error is
-    logged) in a busy loop, tens of thousands of times a second, until serving stops.
+    """Was broken: with OnError(page="leave", propagate=False) the failed fault was pushed
+    back onto the uffd and the same server read it again at once, so the resolver ran (and
+    an error was logged) in a busy loop, tens of thousands of times a second, until serving
+    stopped. Now it is handed back only when the server stops.
     Run in a subprocess: the loop may starve the event loop that would time it out."""
     code = textwrap.dedent(
         """
@@ -80,8 +73,8 @@ def test_leave_without_propagating_does_not_spin() -> None:
 @needs_huge_pages
 @pytest.mark.anyio
 async def test_copy_from_serves_zeros_for_a_removed_huge_page(lab: Lab) -> None:
-    """copy_from(page_size=huge) answers a removed huge page with UFFDIO_ZEROPAGE, which
-    hugetlbfs does not support (EINVAL). UFFDIO_COPY of a zeroed huge page would do."""
+    """Was broken: copy_from(page_size=huge) answered a removed huge page with
+    UFFDIO_ZEROPAGE, which hugetlbfs refuses (EINVAL). Now a COPY of a zeroed huge page."""
     huge = huge_page_size()
     region = lab.adopt_region(ua.Region.hugetlb(huge))
     uffd = lab.uffd(ua.Feature.EVENT_REMOVE)
@@ -99,8 +92,8 @@ async def test_copy_from_serves_zeros_for_a_removed_huge_page(lab: Lab) -> None:
 @needs_huge_pages
 @pytest.mark.anyio
 async def test_zero_fill_on_huge_pages(lab: Lab) -> None:
-    """zero_fill(page_size=huge) (documented: "hugetlb: a zeroed huge page") uses
-    UFFDIO_ZEROPAGE, which hugetlbfs refuses with EINVAL."""
+    """Was broken: zero_fill(page_size=huge) (documented: "hugetlb: a zeroed huge page")
+    used UFFDIO_ZEROPAGE, which hugetlbfs refuses with EINVAL."""
     huge = huge_page_size()
     region = lab.adopt_region(ua.Region.hugetlb(huge))
     uffd = lab.uffd()
@@ -158,10 +151,10 @@ class Held(ua.Resolver):
 @needs_root
 @pytest.mark.anyio
 async def test_a_dead_parent_stops_serving_its_live_fork_child(tmp_path: Path) -> None:
-    """A fault of the parent is in flight when it dies: resolving it fails with ESRCH and
-    ``_process_exited`` cancels the whole server, fork children included; ``_serve_child``
-    then closes the child's uffd, so the child, alive and well, reads zeros for every page
-    not served yet instead of its contents."""
+    """Was broken: a fault of the parent was in flight when it died; resolving it failed
+    with ESRCH and ``_process_exited`` cancelled the whole server, fork children included;
+    ``_serve_child`` then closed the child's uffd, so the child, alive and well, read zeros
+    for every page not served yet instead of its contents. Now the children are served on."""
     source = source_bytes(4)
     path = str(tmp_path / "h.sock")
     command = [sys.executable, "-c", FORKING_PEER, path, source[P : 2 * P].hex()]
