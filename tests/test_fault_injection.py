@@ -62,17 +62,18 @@ def failing_resolver(
 
 
 @pytest.mark.parametrize("how", ["inline", "async"])
-@pytest.mark.parametrize("page", ["zero", "fallback", "leave"])
+@pytest.mark.parametrize("page", ["zero", "fallback", "function", "leave"])
 @pytest.mark.parametrize("propagate", [True, False], ids=["propagate", "log"])
 async def test_a_raising_resolver(
     lab: Lab,
     how: Literal["inline", "async"],
-    page: Literal["zero", "fallback", "leave"],
+    page: Literal["zero", "fallback", "function", "leave"],
     propagate: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The failed page gets what ``on_error.page`` says, the others their bytes; the
-    error leaves the block (propagate) or is logged while serving goes on."""
+    error leaves the block (propagate) or is logged while serving goes on. A fallback is a
+    ``Resolver`` or a plain async function (``"function"``)."""
     pages = 5  # page 4 is first touched after the error, to show that serving went on
     uffd = lab.uffd()
     region = lab.anonymous(pages)
@@ -80,8 +81,14 @@ async def test_a_raising_resolver(
     source = source_bytes(pages)
     bad = region.address + 2 * P
     fallback = ua.copy_from(bytes(reversed(source)), base=region.address)
-    action: Literal["zero", "leave"] | ua.Resolver = fallback if page == "fallback" else page
-    on_error = ua.OnError(page=action, propagate=propagate)
+
+    async def plain_fallback(fault: ua.PageFault, uffd: ua.Userfaultfd) -> None:
+        await anyio.sleep(0)
+        index = (fault.page - region.address) // P
+        uffd.copy(fault.page, fallback_page(source, index))
+
+    actions: dict[str, Any] = {"fallback": fallback, "function": plain_fallback}
+    on_error = ua.OnError(page=actions.get(page, page), propagate=propagate)
     resolver = failing_resolver(how, bad, source, region.address)
     caplog.set_level(logging.ERROR, logger="uffd_async")
     with anyio.fail_after(TIMEOUT):
@@ -119,7 +126,7 @@ async def test_a_raising_resolver(
         assert await finished(victim) == expected_victim_page(page, source)
 
 
-def expected_victim_page(page: Literal["zero", "fallback"], source: bytes) -> bytes:
+def expected_victim_page(page: Literal["zero", "fallback", "function"], source: bytes) -> bytes:
     """What the failed page (page 2) holds under ``on_error.page``."""
     return bytes(P) if page == "zero" else fallback_page(source, 2)
 
