@@ -107,6 +107,7 @@ async def test_readahead_populates_in_fewer_faults(lab: Lab) -> None:
         async with ua.FaultServer(uffd, resolver) as server:
             await finished(lab.touch(region.address, region.length))
     assert server.stats.faults == pages // 16
+    assert server.stats.pages == pages  # counted apart from faults, on the C path
     assert region.read(0, region.length) == source_bytes(pages)
 
 
@@ -126,12 +127,13 @@ async def test_readahead_skips_populated_pages_and_async_sources(lab: Lab) -> No
     uffd.copy(region.address + 4 * P, source[4 * P : 5 * P])  # someone populated page 4
     resolver = ua.copy_from(fetch, base=region.address, readahead=7, size=len(source))
     with anyio.fail_after(TIMEOUT):
-        async with ua.FaultServer(uffd, resolver):
+        async with ua.FaultServer(uffd, resolver) as server:
             await finished(lab.touch(region.address, region.length))
     assert region.read(0, region.length) == source
     # Page 4 was populated behind the resolver's back: the first copy stops there
     # (EEXIST after 4 pages is not an error), and the next fault is page 5.
     assert fetched == [(0, 8 * P), (5 * P, 8 * P), (13 * P, 3 * P)]
+    assert server.stats.pages == pages - 1  # on the awaiting path, the cut-short copy too
 
 
 async def test_eexist_race_still_wakes_the_thread(lab: Lab) -> None:
