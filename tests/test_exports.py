@@ -35,6 +35,7 @@ EXPECTED = {
     "OnError",
     "PageExists",
     "PageFault",
+    "PrefetchStats",
     "ProcessExited",
     "Region",
     "Remap",
@@ -51,6 +52,9 @@ EXPECTED = {
     "Unmap",
     "UnsupportedFeature",
     "Userfaultfd",
+    "WorkingSet",
+    "WorkingSetError",
+    "WorkingSetRecorder",
     "WriteTracker",
     "by_kind",
     "continue_minor",
@@ -58,6 +62,7 @@ EXPECTED = {
     "decode",
     "encode_mappings",
     "parse_mappings",
+    "prefetch",
     "probe",
     "receive_uffd",
     "send_uffd",
@@ -134,5 +139,6 @@ def test_handoff_server_surface() -> None:
     assert issubclass(ua.SnapshotResolver, ua.Resolver)
     assert [f.name for f in attrs.fields(ua.HandoffStats)] == [
         "connections", "served", "active", "refused", "failed",
-        "faults", "resolved", "pages", "errors", "events", "forks",
+        "faults", "resolved", "pages", "errors", "events", "forks", "prefetched", "resident",
+        "populated",
     ]  # fmt: skip

@@ -41,6 +41,8 @@ from ._memory import touch as touch
 from ._open import Method as Method
 from ._open import Support as Support
 from ._open import probe as probe
+from ._prefetch import PrefetchStats as PrefetchStats
+from ._prefetch import prefetch as prefetch
 from ._server import DEFAULT_SPIN as DEFAULT_SPIN
 from ._server import FaultServer as FaultServer
 from ._server import OnError as OnError
@@ -50,6 +52,9 @@ from ._snapshot import Snapshot as Snapshot
 from ._snapshot import SnapshotResolver as SnapshotResolver
 from ._tracker import WriteTracker as WriteTracker
 from ._uffd import Userfaultfd as Userfaultfd
+from ._working_set import WorkingSet as WorkingSet
+from ._working_set import WorkingSetError as WorkingSetError
+from ._working_set import WorkingSetRecorder as WorkingSetRecorder
 from .reader import EventReader as EventReader
 from .resolvers import NoSourcePage as NoSourcePage
 from .resolvers import Resolver as Resolver
@@ -86,6 +91,7 @@ __all__ = [
     "OnError",
     "PageExists",
     "PageFault",
+    "PrefetchStats",
     "ProcessExited",
     "Region",
     "Remap",
@@ -102,6 +108,9 @@ __all__ = [
     "Unmap",
     "UnsupportedFeature",
     "Userfaultfd",
+    "WorkingSet",
+    "WorkingSetError",
+    "WorkingSetRecorder",
     "WriteTracker",
     "by_kind",
     "continue_minor",
@@ -109,6 +118,7 @@ __all__ = [
     "decode",
     "encode_mappings",
     "parse_mappings",
+    "prefetch",
     "probe",
     "receive_uffd",
     "send_uffd",

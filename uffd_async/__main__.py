@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ import anyio
 from ._abi import PAGE_SIZE, Feature, Ioctl
 from ._handoff_server import HandoffServer, HandoffStats, serve_handoffs
 from ._open import probe
+from ._working_set import WorkingSet, WorkingSetError
 
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
@@ -65,12 +67,18 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _progress(stats: HandoffStats, elapsed: float, rate: float) -> str:
-    return (
+    line = (
         f"[{elapsed:8.1f}s] connections {stats.connections} ({stats.active} active, "
         f"{stats.refused} refused, {stats.failed} failed)  faults {stats.faults:,} "
         f"({rate:,.0f}/s)  pages copied {stats.pages:,} ({stats.pages * PAGE_SIZE / 2**20:,.1f} "
         f"MiB)  forks {stats.forks}  errors {stats.errors}"
     )
+    if stats.prefetched or stats.resident:
+        line += (
+            f"  prefetched {stats.prefetched:,}  populated {stats.populated:.0%}"
+            f"  resident {stats.resident}"
+        )
+    return line
 
 
 async def _report(server: HandoffServer, interval: float) -> None:
@@ -97,6 +105,9 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
                     allowed_uids=args.allow_uid,
                     socket_mode=args.socket_mode,
                     socket_group=args.socket_group,
+                    record=args.record,
+                    prefetch=args.prefetch,
+                    populate=args.populate == "all",
                     timeout=args.timeout,
                     readahead=args.readahead,
                 )
@@ -130,6 +141,32 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         print(f"cannot serve: {exc}", file=sys.stderr)  # a bad path, a socket in use, ...
         return 1
+    return 0
+
+
+def _show_working_set(args: argparse.Namespace) -> int:
+    try:
+        working_set = WorkingSet.load(args.file)
+    except (OSError, WorkingSetError) as exc:
+        print(f"cannot read the working set: {exc}", file=sys.stderr)
+        return 1
+    runs = list(working_set.runs())
+    pages = len(working_set.pages)
+    snapshot_pages = working_set.snapshot_size // working_set.page_size
+    print(f"working set: {args.file} ({os.path.getsize(args.file):,} bytes)")
+    mib = pages * working_set.page_size / 2**20
+    share = pages / max(snapshot_pages, 1)
+    print(
+        f"pages: {pages:,} of {working_set.page_size} bytes ({mib:,.1f} MiB, {share:.1%} of "
+        f"the snapshot) in {len(runs):,} runs"
+    )
+    if runs:
+        longest = max(count for _, count in runs)
+        print(f"runs: longest {longest:,} pages, mean {pages / len(runs):,.1f}")
+        head = ", ".join(f"{first}+{count}" for first, count in runs[:8])
+        more = " ..." if len(runs) > 8 else ""
+        print(f"first runs (page+count, in first-touch order): {head}{more}")
+    print(f"snapshot: {working_set.snapshot_size:,} bytes, identity {working_set.identity.hex()}")
     return 0
 
 
@@ -189,6 +226,24 @@ def main(argv: list[str] | None = None) -> int:
         "--readahead", type=int, default=0, help="pages copied past each fault (default 0)"
     )
     serve_parser.add_argument(
+        "--record",
+        metavar="WS_FILE",
+        help="save the snapshot pages the processes fault on (a working set) to WS_FILE "
+        "(written when a process's handoff ends and on exit; needs --readahead 0)",
+    )
+    serve_parser.add_argument(
+        "--prefetch",
+        metavar="WS_FILE",
+        help="copy that working set into each process ahead of its faults, demand faults "
+        "first (with --record: the recording adds what the replay missed)",
+    )
+    serve_parser.add_argument(
+        "--populate",
+        choices=["all"],
+        help="after the working set, copy in every other page too, so that each process "
+        "becomes fully resident",
+    )
+    serve_parser.add_argument(
         "--timeout",
         type=float,
         default=5.0,
@@ -202,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quiet", action="store_true", help="log only warnings and errors, not connections"
     )
     serve_parser.set_defaults(run=_serve)
+    ws_parser = commands.add_parser("working-set", help="inspect a working-set file")
+    ws_commands = ws_parser.add_subparsers(dest="ws_command", required=True)
+    show_parser = ws_commands.add_parser("show", help="its size, pages, runs and snapshot")
+    show_parser.add_argument("file", metavar="WS_FILE")
+    show_parser.set_defaults(run=_show_working_set)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

@@ -35,7 +35,6 @@ for the socket file):
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import socket
@@ -60,8 +59,11 @@ from ._handoff_io import (
 )
 from ._listener import Listener, check_socket_access
 from ._peer_lifetime import PeerExit
+from ._prefetch import PrefetchStats
+from ._replay import Replay
 from ._server import OnError, ServerStats, serve
-from ._snapshot import Snapshot
+from ._snapshot import Snapshot, SnapshotResolver
+from ._working_set import WorkingSet
 from .resolvers import AnyResolver
 
 if sys.version_info < (3, 11):
@@ -98,8 +100,15 @@ class HandoffStats:
     errors: int = 0
     events: int = 0
     forks: int = 0
+    #: Base pages copied in ahead of the faults (a working set, or everything); ``pages``
+    #: counts them too.
+    prefetched: int = 0
+    #: Handoffs whose every page was gone through (``populate``).
+    resident: int = 0
+    #: The fraction of the active handoffs' mapped bytes populated now (1.0 with none).
+    populated: float = 1.0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return attrs.asdict(self)
 
 
@@ -124,6 +133,12 @@ class HandoffServer:
     ``timeout``, ``max_message``, ``max_regions``: bounds on the handshake,
     as in :func:`~uffd_async.receive_uffd`. ``readahead``: pages copied past
     each fault (snapshot sources only). ``limit``: as in ``serve()``.
+    ``record`` (a path): the snapshot pages every process's demand faults ask
+    for are saved there as a working set (see :class:`~uffd_async.WorkingSet`;
+    with ``readahead=0``). ``prefetch`` (a path or a ``WorkingSet``): each
+    process gets that working set copied in ahead of its faults, in recorded
+    order, demand faults first; ``populate=True``: then every other page of its
+    mappings, so it becomes fully resident. Snapshot sources only.
     ``on_error``: what a failed resolution does; by default the page is
     poisoned (the access raises SIGBUS in the peer, which never reads wrong
     bytes) and serving goes on; on a kernel without UFFDIO_POISON the fault
@@ -144,6 +159,9 @@ class HandoffServer:
         readahead: int = 0,
         limit: int = 64,
         on_error: OnError | None = None,
+        record: str | os.PathLike[str] | None = None,
+        prefetch: str | os.PathLike[str] | WorkingSet | None = None,
+        populate: bool = False,
     ) -> None:
         self.path = os.fspath(path)
         if not self.path:
@@ -164,6 +182,17 @@ class HandoffServer:
             raise TypeError(f"on_error must be an OnError or None, not {type(on_error).__name__}")
         if not timeout > 0:
             raise InvalidArgument(errno.EINVAL, f"timeout must be positive, not {timeout!r}")
+        self._replay = Replay(record=record, prefetch=prefetch, populate=populate)
+        if self._replay.active and callable(source):
+            raise InvalidArgument(
+                errno.EINVAL, "record, prefetch and populate apply to snapshot sources"
+            )
+        if record is not None and readahead:
+            raise InvalidArgument(
+                errno.EINVAL,
+                "record with readahead=0: pages readahead brings in never fault, so they "
+                "would be missing from the working set",
+            )
         self._allowed = allowed_uid_set(allowed_uids)
         self._timeout = timeout
         self._max_message = max_message
@@ -173,6 +202,7 @@ class HandoffServer:
         self._on_error = on_error
         self._totals = HandoffStats()
         self._live: dict[int, ServerStats] = {}
+        self._prefetching: dict[int, tuple[PrefetchStats, SnapshotResolver]] = {}
         self._running = False
 
     @property
@@ -185,6 +215,12 @@ class HandoffServer:
         stats = attrs.evolve(self._totals)
         for live in self._live.values():
             _add(stats, live)
+        done = total = 0
+        for prefetching, resolver in self._prefetching.values():
+            stats.prefetched += prefetching.prefetched
+            populated, mapped = resolver._populated()
+            done, total = done + populated, total + mapped
+        stats.populated = done / total if total else 1.0
         return stats
 
     async def serve(
@@ -218,13 +254,18 @@ class HandoffServer:
             self._running = False
 
     async def _listen(self, snapshot: Snapshot | None, task_status: TaskStatus[Any]) -> None:
-        with Listener(self.path, mode=self._socket_mode, gid=self._socket_gid) as listener:
-            async with anyio.create_task_group() as tg:
-                task_status.started(self)
-                while True:
-                    conn = await listener.accept()
-                    if conn is not None:
-                        tg.start_soon(self._connection, conn, snapshot)
+        if snapshot is not None and self._replay.active:
+            self._replay.open(snapshot)
+        try:
+            with Listener(self.path, mode=self._socket_mode, gid=self._socket_gid) as listener:
+                async with anyio.create_task_group() as tg:
+                    task_status.started(self)
+                    while True:
+                        conn = await listener.accept()
+                        if conn is not None:
+                            tg.start_soon(self._connection, conn, snapshot)
+        finally:
+            self._replay.save()
 
     # -- one connection -------------------------------------------------------
 
@@ -272,7 +313,9 @@ class HandoffServer:
 
     def _resolver(self, handoff: Handoff, snapshot: Snapshot | None) -> AnyResolver:
         if snapshot is not None:
-            return snapshot.resolver(handoff.mappings, readahead=self._readahead)
+            return snapshot.resolver(
+                handoff.mappings, readahead=self._readahead, recorder=self._replay.recorder
+            )
         assert callable(self._source)
         return self._source(handoff)
 
@@ -306,6 +349,11 @@ class HandoffServer:
             for stats in served:
                 del self._live[id(stats)]
                 _add(totals, stats)
+            prefetching = self._prefetching.pop(id(handoff), None)
+            if prefetching is not None:
+                totals.prefetched += prefetching[0].prefetched
+                totals.resident += prefetching[0].populated
+            self._replay.save()
         summed = [stats.with_children() for stats in served]
         logger.info(
             "pid %d: done: %d faults, %d pages, %d forks",
@@ -324,18 +372,25 @@ class HandoffServer:
         ends the handoff; serving that failed leaves the fds be until the peer is gone."""
         try:
             async with anyio.create_task_group() as tg:
-                server = await tg.start(
-                    functools.partial(
-                        serve,
+
+                async def serving(*, task_status: TaskStatus[Any]) -> None:
+                    await serve(
                         handoff.uffd,
                         resolver,
                         limit=self._limit,
                         on_error=self._on_error_for(handoff),
                         page_size=_page_size(handoff),
+                        task_status=task_status,
                     )
-                )
+                    tg.cancel_scope.cancel()  # serving ended by itself: so does any prefetch
+
+                server = await tg.start(serving)
                 served.append(server.stats)
                 self._live[id(server.stats)] = server.stats
+                if self._replay.active and isinstance(resolver, SnapshotResolver):
+                    prefetching = PrefetchStats()
+                    self._prefetching[id(handoff)] = (prefetching, resolver)
+                    tg.start_soon(self._replay.run, handoff.uffd, resolver, prefetching)
         except Exception as exc:
             self._totals.failed += 1
             logger.error(
@@ -363,6 +418,9 @@ async def serve_handoffs(
     readahead: int = 0,
     limit: int = 64,
     on_error: OnError | None = None,
+    record: str | os.PathLike[str] | None = None,
+    prefetch: str | os.PathLike[str] | WorkingSet | None = None,
+    populate: bool = False,
     task_status: TaskStatus[HandoffServer] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every process that hands its uffd over on ``path``, until cancelled.
@@ -382,6 +440,9 @@ async def serve_handoffs(
         readahead=readahead,
         limit=limit,
         on_error=on_error,
+        record=record,
+        prefetch=prefetch,
+        populate=populate,
     )
     await server.serve(task_status=task_status)
 

@@ -41,6 +41,7 @@ from ._handoff import GuestMapping, check_mappings
 from ._memory import _MAP_SHARED, Region, _mmap
 from ._native import libc
 from ._uffd import Userfaultfd
+from ._working_set import WorkingSetRecorder, snapshot_identity
 from .resolvers import CopyFrom, NoSourcePage, Resolver
 
 __all__ = ["Snapshot", "SnapshotResolver"]
@@ -77,10 +78,23 @@ class Snapshot:
     def closed(self) -> bool:
         return self._address == 0
 
-    def resolver(self, mappings: Iterable[GuestMapping], *, readahead: int = 0) -> SnapshotResolver:
+    def resolver(
+        self,
+        mappings: Iterable[GuestMapping],
+        *,
+        readahead: int = 0,
+        recorder: WorkingSetRecorder | None = None,
+    ) -> SnapshotResolver:
         """A resolver for a process that maps ``mappings`` of this snapshot; see
         :class:`SnapshotResolver`."""
-        return SnapshotResolver(self, mappings, readahead=readahead)
+        return SnapshotResolver(self, mappings, readahead=readahead, recorder=recorder)
+
+    @functools.cached_property
+    def identity(self) -> bytes:
+        """What a working set recorded for this snapshot carries (see ``snapshot_identity``)."""
+        if self.closed:
+            raise SnapshotClosed(self.path)
+        return snapshot_identity(self._address, self.size)
 
     def _view(self, mapping: GuestMapping) -> Region:
         """The mapping's bytes in the file, as a source for ``copy_from`` (never closed)."""
@@ -136,11 +150,25 @@ class SnapshotResolver(Resolver):
     pages not populated yet. Pages removed by MADV_DONTNEED (or a balloon)
     are served zeros. A fault outside every mapping raises
     :class:`~uffd_async.NoSourcePage`. Forks get a copy of all that state.
+    With a ``recorder``, the snapshot pages demand faults ask for are recorded
+    in it (see :class:`~uffd_async.WorkingSetRecorder`); with readahead, pages
+    it brings in would never fault, so the two do not go together.
     """
 
     def __init__(
-        self, snapshot: Snapshot, mappings: Iterable[GuestMapping], *, readahead: int = 0
+        self,
+        snapshot: Snapshot,
+        mappings: Iterable[GuestMapping],
+        *,
+        readahead: int = 0,
+        recorder: WorkingSetRecorder | None = None,
     ) -> None:
+        if recorder is not None and readahead:
+            raise InvalidArgument(
+                errno.EINVAL,
+                "recording a working set needs readahead=0: pages readahead brings in never "
+                "fault, so they would be missing from it",
+            )
         mappings = list(mappings)
         check_mappings(mappings, snapshot.size)
         self._snapshot = snapshot
@@ -160,6 +188,9 @@ class SnapshotResolver(Resolver):
             )
             for mapping in mappings
         ]
+        if recorder is not None:
+            for part in self._parts:
+                part.copier._record_into(recorder, part.mapping.offset // PAGE_SIZE)
         self._route()
 
     @property
@@ -210,6 +241,36 @@ class SnapshotResolver(Resolver):
         child._parts = [part.fork() for part in self._parts]
         child._route()
         return child
+
+    # -- prefetching (see _prefetch) -------------------------------------------
+
+    def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None:
+        """Copy snapshot base pages ``[first, first + count)`` into every mapping that
+        holds them, where they are still in place and not populated yet."""
+        if self._snapshot.closed:
+            raise SnapshotClosed(self._snapshot.path)
+        start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+        for part in self._parts:
+            mapping = part.mapping
+            low = max(start, mapping.offset)
+            high = min(end, mapping.offset + mapping.size)
+            if low < high:
+                size = mapping.page_size
+                index = (low - mapping.offset) // size
+                last = -(-(high - mapping.offset) // size)
+                part.copier._prefetch(uffd, index, last - index)
+
+    def _source_runs(self) -> list[tuple[int, int]]:
+        """(first base page, pages) of the snapshot that the mappings hold, in file order."""
+        return sorted((m.offset // PAGE_SIZE, m.size // PAGE_SIZE) for m in self.mappings)
+
+    def _populated(self) -> tuple[int, int]:
+        """(bytes populated, bytes mapped) over every mapping."""
+        done = total = 0
+        for part in self._parts:
+            done += part.copier._populated.count(1) * part.mapping.page_size
+            total += part.mapping.size
+        return done, total
 
     def __repr__(self) -> str:
         return f"<SnapshotResolver of {self._snapshot!r}: {len(self._parts)} mappings>"

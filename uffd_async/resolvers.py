@@ -25,11 +25,19 @@ from typing import Any
 
 from ._abi import PAGE_SIZE, FaultFlags
 from ._addrspace import AddressMap
-from ._errors import InvalidArgument, PageExists, UffdError
+from ._errors import (
+    InvalidArgument,
+    MappingChanged,
+    PageExists,
+    ProcessExited,
+    UffdClosed,
+    UffdError,
+)
 from ._events import PageFault, Remap, Remove, Unmap
 from ._memory import Region, _check_int, buffer_address
 from ._native import FAST_COPY, FAST_UNPROTECT, FAST_ZEROPAGE, FastPath
 from ._uffd import Userfaultfd
+from ._working_set import WorkingSetRecorder
 
 __all__ = [
     "NoSourcePage",
@@ -174,6 +182,9 @@ class CopyFrom(Resolver):
         self._fast_ok = self._fetch is None and self._afetch is None and bool(self._populated)
         self._fast: FastPath | None = None
         self._populated_c: object = None
+        self._recorder: WorkingSetRecorder | None = None
+        self._record_offset = 0  # the snapshot's base page of source page 0
+        self._changed = False  # a Remap, Remove or Unmap has been applied
 
     @property
     def populated(self) -> memoryview:
@@ -189,7 +200,65 @@ class CopyFrom(Resolver):
         child._populated = bytearray(self._populated)
         child._map = self._map.copy()
         child._fast = None
+        child._recorder = None  # a working set is the restored process's, not its children's
         return child
+
+    def _record_into(self, recorder: WorkingSetRecorder, first_page: int) -> None:
+        """Record the demand faults' pages in ``recorder``, source page 0 being the
+        snapshot's base page ``first_page``. The C loop records nothing: it stays off."""
+        self._recorder = recorder
+        self._record_offset = first_page
+        self._fast_ok = False
+
+    def _record(self, index: int) -> None:
+        assert self._recorder is not None
+        ratio = self._page_size // PAGE_SIZE
+        self._recorder.record(self._record_offset + index * ratio, ratio)
+
+    def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None:
+        """Copy source pages ``[first, first + count)`` that are not populated, not removed
+        and still where they were mapped, in as few UFFDIO_COPY calls as the runs allow.
+
+        Only from memory (nothing else can be copied without awaiting). Pages a demand
+        fault got to first (EEXIST) are skipped. Raises what stops all copying:
+        ``MappingChanged`` (an event is unread: the server must read it first),
+        ``ProcessExited``, ``UffdClosed``.
+        """
+        if self._fetch is not None or self._afetch is not None or not self._populated:
+            return
+        populated = self._populated
+        size = self._page_size
+        untouched = not self._changed  # no event yet: every page is where it was mapped
+        i, end = max(first, 0), min(first + count, self._pages)
+        while i < end:
+            if populated[i] or not (untouched or self._in_place(i)):
+                i += 1
+                continue
+            j = i + 1
+            while j < end and not populated[j] and (untouched or self._in_place(j)):
+                j += 1
+            try:
+                uffd.copy(self._base + i * size, self._address + i * size, (j - i) * size)
+            except PageExists as exc:  # a demand fault (or its readahead) got there first
+                done = exc.done // size
+                populated[i : i + done + 1] = b"\1" * (done + 1)
+                i += done + 1
+                continue
+            except (MappingChanged, ProcessExited, UffdClosed) as exc:
+                done = exc.done // size if isinstance(exc, UffdError) else 0
+                populated[i : i + done] = b"\1" * done
+                raise
+            except UffdError as exc:  # the range went away (ENOENT): skip it
+                done = exc.done // size
+                populated[i : i + done] = b"\1" * done
+                i = j
+                continue
+            populated[i:j] = b"\1" * (j - i)
+            i = j
+
+    def _in_place(self, index: int) -> bool:
+        page = self._base + index * self._page_size
+        return self._map.original(page) == page and page not in self._map.removed
 
     def _fast_path(self) -> FastPath | None:
         if not self._fast_ok:
@@ -210,6 +279,7 @@ class CopyFrom(Resolver):
 
     def apply(self, event: Remap | Remove | Unmap) -> None:
         self._direct = self._fast_ok = False
+        self._changed = True
         page_size = self._page_size
         for start, end in self._map.apply(event):
             first = max(0, (start - self._base) // page_size)
@@ -284,6 +354,8 @@ class CopyFrom(Resolver):
                     self._populated[index] = 1
                     raise
                 self._populated[index] = 1
+                if self._recorder is not None:
+                    self._record(index)
                 return True
         if self._afetch is not None:
             return False
@@ -297,6 +369,8 @@ class CopyFrom(Resolver):
             self._copy(uffd, page, index, count, data)
         else:
             self._copy(uffd, page, index, count, self._address + index * self._page_size)
+        if self._recorder is not None:
+            self._record(index)
         return True
 
     async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
@@ -311,6 +385,8 @@ class CopyFrom(Resolver):
         data = await self._afetch(index * self._page_size, length)
         _check_fetched(data, length)
         self._copy(uffd, page, index, count, data)
+        if self._recorder is not None:
+            self._record(index)
 
 
 def _is_async_callable(source: object) -> bool:

@@ -1,0 +1,160 @@
+"""Copying pages in ahead of the faults: a working set first, then (if asked) everything else.
+
+Runs beside :func:`~uffd_async.serve`, in the same event loop, through a
+resolver that knows where each source page is now (``copy_from`` from memory,
+or a snapshot's resolver). Kernel and loop facts it relies on:
+
+* One UFFDIO_COPY per contiguous run, bounded (2 MiB by default): a run costs
+  about what a single fault round trip does, so a working set arrives at the
+  speed of memory, and a demand fault never waits behind more than one run.
+* Demand faults go first. Between runs the prefetcher looks at the uffd
+  (``poll``, no read): while it is readable, faults or events are waiting for
+  the server, so it yields until the server has read them.
+* The resolver's bookkeeping is consistent whenever the prefetcher runs: the
+  server reads a batch and applies its Remove/Remap/Unmap events without an
+  await in between. While such an event is still unread in the kernel, every
+  COPY fails with EAGAIN (``MappingChanged``): the prefetcher waits for the
+  server to read it, and plans the run again. So a page removed
+  (``MADV_DONTNEED``, a balloon) or moved (``mremap``) since is never filled
+  with snapshot bytes at a stale place: it is skipped.
+* EEXIST means a demand fault (or its readahead) got there first: those pages
+  are skipped. ESRCH means the process is gone, a closed uffd that serving
+  ended: both end the prefetch quietly.
+* Prefetching never waits on the faulting threads: pages it copies wake
+  nobody who is not already waiting on them.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import time
+from typing import Any, Protocol
+
+import anyio
+import attrs
+from anyio.abc import TaskStatus
+
+from ._abi import PAGE_SIZE
+from ._errors import InvalidArgument, MappingChanged, ProcessExited, SnapshotClosed, UffdClosed
+from ._uffd import Userfaultfd
+from ._working_set import WorkingSet
+
+__all__ = ["PrefetchStats", "prefetch"]
+
+#: The largest run one UFFDIO_COPY copies.
+DEFAULT_RUN_BYTES = 2 << 20
+_EAGAIN_PAUSE = 0.0002
+_YIELDS_BEFORE_SLEEP = 64
+
+
+class Prefetchable(Protocol):
+    """What a resolver offers the prefetcher (``copy_from`` from memory, ``SnapshotResolver``)."""
+
+    def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None: ...
+
+
+@attrs.define(kw_only=True)
+class PrefetchStats:
+    """What one :func:`prefetch` did; read it while it runs or after."""
+
+    #: Base pages (``PAGE_SIZE``) the prefetcher copied in.
+    prefetched: int = 0
+    #: UFFDIO_COPY runs it planned.
+    runs: int = 0
+    #: The working set was gone through (``True`` at once when there was none).
+    working_set_done: bool = False
+    #: Every page was gone through (``populate=True``), so the process is fully resident
+    #: but for what it removed since.
+    populated: bool = False
+    #: Seconds from the start to the working set done, and to everything done.
+    working_set_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+async def prefetch(
+    uffd: Userfaultfd,
+    resolver: Any,
+    working_set: WorkingSet | None = None,
+    *,
+    populate: bool = False,
+    run_bytes: int = DEFAULT_RUN_BYTES,
+    stats: PrefetchStats | None = None,
+    task_status: TaskStatus[PrefetchStats] = anyio.TASK_STATUS_IGNORED,
+) -> PrefetchStats:
+    """Copy ``working_set``'s pages into ``uffd``'s memory ahead of the faults, in recorded
+    order, while ``serve(uffd, resolver)`` runs; then, with ``populate``, every other page.
+
+    ``resolver`` is the one being served: ``copy_from`` from memory, or a
+    snapshot's resolver (whose working-set pages are snapshot offsets). It must
+    be served at the same time (the prefetcher lets the server read pending
+    events and faults first). Returns (and ``task_status.started()`` gets) the
+    :class:`PrefetchStats`, filled in as it goes.
+    """
+    if not hasattr(resolver, "_prefetch"):
+        raise TypeError(
+            f"{type(resolver).__name__} cannot prefetch: use copy_from (from memory) or a "
+            "snapshot's resolver"
+        )
+    if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < PAGE_SIZE:
+        raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {PAGE_SIZE}: {run_bytes!r}")
+    stats = stats if stats is not None else PrefetchStats()
+    task_status.started(stats)
+    run_pages = run_bytes // PAGE_SIZE
+    started = time.monotonic()
+    poller = select.poll()
+    poller.register(uffd.fileno(), select.POLLIN)
+    try:
+        if working_set is not None:
+            await _copy_runs(uffd, resolver, working_set.runs(run_pages), poller, stats)
+        stats.working_set_done = True
+        stats.working_set_seconds = time.monotonic() - started
+        if populate:
+            await _copy_runs(uffd, resolver, _everything(resolver, run_pages), poller, stats)
+            stats.populated = True
+    except (ProcessExited, UffdClosed, SnapshotClosed):
+        pass  # the process is gone, or serving ended: nothing left to prefetch for
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+def _everything(resolver: Any, run_pages: int) -> Any:
+    runs = resolver._source_runs() if hasattr(resolver, "_source_runs") else []
+    for first, count in runs:
+        for start in range(first, first + count, run_pages):
+            yield start, min(run_pages, first + count - start)
+
+
+async def _copy_runs(
+    uffd: Userfaultfd, resolver: Any, runs: Any, poller: select.poll, stats: PrefetchStats
+) -> None:
+    for first, count in runs:
+        await _after_the_demand(uffd, poller)
+        while True:
+            before = uffd._filled  # no await below: only this copies meanwhile
+            try:
+                resolver._prefetch(uffd, first, count)
+            except MappingChanged:
+                # An event is unread: the server reads and applies it, then we plan again.
+                stats.prefetched += (uffd._filled - before) // PAGE_SIZE
+                await anyio.sleep(_EAGAIN_PAUSE)
+                continue
+            stats.prefetched += (uffd._filled - before) // PAGE_SIZE
+            break
+        stats.runs += 1
+
+
+async def _after_the_demand(uffd: Userfaultfd, poller: select.poll) -> None:
+    """Yield until the uffd has nothing waiting to be read (by the server)."""
+    await anyio.lowlevel.checkpoint()
+    yields = 0
+    while True:
+        if uffd.closed:
+            raise UffdClosed("the uffd was closed: serving ended")
+        if not poller.poll(0):
+            return
+        yields += 1
+        if yields < _YIELDS_BEFORE_SLEEP:
+            await anyio.lowlevel.checkpoint()
+        else:
+            await anyio.sleep(_EAGAIN_PAUSE)

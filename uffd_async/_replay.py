@@ -1,0 +1,109 @@
+"""Working sets for a handoff server: record what processes fault on, prefetch it next time.
+
+The handoff server's seam to :mod:`._working_set` and :mod:`._prefetch`: one
+:class:`Replay` per server, opened against its snapshot, gives each handoff
+its recorder and runs its prefetch beside its ``serve()``. Facts it relies on:
+
+* A working set recorded for another snapshot is not replayed (a warning, and
+  serving goes on lazily): prefetch copies from the snapshot being served, so
+  it would only cost time, but that is time the process waits for.
+* Recording and replaying at once refines the set: the recorder starts from
+  the replayed set and adds the demand faults the replay did not prevent (the
+  union, in order of first appearance). Pages only ever join a set.
+* The set is saved (atomically) whenever a recorded process's handoff ends
+  and when the server stops, so "restore, run the workload, stop" leaves it.
+* Fork children are not prefetched: their memory is a copy of their parent's
+  at the fork, populated as far as the parent's was.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from ._errors import InvalidArgument
+from ._prefetch import DEFAULT_RUN_BYTES, PrefetchStats, prefetch
+from ._snapshot import Snapshot, SnapshotResolver
+from ._uffd import Userfaultfd
+from ._working_set import WorkingSet, WorkingSetError, WorkingSetRecorder
+
+__all__ = ["Replay"]
+
+logger = logging.getLogger("uffd_async")
+
+
+class Replay:
+    """Where to record a working set, which one to prefetch, and whether to populate all."""
+
+    def __init__(
+        self,
+        *,
+        record: str | os.PathLike[str] | None = None,
+        prefetch: str | os.PathLike[str] | WorkingSet | None = None,
+        populate: bool = False,
+        run_bytes: int = DEFAULT_RUN_BYTES,
+    ) -> None:
+        if not isinstance(populate, bool):
+            raise TypeError(f"populate must be a bool, not {populate!r}")
+        self.record_path = None if record is None else os.fspath(record)
+        self.working_set: WorkingSet | None = None
+        if isinstance(prefetch, WorkingSet) or prefetch is None:
+            self.working_set = prefetch
+        else:
+            try:
+                self.working_set = WorkingSet.load(prefetch)
+            except OSError as exc:
+                raise InvalidArgument(
+                    exc.errno or errno.EINVAL, f"cannot read the working set: {exc}"
+                ) from None
+        self.populate = populate
+        self.run_bytes = run_bytes
+        self.recorder: WorkingSetRecorder | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.record_path or self.working_set is not None or self.populate)
+
+    def open(self, snapshot: Snapshot) -> None:
+        """Check the working set against ``snapshot``; start recording for it."""
+        if self.working_set is not None and not self.working_set.matches(
+            snapshot.size, snapshot.identity
+        ):
+            logger.warning(
+                "the working set was recorded for another snapshot (size %d, not %d, or other "
+                "contents): it is not replayed; serving lazily",
+                self.working_set.snapshot_size, snapshot.size,
+            )  # fmt: skip
+            self.working_set = None
+        if self.record_path is not None:
+            self.recorder = WorkingSetRecorder(
+                snapshot.size, snapshot.identity, base=self.working_set
+            )
+
+    async def run(
+        self, uffd: Userfaultfd, resolver: SnapshotResolver, stats: PrefetchStats
+    ) -> None:
+        """Prefetch for one handoff, beside its ``serve()``; nothing to do without a set."""
+        if self.working_set is None and not self.populate:
+            stats.working_set_done = True
+            return
+        await prefetch(
+            uffd,
+            resolver,
+            self.working_set,
+            populate=self.populate,
+            run_bytes=self.run_bytes,
+            stats=stats,
+        )
+
+    def save(self) -> None:
+        """Write what was recorded so far (atomically), if anything."""
+        if self.recorder is None or self.record_path is None or not len(self.recorder):
+            return
+        try:
+            self.recorder.working_set().save(self.record_path)
+        except (OSError, WorkingSetError) as exc:
+            logger.error("cannot save the working set to %s: %s", self.record_path, exc)
+            return
+        logger.info("working set: %d pages saved to %s", len(self.recorder), self.record_path)
