@@ -409,6 +409,7 @@ def copy_from(
     wp: bool = False,
     size: int | None = None,
     page_size: int = PAGE_SIZE,
+    recorder: WorkingSetRecorder | None = None,
 ) -> CopyFrom:
     """Answer missing faults with UFFDIO_COPY from ``source``.
 
@@ -417,9 +418,23 @@ def copy_from(
     bytes``. ``readahead=N`` copies up to N further pages not populated yet in
     the same ioctl. ``wp=True`` maps pages write-protected (for MISSING|WP
     ranges). Pages removed by MADV_DONTNEED are served zeros afterwards, and
-    remapped pages keep their contents at their new address.
+    remapped pages keep their contents at their new address. ``recorder``
+    (a :class:`~uffd_async.WorkingSetRecorder`) records the source pages
+    demand faults ask for (with ``readahead=0``: readahead pages never fault);
+    from memory, :func:`~uffd_async.prefetch` replays such a set.
     """
-    return CopyFrom(source, base=base, size=size, readahead=readahead, wp=wp, page_size=page_size)
+    resolver = CopyFrom(
+        source, base=base, size=size, readahead=readahead, wp=wp, page_size=page_size
+    )
+    if recorder is not None:
+        if readahead:
+            raise InvalidArgument(
+                22,
+                "recording a working set needs readahead=0: pages readahead brings in never "
+                "fault, so they would be missing from it",
+            )
+        resolver._record_into(recorder, 0)
+    return resolver
 
 
 class ZeroFill(Resolver):
