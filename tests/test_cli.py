@@ -120,7 +120,8 @@ def test_serve_a_snapshot_until_signalled(short_dir: Path, backend: str, signum:
                 run_client(snapshot, socket_path)
             except AssertionError as exc:  # what the server said, to see why
                 server.kill()
-                raise AssertionError(f"{exc}\nthe server's log:\n{server.communicate()[1]!r}")
+                said = server.communicate()[1]
+                raise AssertionError(f"{exc}\nthe server's log:\n{said!r}") from exc
             log += read_until(server.stderr, b"connections 1 (0 active")  # a progress line
             server.send_signal(signum)
             _, err = server.communicate(timeout=TIMEOUT * 3)
