@@ -8,7 +8,10 @@
 # crates and Firecracker's examples do); `plain-python`, the same written in plain
 # Python in a thread; and the uffd_async runners, plugged in through
 # benchmarks/_async.py. Scenarios: lazy population from memory, the same with
-# readahead, a slow source (1 ms per page fetch), write tracking, and memory.
+# readahead, a slow source (1 ms per page fetch), write tracking, memory, and
+# restore to ready (a separate process touching a boot-like working set, served
+# lazily, with readahead, with a recorded working set prefetched, and copied
+# first; benchmarks/_restore.py).
 # Each case runs every runner alternately for several rounds; the table shows medians
 # and each runner's speed as a fraction of the C handler's in the same invocation.
 # After every run, every page is checked against the source (or, for write tracking,
@@ -36,6 +39,8 @@ from ._job import Runner
 from ._machine import describe
 from ._memory import measure, memory_table
 from ._report import CaseResult, Result, scenario_json, table
+from ._restore import RestoreFailed, restore_table
+from ._restore import measure as measure_restore
 from ._run import RunFailed, RunnerSkipped, Sample, run_once
 from ._runners import BASELINE, all_runners
 from ._scenarios import Scenario, scenarios
@@ -52,7 +57,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3, quick 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
-        "--scenario", action="append", metavar="KEY", help="run only these (1-5; repeatable)"
+        "--scenario", action="append", metavar="KEY", help="run only these (1-6; repeatable)"
     )
     parser.add_argument(
         "--runner", action="append", metavar="NAME", help="run only these (repeatable)"
@@ -117,6 +122,20 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.json:
                     say()
                     say(memory_table(results))
+                    say(f"   ({time.monotonic() - began:.1f} s)")
+                continue
+            if scenario.key == "6":
+                try:
+                    restore = measure_restore(
+                        quick=args.quick, rounds=args.rounds, timeout=args.timeout
+                    )
+                except (RestoreFailed, BuildError) as exc:
+                    warn(f"FAILED: {exc}")
+                    return 1
+                report.append(restore)
+                if not args.json:
+                    say()
+                    say(restore_table(restore))
                     say(f"   ({time.monotonic() - began:.1f} s)")
                 continue
             try:

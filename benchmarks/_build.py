@@ -2,8 +2,9 @@
 
 It builds on every run, with the system compiler and ``-O2``, so the baseline
 is always the committed source compiled for this machine, never a stale
-object. Warnings are errors: both files must compile cleanly with
-``-Wall -Wextra``.
+object. Warnings are errors: every file must compile cleanly with
+``-Wall -Wextra``. Most are libraries loaded with ctypes; scenario 6's
+restored process (``restore_peer.c``) is a program of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import subprocess
 HERE = pathlib.Path(__file__).parent
 SOURCES = HERE / "c"
 BUILD = HERE / "_build"
-FLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-pthread")
+LIBRARY_FLAGS = ("-shared", "-fPIC")
 
 
 class BuildError(RuntimeError):
@@ -42,17 +44,20 @@ def compiler_version() -> str:
     return (result.stdout.splitlines() or ["unknown"])[0]
 
 
-def build(name: str) -> pathlib.Path:
-    """Compile ``c/<name>.c`` into ``_build/<name>.so`` and return its path.
+def build(name: str, *, program: bool = False) -> pathlib.Path:
+    """Compile ``c/<name>.c`` into ``_build/<name>.so`` (or, as a ``program``, into the
+    executable ``_build/<name>``) and return its path.
 
     The library is written under a temporary name and renamed into place, so
     an interrupted build never leaves a half-written file to be loaded.
     """
     source = SOURCES / f"{name}.c"
     BUILD.mkdir(exist_ok=True)
-    target = BUILD / f"{name}.so"
-    partial = BUILD / f".{name}.{os.getpid()}.so"
-    command = [compiler(), *FLAGS, "-o", str(partial), str(source)]
+    suffix = "" if program else ".so"
+    target = BUILD / f"{name}{suffix}"
+    partial = BUILD / f".{name}.{os.getpid()}{suffix}"
+    flags = FLAGS if program else FLAGS + LIBRARY_FLAGS
+    command = [compiler(), *flags, "-o", str(partial), str(source)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired as exc:

@@ -118,4 +118,13 @@ def scenarios(*, quick: bool) -> tuple[Scenario, ...]:
             note="the server's resident size over 1,000,000 faults (benchmarks/_memory.py)",
             cases=(),
         ),
+        Scenario(
+            key="6",
+            title="Restore to ready",
+            note=(
+                "a process hands its uffd over as Firecracker does and touches a boot-like "
+                "working set; lazy, readahead, prefetch, REAP-style, eager (benchmarks/_restore.py)"
+            ),
+            cases=(),
+        ),
     )

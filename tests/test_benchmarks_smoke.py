@@ -2,7 +2,8 @@
 
 Timings and ratios are never asserted: they belong to the machine, not the code.
 What is asserted is that the harness exits 0 (so every page of every run held
-the right contents) and reports the two baselines in every scenario.
+the right contents) and reports the two baselines in every scenario (scenario 6,
+restore to ready, measures the library's handlers against each other instead).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,8 +37,11 @@ def test_quick_benchmark_checks_out() -> None:
     assert report["quick"] is True
     assert report["machine"]["kernel"].startswith("Linux")
     scenarios = report["scenarios"]
-    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5"]
+    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5", "6"]
     for scenario in scenarios:
+        if scenario["key"] == "6":  # restore to ready: a peer process, the library's servers
+            check_restore(scenario, report["rounds"])
+            continue
         if scenario["key"] == "4b":  # WP_ASYNC: the library's tracker only
             assert {r["runner"] for r in scenario["wp_async"]} == LIBRARY
             continue
@@ -57,3 +62,29 @@ def test_quick_benchmark_checks_out() -> None:
                 samples = case["results"][name]["samples"]
                 assert len(samples) == report["rounds"], where
                 assert all(s["faults"] > 0 for s in samples), where
+
+
+def check_restore(scenario: dict[str, Any], rounds: int) -> None:
+    # The recording named every page the first process touched (the harness checks the
+    # order too), and every handler served (a) and (b) on both backends.
+    assert scenario["recorded_pages"] == scenario["set_pages"] > 0
+    results = {(r["backend"], r["workload"], r["handler"]): r for r in scenario["results"]}
+    handlers = {"lazy", "readahead", "prefetch", "prefetch_readahead", "reap", "eager", "populate"}
+    assert set(results) == {
+        (backend, workload, handler)
+        for backend in ("asyncio", "trio")
+        for workload in ("a", "b")
+        for handler in handlers
+    }
+    for (backend, workload, handler), result in results.items():
+        where = f"scenario 6 {backend} ({workload}) {handler}"
+        assert len(result["samples"]) == rounds, where
+        assert all(s["ready_ns"] > 0 for s in result["samples"]), where
+        if handler == "lazy":  # one demand fault per page touched, nothing copied ahead
+            assert result["faults"] == scenario["set_pages"], where
+            assert result["prefetched"] == 0, where
+        if handler in ("reap", "eager"):  # copied before the process could touch anything
+            assert result["prefetched"] >= scenario["set_pages"], where
+            if workload == "a" or handler == "eager":
+                assert result["faults"] == 0, where
+    assert {t["backend"] for t in scenario["targets"]} == {"asyncio", "trio"}

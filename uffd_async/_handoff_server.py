@@ -61,7 +61,7 @@ from ._listener import Listener, check_socket_access
 from ._peer_lifetime import PeerExit
 from ._prefetch import PrefetchStats
 from ._replay import Replay
-from ._server import OnError, ServerStats, serve
+from ._server import DEFAULT_SPIN, OnError, ServerStats, serve
 from ._snapshot import Snapshot, SnapshotResolver
 from ._working_set import WorkingSet
 from .resolvers import AnyResolver
@@ -380,6 +380,8 @@ class HandoffServer:
                         limit=self._limit,
                         on_error=self._on_error_for(handoff),
                         page_size=_page_size(handoff),
+                        # A busy-reading server would hold the loop the prefetcher needs.
+                        spin=0 if self._replay.prefetching else DEFAULT_SPIN,
                         task_status=task_status,
                     )
                     tg.cancel_scope.cancel()  # serving ended by itself: so does any prefetch

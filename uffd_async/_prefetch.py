@@ -7,9 +7,13 @@ or a snapshot's resolver). Kernel and loop facts it relies on:
 * One UFFDIO_COPY per contiguous run, bounded (2 MiB by default): a run costs
   about what a single fault round trip does, so a working set arrives at the
   speed of memory, and a demand fault never waits behind more than one run.
-* Demand faults go first. Between runs the prefetcher looks at the uffd
-  (``poll``, no read): while it is readable, faults or events are waiting for
-  the server, so it yields until the server has read them.
+* Demand faults go first, without starving the prefetch. Between runs the
+  prefetcher yields, and yields again if the uffd is readable (``poll``, no
+  read), so the server reads what waits; it does not wait for the uffd to go
+  quiet, which a process that keeps faulting never lets happen. And a fault
+  on a page of the working set that the prefetcher has not reached brings
+  the rest of that page's recorded run with it (``_guide``): there the
+  process is ahead, and it touches the rest next.
 * The resolver's bookkeeping is consistent whenever the prefetcher runs: the
   server reads a batch and applies its Remove/Remap/Unmap events without an
   await in between. While such an event is still unread in the kernel, every
@@ -45,7 +49,6 @@ __all__ = ["PrefetchStats", "prefetch"]
 #: The largest run one UFFDIO_COPY copies.
 DEFAULT_RUN_BYTES = 2 << 20
 _EAGAIN_PAUSE = 0.0002
-_YIELDS_BEFORE_SLEEP = 64
 
 
 class Prefetchable(Protocol):
@@ -91,10 +94,10 @@ async def prefetch(
     events and faults first). Returns (and ``task_status.started()`` gets) the
     :class:`PrefetchStats`, filled in as it goes.
     """
-    if not hasattr(resolver, "_prefetch"):
+    if not hasattr(resolver, "_prefetch") or not getattr(resolver, "_can_prefetch", True):
         raise TypeError(
-            f"{type(resolver).__name__} cannot prefetch: use copy_from (from memory) or a "
-            "snapshot's resolver"
+            f"{type(resolver).__name__} cannot prefetch: use copy_from from memory (not from "
+            "a callable) or a snapshot's resolver"
         )
     if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < PAGE_SIZE:
         raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {PAGE_SIZE}: {run_bytes!r}")
@@ -106,6 +109,8 @@ async def prefetch(
     poller.register(uffd.fileno(), select.POLLIN)
     try:
         if working_set is not None:
+            if hasattr(resolver, "_guide"):  # a fault ahead of us brings the rest of its run
+                resolver._guide(working_set.runs(run_pages))
             await _copy_runs(uffd, resolver, working_set.runs(run_pages), poller, stats)
         stats.working_set_done = True
         stats.working_set_seconds = time.monotonic() - started
@@ -145,16 +150,13 @@ async def _copy_runs(
 
 
 async def _after_the_demand(uffd: Userfaultfd, poller: select.poll) -> None:
-    """Yield until the uffd has nothing waiting to be read (by the server)."""
+    """Let the server have its turn first: whatever it has to read, it reads now.
+
+    One turn, not until the uffd is quiet: a process that keeps faulting keeps it
+    readable, and a prefetcher that waited for quiet would starve behind it.
+    """
+    if uffd.closed:
+        raise UffdClosed("the uffd was closed: serving ended")
     await anyio.lowlevel.checkpoint()
-    yields = 0
-    while True:
-        if uffd.closed:
-            raise UffdClosed("the uffd was closed: serving ended")
-        if not poller.poll(0):
-            return
-        yields += 1
-        if yields < _YIELDS_BEFORE_SLEEP:
-            await anyio.lowlevel.checkpoint()
-        else:
-            await anyio.sleep(_EAGAIN_PAUSE)
+    if poller.poll(0):
+        await anyio.lowlevel.checkpoint()

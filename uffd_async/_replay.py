@@ -62,6 +62,11 @@ class Replay:
         self.recorder: WorkingSetRecorder | None = None
 
     @property
+    def prefetching(self) -> bool:
+        """Whether pages are copied ahead of the faults (a set to replay, or populate)."""
+        return self.working_set is not None or self.populate
+
+    @property
     def active(self) -> bool:
         return bool(self.record_path or self.working_set is not None or self.populate)
 

@@ -255,10 +255,24 @@ class SnapshotResolver(Resolver):
             low = max(start, mapping.offset)
             high = min(end, mapping.offset + mapping.size)
             if low < high:
-                size = mapping.page_size
-                index = (low - mapping.offset) // size
-                last = -(-(high - mapping.offset) // size)
-                part.copier._prefetch(uffd, index, last - index)
+                part.copier._prefetch(
+                    uffd, (low - mapping.offset) // PAGE_SIZE, (high - low) // PAGE_SIZE
+                )
+
+    def _guide(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Demand faults in a working set's run bring the rest of it (see CopyFrom._guide)."""
+        per_part: list[list[tuple[int, int]]] = [[] for _ in self._parts]
+        for first, count in runs:
+            start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+            for slot, part in enumerate(self._parts):
+                mapping = part.mapping
+                low = max(start, mapping.offset)
+                high = min(end, mapping.offset + mapping.size)
+                if low < high:
+                    run = ((low - mapping.offset) // PAGE_SIZE, (high - low) // PAGE_SIZE)
+                    per_part[slot].append(run)
+        for part, part_runs in zip(self._parts, per_part, strict=True):
+            part.copier._guide(part_runs)
 
     def _source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of the snapshot that the mappings hold, in file order."""

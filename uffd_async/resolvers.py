@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ._abi import PAGE_SIZE, FaultFlags
@@ -185,6 +185,8 @@ class CopyFrom(Resolver):
         self._recorder: WorkingSetRecorder | None = None
         self._record_offset = 0  # the snapshot's base page of source page 0
         self._changed = False  # a Remap, Remove or Unmap has been applied
+        # A working set's runs (see _guide): for a page in one, where its run ends.
+        self._guided: dict[int, int] = {}
 
     @property
     def populated(self) -> memoryview:
@@ -215,16 +217,46 @@ class CopyFrom(Resolver):
         ratio = self._page_size // PAGE_SIZE
         self._recorder.record(self._record_offset + index * ratio, ratio)
 
+    @property
+    def _can_prefetch(self) -> bool:
+        """Only from memory: nothing else can be copied without awaiting."""
+        return self._fetch is None and self._afetch is None and bool(self._populated)
+
     def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None:
-        """Copy source pages ``[first, first + count)`` that are not populated, not removed
-        and still where they were mapped, in as few UFFDIO_COPY calls as the runs allow.
+        """Copy the source's base pages (``PAGE_SIZE``, as a working set names them)
+        ``[first, first + count)``: every page of ours (a huge page, say) that holds one."""
+        ratio = self._page_size // PAGE_SIZE
+        index = first // ratio
+        self._fill_ahead(uffd, index, -(-(first + count) // ratio) - index)
+
+    def _guide(self, runs: Iterable[tuple[int, int]]) -> None:
+        """A demand fault on a page of one of these runs (base pages, as a working set names
+        them) copies the rest of the run with it: the process is ahead of the prefetcher
+        there, and will touch the rest next. Turns the one-page shortcuts off."""
+        ratio = self._page_size // PAGE_SIZE
+        guided = self._guided
+        for first, count in runs:
+            start, end = first // ratio, min(-(-(first + count) // ratio), self._pages)
+            for index in range(start, end):
+                guided[index] = end
+        if guided:
+            self._direct = self._fast_ok = False
+
+    def _source_runs(self) -> list[tuple[int, int]]:
+        """(first base page, pages) of the source, for populating it all."""
+        return [(0, self._pages * self._page_size // PAGE_SIZE)] if self._can_prefetch else []
+
+    def _fill_ahead(self, uffd: Userfaultfd, first: int, count: int) -> None:
+        """Copy source pages ``[first, first + count)`` (in our page size) that are not
+        populated, not removed and still where they were mapped, in as few UFFDIO_COPY
+        calls as the runs allow.
 
         Only from memory (nothing else can be copied without awaiting). Pages a demand
         fault got to first (EEXIST) are skipped. Raises what stops all copying:
         ``MappingChanged`` (an event is unread: the server must read it first),
         ``ProcessExited``, ``UffdClosed``.
         """
-        if self._fetch is not None or self._afetch is not None or not self._populated:
+        if not self._can_prefetch:
             return
         populated = self._populated
         size = self._page_size
@@ -303,10 +335,11 @@ class CopyFrom(Resolver):
         if original in self._map.removed:
             return page, index, 1, True
         count = 1
-        if self._readahead:
+        wanted = max(1 + self._readahead, self._guided.get(index, 0) - index)
+        if wanted > 1:
             limit = min(
                 self._pages - index,
-                1 + self._readahead,
+                wanted,
                 (self._map.run_end(page) - page) // page_size,
             )
             boundary = self._map.removed.next_boundary(original)
