@@ -270,7 +270,9 @@ class CopyFrom(Resolver):
             while j < end and not populated[j] and (untouched or self._in_place(j)):
                 j += 1
             try:
-                uffd.copy(self._base + i * size, self._address + i * size, (j - i) * size)
+                uffd.copy(
+                    self._base + i * size, self._address + i * size, (j - i) * size, wp=self._wp
+                )
             except PageExists as exc:  # a demand fault (or its readahead) got there first
                 done = exc.done // size
                 populated[i : i + done + 1] = b"\1" * (done + 1)
@@ -393,9 +395,10 @@ class CopyFrom(Resolver):
         if self._afetch is not None:
             return False
         page, index, count, removed = self._plan(fault)
-        if removed:
+        if removed:  # zeros: nothing of the snapshot was asked for, nothing to record
             self._zero(uffd, page, index)
-        elif self._fetch is not None:
+            return True
+        if self._fetch is not None:
             length = count * self._page_size
             data = self._fetch(index * self._page_size, length)
             _check_fetched(data, length)
