@@ -426,17 +426,24 @@ async def test_a_resolver_that_cannot_prefetch(lab: Lab) -> None:
 # -- recording: demand faults only ----------------------------------------------------------
 
 
-async def test_the_recorder_sees_demand_faults_only(lab: Lab, snapshot: ua.Snapshot) -> None:
-    """Faults on region pages 5, 2, 9 record snapshot pages LEAD+5, LEAD+2, LEAD+9; what
-    the prefetcher copies afterwards (everything) records nothing."""
+def recording(
+    lab: Lab, snapshot: ua.Snapshot, features: ua.Feature = ua.Feature(0)
+) -> tuple[ua.Region, ua.Userfaultfd, ua.WorkingSetRecorder, ua.SnapshotResolver]:
+    """A registered region mapped at snapshot page LEAD, and a resolver recording it."""
     region = lab.anonymous(PAGES)
-    uffd = lab.uffd()
+    uffd = lab.uffd(features)
     uffd.register(region.address, region.length)
     recorder = ua.WorkingSetRecorder(snapshot.size, snapshot.identity)
     mapping = ua.GuestMapping(
         base_host_virt_addr=region.address, size=PAGES * P, offset=LEAD * P, page_size=P
     )
-    resolver = snapshot.resolver([mapping], recorder=recorder)
+    return region, uffd, recorder, snapshot.resolver([mapping], recorder=recorder)
+
+
+async def test_the_recorder_sees_demand_faults_only(lab: Lab, snapshot: ua.Snapshot) -> None:
+    """Faults on region pages 5, 2, 9 record snapshot pages LEAD+5, LEAD+2, LEAD+9; what
+    the prefetcher copies afterwards (everything) records nothing."""
+    region, uffd, recorder, resolver = recording(lab, snapshot)
     with anyio.fail_after(TIMEOUT):
         async with ua.FaultServer(uffd, resolver) as server:
             for page in (5, 2, 9, 5):
@@ -448,20 +455,13 @@ async def test_the_recorder_sees_demand_faults_only(lab: Lab, snapshot: ua.Snaps
     assert server.stats.faults == 3
     assert recorder.working_set().pages == (LEAD + 5, LEAD + 2, LEAD + 9)
     with pytest.raises(ua.InvalidArgument, match="needs readahead=0"):
-        snapshot.resolver([mapping], readahead=4, recorder=recorder)
+        snapshot.resolver(resolver.mappings, readahead=4, recorder=recorder)
 
 
 async def test_the_recorder_leaves_out_discarded_pages(lab: Lab, snapshot: ua.Snapshot) -> None:
     """A page discarded (MADV_DONTNEED) and then faulted gets zeros: nothing of the
     snapshot was asked for, so a replay must not prefetch its snapshot bytes."""
-    region = lab.anonymous(PAGES)
-    uffd = lab.uffd(ua.Feature.EVENT_REMOVE)
-    uffd.register(region.address, region.length)
-    recorder = ua.WorkingSetRecorder(snapshot.size, snapshot.identity)
-    mapping = ua.GuestMapping(
-        base_host_virt_addr=region.address, size=PAGES * P, offset=LEAD * P, page_size=P
-    )
-    resolver = snapshot.resolver([mapping], recorder=recorder)
+    region, uffd, recorder, resolver = recording(lab, snapshot, ua.Feature.EVENT_REMOVE)
     with anyio.fail_after(TIMEOUT):
         async with ua.FaultServer(uffd, resolver) as server:
             await finished(lab.touch(region.address + 1 * P, 1, write=False))
