@@ -106,8 +106,8 @@ async def prefetch(
     run_pages = run_bytes // PAGE_SIZE
     started = time.monotonic()
     poller = select.poll()
-    poller.register(uffd.fileno(), select.POLLIN)
     try:
+        poller.register(uffd.fileno(), select.POLLIN)
         if working_set is not None:
             if hasattr(resolver, "_guide"):  # a fault ahead of us brings the rest of its run
                 resolver._guide(working_set.runs(run_pages))
