@@ -30,6 +30,16 @@ def test_lazy_restore(backend: str) -> None:
     assert "every byte matches the snapshot: True" in result.stdout
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_working_set(backend: str) -> None:
+    result = run(str(EXAMPLES / "working_set.py"), "--backend", backend, "--size-mib", "16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every byte the program read matches the snapshot: True" in result.stdout
+    lazy = int(result.stdout.split("lazy restore: ", 1)[1].split(" faults", 1)[0])
+    replayed = int(result.stdout.split("replayed restore: ", 1)[1].split(" faults", 1)[0])
+    assert lazy == 768 and replayed < lazy // 10, result.stdout  # the set was replayed
+
+
 @pytest.mark.parametrize("mode", ["fault", "async"])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_write_tracking(mode: str, backend: str) -> None:
