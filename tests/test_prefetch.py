@@ -456,6 +456,8 @@ async def test_the_recorder_sees_demand_faults_only(lab: Lab, snapshot: ua.Snaps
     assert recorder.working_set().pages == (LEAD + 5, LEAD + 2, LEAD + 9)
     with pytest.raises(ua.InvalidArgument, match="needs readahead=0"):
         snapshot.resolver(resolver.mappings, readahead=4, recorder=recorder)
+    with pytest.raises(ua.InvalidArgument, match="needs readahead=0"):
+        ua.copy_from(SOURCE_AT, base=region.address, readahead=4, recorder=recorder)
 
 
 async def test_the_recorder_leaves_out_discarded_pages(lab: Lab, snapshot: ua.Snapshot) -> None:

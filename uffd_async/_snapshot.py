@@ -31,7 +31,7 @@ import functools
 import mmap
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from ._abi import PAGE_SIZE
 from ._addrspace import AddressMap
@@ -163,12 +163,6 @@ class SnapshotResolver(Resolver):
         readahead: int = 0,
         recorder: WorkingSetRecorder | None = None,
     ) -> None:
-        if recorder is not None and readahead:
-            raise InvalidArgument(
-                errno.EINVAL,
-                "recording a working set needs readahead=0: pages readahead brings in never "
-                "fault, so they would be missing from it",
-            )
         mappings = list(mappings)
         check_mappings(mappings, snapshot.size)
         self._snapshot = snapshot
@@ -244,35 +238,33 @@ class SnapshotResolver(Resolver):
 
     # -- prefetching (see _prefetch) -------------------------------------------
 
-    def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None:
-        """Copy snapshot base pages ``[first, first + count)`` into every mapping that
-        holds them, where they are still in place and not populated yet."""
-        if self._snapshot.closed:
-            raise SnapshotClosed(self._snapshot.path)
+    def _spans(self, first: int, count: int) -> Iterator[tuple[_Part, int, int]]:
+        """(part, its first base page, pages) for each mapping holding part of snapshot
+        base pages ``[first, first + count)``."""
         start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
         for part in self._parts:
             mapping = part.mapping
             low = max(start, mapping.offset)
             high = min(end, mapping.offset + mapping.size)
             if low < high:
-                part.copier._prefetch(
-                    uffd, (low - mapping.offset) // PAGE_SIZE, (high - low) // PAGE_SIZE
-                )
+                yield part, (low - mapping.offset) // PAGE_SIZE, (high - low) // PAGE_SIZE
+
+    def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None:
+        """Copy snapshot base pages ``[first, first + count)`` into every mapping that
+        holds them, where they are still in place and not populated yet."""
+        if self._snapshot.closed:
+            raise SnapshotClosed(self._snapshot.path)
+        for part, part_first, pages in self._spans(first, count):
+            part.copier._prefetch(uffd, part_first, pages)
 
     def _guide(self, runs: Iterable[tuple[int, int]]) -> None:
         """Demand faults in a working set's run bring the rest of it (see CopyFrom._guide)."""
-        per_part: list[list[tuple[int, int]]] = [[] for _ in self._parts]
+        per_part: dict[int, list[tuple[int, int]]] = {id(part): [] for part in self._parts}
         for first, count in runs:
-            start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
-            for slot, part in enumerate(self._parts):
-                mapping = part.mapping
-                low = max(start, mapping.offset)
-                high = min(end, mapping.offset + mapping.size)
-                if low < high:
-                    run = ((low - mapping.offset) // PAGE_SIZE, (high - low) // PAGE_SIZE)
-                    per_part[slot].append(run)
-        for part, part_runs in zip(self._parts, per_part, strict=True):
-            part.copier._guide(part_runs)
+            for part, part_first, pages in self._spans(first, count):
+                per_part[id(part)].append((part_first, pages))
+        for part in self._parts:
+            part.copier._guide(per_part[id(part)])
 
     def _source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of the snapshot that the mappings hold, in file order."""

@@ -175,11 +175,9 @@ class CopyFrom(Resolver):
         self._shift = page_size.bit_length() - 1
         # One page, from memory, nothing remapped or removed yet: the common case,
         # resolved without the general bookkeeping.
-        self._direct = (
-            self._fetch is None and self._afetch is None and not readahead and bool(self._populated)
-        )
+        self._direct = self._can_prefetch and not readahead
         # The C loop also handles readahead from memory, until an event arrives.
-        self._fast_ok = self._fetch is None and self._afetch is None and bool(self._populated)
+        self._fast_ok = self._can_prefetch
         self._fast: FastPath | None = None
         self._populated_c: object = None
         self._recorder: WorkingSetRecorder | None = None
@@ -208,6 +206,12 @@ class CopyFrom(Resolver):
     def _record_into(self, recorder: WorkingSetRecorder, first_page: int) -> None:
         """Record the demand faults' pages in ``recorder``, source page 0 being the
         snapshot's base page ``first_page``. The C loop records nothing: it stays off."""
+        if self._readahead:
+            raise InvalidArgument(
+                22,
+                "recording a working set needs readahead=0: pages readahead brings in never "
+                "fault, so they would be missing from it",
+            )
         self._recorder = recorder
         self._record_offset = first_page
         self._fast_ok = False
@@ -279,7 +283,7 @@ class CopyFrom(Resolver):
                 i += done + 1
                 continue
             except (MappingChanged, ProcessExited, UffdClosed) as exc:
-                done = exc.done // size if isinstance(exc, UffdError) else 0
+                done = exc.done // size
                 populated[i : i + done] = b"\1" * done
                 raise
             except UffdError as exc:  # the range went away (ENOENT): skip it
@@ -463,12 +467,6 @@ def copy_from(
         source, base=base, size=size, readahead=readahead, wp=wp, page_size=page_size
     )
     if recorder is not None:
-        if readahead:
-            raise InvalidArgument(
-                22,
-                "recording a working set needs readahead=0: pages readahead brings in never "
-                "fault, so they would be missing from it",
-            )
         resolver._record_into(recorder, 0)
     return resolver
 
