@@ -8,10 +8,18 @@ Region.read/write), so they never hold the GIL while blocked on a fault.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -396,3 +404,150 @@ class Resources:
         for mapping in self.leaked_mappings(grace):
             what = "registration" if mapping.flags & _UFFD_VMFLAGS else "mapping"
             yield f"leaked {what} {mapping!r}"
+
+
+# -- the HTTP object server -------------------------------------------------------
+#
+# HttpSource is tested against a real server process on loopback
+# (tests/_http_server.py: uvicorn and Starlette), never a mocked transport, so its
+# pool, framing and error paths run as they would against object storage.
+
+_REPO = Path(__file__).resolve().parent.parent
+#: Bound on each control call and on the server's shutdown after SIGTERM.
+HTTP_CONTROL_TIMEOUT = 5.0
+# Control calls go straight to loopback, whatever *_proxy variables say.
+_CONTROL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class HttpObjectServer:
+    """Drives one ``tests._http_server`` process: its objects (files under ``root``),
+    its latency, the misbehaviours it is to commit, and what it served."""
+
+    def __init__(self, process: subprocess.Popen[bytes], root: Path, base_url: str) -> None:
+        self.process, self.root, self.base_url = process, root, base_url
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/o/{urllib.parse.quote(name)}"
+
+    def put(self, name: str, data: bytes) -> Path:
+        """Write object ``name`` atomically (a request sees the old or the new file,
+        whole); a new inode and mtime, so a new ETag."""
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        return path
+
+    def delay(self, ms: float) -> None:
+        """Latency before every object response from now on (0: none)."""
+        self._control("delay", {"ms": ms})
+
+    def etag(self, enabled: bool) -> None:
+        """Without ETags, responses carry Last-Modified only (HttpSource's fallback)."""
+        self._control("etag", {"enabled": enabled})
+
+    def queue(self, *actions: str, path: str | None = None, on: str = "range") -> None:
+        """Append misbehaviours (``tests._http_server.ACTIONS``), each taken by the
+        next ranged GET (``on="any"``: next object request, HEAD too) of object
+        ``path`` (None: of any object)."""
+        self._control("actions", {"actions": list(actions), "path": path, "on": on})
+
+    def stats(self, *, log: bool = True) -> dict[str, Any]:
+        """What was served since the last reset (see ``ServerState.snapshot``);
+        ``log=False`` leaves out the per-request lists (long benchmarks)."""
+        return self._control("stats" if log else "stats?log=0")
+
+    def reset(self) -> None:
+        """Counters, queued actions, delay and ETag mode back to a fresh server's."""
+        self._control("reset", {})
+
+    def wait_idle(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The stats once no connection is open (the client closed its pool) and no
+        request is in flight; fails after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats(log=False)
+            if not (stats["connections_open"] or stats["sockets_open"] or stats["in_flight"]):
+                return self.stats()
+            assert time.monotonic() < deadline, f"server still busy after {timeout}s: {stats}"
+            time.sleep(0.01)
+
+    def _control(self, what: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.base_url}/_control/{what}",
+            data=data,
+            method="GET" if body is None else "POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with _CONTROL.open(request, timeout=HTTP_CONTROL_TIMEOUT) as response:
+                answer: dict[str, Any] = json.loads(response.read())
+                return answer
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = exc.read()
+            finally:
+                exc.close()
+            raise AssertionError(f"/_control/{what}: {exc.code} {detail!r}") from None
+
+    def close(self) -> None:
+        """SIGTERM, then SIGKILL if it is not gone within a bound; always reaped."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(HTTP_CONTROL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def __enter__(self) -> HttpObjectServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def start_http_server(
+    root: Path | str, timeout: float = TIMEOUT, *, exit_with: int | None = None
+) -> HttpObjectServer:
+    """Start ``python -m tests._http_server`` serving the files under ``root``, on a
+    free loopback port; returns once it says where it listens (within ``timeout``).
+    The server also ends when process ``exit_with`` (default: this one) does (it
+    watches a pidfd), so a run the watchdog kills leaves none behind."""
+    root = Path(root)
+    command = [sys.executable, "-m", "tests._http_server", "--root", str(root)]
+    process = subprocess.Popen(
+        [*command, "--exit-with", str(os.getpid() if exit_with is None else exit_with)],
+        cwd=_REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    server = HttpObjectServer(process, root, "")
+    try:
+        assert process.stdout is not None
+        fd, seen = process.stdout.fileno(), b""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in seen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the HTTP server said nothing within {timeout}s: {seen!r}"
+            if select.select([fd], [], [], remaining)[0]:
+                chunk = os.read(fd, 4096)
+                assert chunk, f"the HTTP server ended ({process.wait()}) before listening"
+                seen += chunk
+        word, _, server.base_url = seen.decode().strip().partition(" ")
+        assert word == "listening" and server.base_url.startswith("http://"), seen
+        process.stdout.close()  # it writes nothing more there
+    except BaseException:
+        server.close()
+        raise
+    return server

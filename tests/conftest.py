@@ -4,6 +4,7 @@ import contextlib
 import errno
 import faulthandler
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,7 @@ import pytest
 
 import uffd_async as ua
 
-from ._support import Lab, Resources, huge_pages_free
+from ._support import HttpObjectServer, Lab, Resources, huge_pages_free, start_http_server
 
 #: No single test may take longer. The watchdog is a C thread, so it fires even
 #: when a thread holding the GIL is stuck on an unresolved fault in the kernel.
@@ -152,6 +153,27 @@ def lab() -> Iterator[Lab]:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture(scope="module")
+def _http_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpObjectServer]:
+    """One server process per test module: starting one takes about half a second."""
+    with start_http_server(tmp_path_factory.mktemp("objects")) as server:
+        yield server
+
+
+@pytest.fixture
+def http_server(_http_server_process: HttpObjectServer) -> HttpObjectServer:
+    """A real HTTP object server on loopback (``tests/_http_server.py``), as if new:
+    no objects, no delay, no queued actions, ETags on, counters at zero."""
+    server = _http_server_process
+    for entry in server.root.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    server.reset()
+    return server
 
 
 _POOLED_THREADS = ("Trio thread", "AnyIO worker thread")

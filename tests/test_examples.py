@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ._processes import read_until
+from ._support import HttpObjectServer
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -38,6 +39,19 @@ def test_working_set(backend: str) -> None:
     lazy = int(result.stdout.split("lazy restore: ", 1)[1].split(" faults", 1)[0])
     replayed = int(result.stdout.split("replayed restore: ", 1)[1].split(" faults", 1)[0])
     assert lazy == 768 and replayed < lazy // 10, result.stdout  # the set was replayed
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_http_restore(backend: str, http_server: HttpObjectServer) -> None:
+    http_server.put("snapshot", os.urandom(16 << 20))
+    http_server.delay(2)
+    result = run(
+        str(EXAMPLES / "http_restore.py"), http_server.url("snapshot"), "--backend", backend
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every byte the program read matches the object: True" in result.stdout
+    faults = int(result.stdout.split("restored lazily: ", 1)[1].split(" faults", 1)[0])
+    assert 0 < faults <= 16, result.stdout  # at most one fault per 1 MiB chunk
 
 
 @pytest.mark.parametrize("mode", ["fault", "async"])

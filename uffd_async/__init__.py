@@ -7,6 +7,7 @@ from ._abi import Feature as Feature
 from ._abi import Ioctl as Ioctl
 from ._abi import Mode as Mode
 from ._errors import DecodeError as DecodeError
+from ._errors import FetchError as FetchError
 from ._errors import HandoffError as HandoffError
 from ._errors import HandoffRefused as HandoffRefused
 from ._errors import HandoffTimeout as HandoffTimeout
@@ -15,6 +16,7 @@ from ._errors import MappingChanged as MappingChanged
 from ._errors import PageExists as PageExists
 from ._errors import ProcessExited as ProcessExited
 from ._errors import SnapshotClosed as SnapshotClosed
+from ._errors import SourceChanged as SourceChanged
 from ._errors import UffdClosed as UffdClosed
 from ._errors import UffdError as UffdError
 from ._errors import UffdPermissionError as UffdPermissionError
@@ -36,6 +38,8 @@ from ._handoff_io import send_uffd as send_uffd
 from ._handoff_server import HandoffServer as HandoffServer
 from ._handoff_server import HandoffStats as HandoffStats
 from ._handoff_server import serve_handoffs as serve_handoffs
+from ._http_source import HttpSource as HttpSource
+from ._http_source import HttpStats as HttpStats
 from ._memory import Region as Region
 from ._memory import touch as touch
 from ._open import Method as Method
@@ -73,6 +77,7 @@ __all__ = [
     "FaultFlags",
     "FaultServer",
     "Feature",
+    "FetchError",
     "Fork",
     "GuestMapping",
     "Handoff",
@@ -81,6 +86,8 @@ __all__ = [
     "HandoffServer",
     "HandoffStats",
     "HandoffTimeout",
+    "HttpSource",
+    "HttpStats",
     "InvalidArgument",
     "Ioctl",
     "MappingChanged",
@@ -101,6 +108,7 @@ __all__ = [
     "Snapshot",
     "SnapshotClosed",
     "SnapshotResolver",
+    "SourceChanged",
     "Support",
     "UffdClosed",
     "UffdError",

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -21,6 +22,14 @@ import anyio
 
 from ._abi import PAGE_SIZE, Feature, Ioctl
 from ._handoff_server import HandoffServer, HandoffStats, serve_handoffs
+from ._http_source import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONCURRENCY,
+    HttpSource,
+    HttpStats,
+    is_url,
+)
 from ._open import probe
 from ._working_set import WorkingSet, WorkingSetError
 
@@ -66,7 +75,9 @@ def _probe(args: argparse.Namespace) -> int:
 # -- serve ----------------------------------------------------------------------
 
 
-def _progress(stats: HandoffStats, elapsed: float, rate: float) -> str:
+def _progress(
+    stats: HandoffStats, elapsed: float, rate: float, http: HttpStats | None = None
+) -> str:
     line = (
         f"[{elapsed:8.1f}s] connections {stats.connections} ({stats.active} active, "
         f"{stats.refused} refused, {stats.failed} failed)  faults {stats.faults:,} "
@@ -77,6 +88,11 @@ def _progress(stats: HandoffStats, elapsed: float, rate: float) -> str:
         line += (
             f"  prefetched {stats.prefetched:,}  populated {stats.populated:.0%}"
             f"  resident {stats.resident}"
+        )
+    if http is not None:
+        line += (
+            f"  fetched {http.bytes / 2**20:,.1f} MiB in {http.requests:,} requests "
+            f"({http.retries} retried, {http.cache_hits:,} cache hits, {http.failed} failed)"
         )
     return line
 
@@ -90,18 +106,41 @@ async def _report(server: HandoffServer, interval: float) -> None:
         now, stats = time.monotonic(), server.stats
         if stats != last:
             rate = (stats.faults - last.faults) / (now - last_time)
-            print(_progress(stats, now - started, rate), file=sys.stderr, flush=True)
+            line = _progress(stats, now - started, rate, server.http_stats)
+            print(line, file=sys.stderr, flush=True)
         last, last_time = stats, now
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
+    if not is_url(args.snapshot):
+        await _serve_source(args, args.snapshot, args.snapshot)
+        return
+    async with HttpSource(
+        args.snapshot,
+        chunk_size=args.chunk_size,
+        concurrency=args.concurrency,
+        timeout=args.http_timeout,
+        retries=args.retries,
+        headers=dict(args.header or ()),
+        cache_bytes=args.cache_size,
+        http2=args.http2,
+    ) as source:
+        checked = source.validator or "nothing: the server sends no ETag or Last-Modified"
+        described = (
+            f"{source.url} ({source.size:,} bytes, {source.chunk_size // 1024:,} KiB chunks, "
+            f"{source.concurrency} at a time, checked by {checked})"
+        )
+        await _serve_source(args, source, described)
+
+
+async def _serve_source(args: argparse.Namespace, source: str | HttpSource, described: str) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
             server: HandoffServer = await tg.start(
                 functools.partial(
                     serve_handoffs,
                     args.socket,
-                    args.snapshot,
+                    source,
                     allowed_uids=args.allow_uid,
                     socket_mode=args.socket_mode,
                     socket_group=args.socket_group,
@@ -113,7 +152,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
                 )
             )
             print(
-                f"serving {args.snapshot} to processes that hand their uffd over on "
+                f"serving {described} to processes that hand their uffd over on "
                 f"{args.socket} (uids {sorted(server.allowed_uids)}); listening",
                 file=sys.stderr,
                 flush=True,
@@ -123,7 +162,8 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
                 print(f"{signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
                 break
             tg.cancel_scope.cancel()
-    print("stopped; " + _progress(server.stats, 0, 0).split("] ", 1)[1], file=sys.stderr)
+    final = _progress(server.stats, 0, 0, server.http_stats)
+    print("stopped; " + final.split("] ", 1)[1], file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -132,6 +172,8 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request's full URL at INFO: a presigned URL's credentials with it.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         anyio.run(_serve_until_signalled, args, backend=args.backend)
     except Exception as exc:
@@ -184,6 +226,25 @@ def _group(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+_SIZE = re.compile(r"^(\d+)\s*(|k|kib|m|mib|g|gib)$", re.IGNORECASE)
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/KiB/M/MiB/G/GiB suffix: 1MiB, 512k, 4096."""
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1MiB, 512k or 4096")
+    unit = match.group(2)[:1].lower()
+    return int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[unit]
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a header such as 'Name: value'")
+    return name.strip(), value.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uffd_async", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -197,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         "its userfaultfd with Firecracker's JSON mappings, from the SNAPSHOT file (the "
         "mappings' offsets are positions in it). Stops on SIGINT or SIGTERM.",
     )
-    serve_parser.add_argument("snapshot", metavar="SNAPSHOT", help="the memory snapshot file")
+    serve_parser.add_argument(
+        "snapshot",
+        metavar="SNAPSHOT",
+        help="the memory snapshot: a file, or an http:// or https:// URL (S3, GCS or MinIO, "
+        "presigned or public) read by Range requests a chunk at a time",
+    )
     serve_parser.add_argument(
         "--socket", required=True, metavar="PATH", help="the Unix socket path to listen on"
     )
@@ -243,6 +309,48 @@ def main(argv: list[str] | None = None) -> int:
         help="after the working set, copy in every other page too, so that each process "
         "becomes fully resident",
     )
+    http = serve_parser.add_argument_group("snapshots over HTTP (SNAPSHOT is a URL)")
+    http.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="SIZE",
+        help="bytes per request; a fault brings its whole chunk (default 1MiB)",
+    )
+    http.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"requests at once (default {DEFAULT_CONCURRENCY})",
+    )
+    http.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="tries after the first for connection errors, timeouts, 5xx (default 5)",
+    )
+    http.add_argument(
+        "--http-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds to connect, and for each read (default 30)",
+    )
+    http.add_argument(
+        "--header",
+        type=_header,
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="a header sent with every request, e.g. 'Authorization: Bearer ...' (repeatable)",
+    )
+    http.add_argument(
+        "--cache-size",
+        type=_size,
+        default=DEFAULT_CACHE_BYTES,
+        metavar="SIZE",
+        help="recent chunks kept for fork children and other processes (default 64MiB)",
+    )
+    http.add_argument("--http2", action="store_true", help="HTTP/2 (needs uffd_async[http2])")
     serve_parser.add_argument(
         "--timeout",
         type=float,

@@ -132,3 +132,48 @@ class SnapshotClosed(UffdError):
             _errno.EBADF,
             f"the snapshot {path!r} is closed: stop the servers that use it before closing it",
         )
+
+
+class FetchError(UffdError):
+    """A snapshot's bytes could not be fetched (HTTP): after the retries, or not retriable.
+
+    The message names the URL without its query string (a presigned URL carries
+    credentials there), the byte range and the HTTP status; ``status`` is
+    ``None`` when no response came (connection refused or dropped, timeout).
+    The faults that waited on those bytes get what the server's ``on_error``
+    says (poison by default): never bytes that were not checked.
+    """
+
+    url: str
+    start: int
+    end: int
+    status: int | None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        start: int,
+        end: int,
+        status: int | None = None,
+        err: int = _errno.EIO,
+    ) -> None:
+        super().__init__(err, message)
+        self.url = url
+        self.start = start
+        self.end = end
+        self.status = status
+
+
+class SourceChanged(FetchError):
+    """The object changed since the source was opened (its ETag or Last-Modified did).
+
+    Nothing more is fetched from it: a process restored from two versions of a
+    snapshot would hold memory that never existed. Open a new source.
+    """
+
+    def __init__(
+        self, message: str, *, url: str, start: int, end: int, status: int | None = None
+    ) -> None:
+        super().__init__(message, url=url, start=start, end=end, status=status, err=_errno.ESTALE)

@@ -57,6 +57,7 @@ from ._handoff_io import (
     peer_credentials,
     receive_uffd,
 )
+from ._http_source import HttpSource, HttpStats, is_url
 from ._listener import Listener, check_socket_access
 from ._peer_lifetime import PeerExit
 from ._prefetch import PrefetchStats
@@ -119,8 +120,10 @@ class HandoffServer:
     """Accepts uffd handoffs on the Unix socket ``path`` and serves each one.
 
     ``source`` says what to serve: a snapshot file's path or a
-    :class:`Snapshot` (each handoff's mappings are served from it, and must
-    lie inside it), or a factory ``(handoff) -> resolver``. Each connection
+    :class:`Snapshot`, an ``http(s)://`` URL of one or an
+    :class:`~uffd_async.HttpSource` (each handoff's mappings are served from
+    it, and must lie inside it; every handoff shares its chunks), or a
+    factory ``(handoff) -> resolver``. Each connection
     gets its own :func:`~uffd_async.serve` under the server's task group,
     until its process exits (see the module's notes). See :meth:`serve` for
     what ends the server.
@@ -148,7 +151,7 @@ class HandoffServer:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        source: str | os.PathLike[str] | Snapshot | ResolverFactory,
+        source: str | os.PathLike[str] | Snapshot | HttpSource | ResolverFactory,
         *,
         allowed_uids: Collection[int] | None = None,
         socket_mode: int | None = None,
@@ -168,10 +171,17 @@ class HandoffServer:
             raise InvalidArgument(errno.EINVAL, "the socket path is empty")
         self._socket_mode = socket_mode
         self._socket_gid = check_socket_access(self.path, socket_mode, socket_group)
-        if isinstance(source, Snapshot) or callable(source):
-            self._source: str | Snapshot | ResolverFactory = source
+        if isinstance(source, (Snapshot, HttpSource)) or callable(source):
+            self._source: str | Snapshot | HttpSource | ResolverFactory = source
         else:
             self._source = os.fspath(source)
+        if isinstance(self._source, HttpSource) or is_url(self._source):
+            if readahead:
+                raise InvalidArgument(
+                    errno.EINVAL,
+                    "readahead does not apply to an HttpSource: a fault copies every missing "
+                    "page of its chunk; choose its chunk_size instead",
+                )
         if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
             raise InvalidArgument(errno.EINVAL, f"readahead must be an int >= 0, not {readahead!r}")
         if callable(source) and readahead:
@@ -204,6 +214,13 @@ class HandoffServer:
         self._live: dict[int, ServerStats] = {}
         self._prefetching: dict[int, tuple[PrefetchStats, SnapshotResolver]] = {}
         self._running = False
+        self._opened: Snapshot | HttpSource | None = None
+
+    @property
+    def http_stats(self) -> HttpStats | None:
+        """The HTTP source's counters (requests, bytes, retries, cache hits), if it has one."""
+        source = self._opened if self._opened is not None else self._source
+        return source.stats if isinstance(source, HttpSource) else None
 
     @property
     def allowed_uids(self) -> frozenset[int]:
@@ -244,18 +261,31 @@ class HandoffServer:
             raise RuntimeError("this HandoffServer is already serving")
         self._running = True
         try:
-            if isinstance(self._source, str):
+            if is_url(self._source):
+                assert isinstance(self._source, str)
+                async with HttpSource(self._source) as fetched:
+                    await self._listen(fetched, task_status)
+            elif isinstance(self._source, str):
                 with Snapshot(self._source) as opened:
                     await self._listen(opened, task_status)
+            elif isinstance(self._source, HttpSource):
+                await self._listen(await self._source.open(), task_status)
             else:
                 given = self._source if isinstance(self._source, Snapshot) else None
                 await self._listen(given, task_status)
         finally:
             self._running = False
+            self._opened = None
 
-    async def _listen(self, snapshot: Snapshot | None, task_status: TaskStatus[Any]) -> None:
+    async def _listen(
+        self, snapshot: Snapshot | HttpSource | None, task_status: TaskStatus[Any]
+    ) -> None:
+        self._opened = snapshot
         if snapshot is not None and self._replay.active:
-            self._replay.open(snapshot)
+            identity = (
+                snapshot.identity if isinstance(snapshot, Snapshot) else await snapshot.identity()
+            )
+            self._replay.open(snapshot.size, identity)
         try:
             with Listener(self.path, mode=self._socket_mode, gid=self._socket_gid) as listener:
                 async with anyio.create_task_group() as tg:
@@ -269,7 +299,9 @@ class HandoffServer:
 
     # -- one connection -------------------------------------------------------
 
-    async def _connection(self, conn: socket.socket, snapshot: Snapshot | None) -> None:
+    async def _connection(
+        self, conn: socket.socket, snapshot: Snapshot | HttpSource | None
+    ) -> None:
         totals = self._totals
         totals.connections += 1
         with conn:
@@ -311,7 +343,7 @@ class HandoffServer:
                         return
                     await self._serve_handoff(conn, handoff, resolver, peer)
 
-    def _resolver(self, handoff: Handoff, snapshot: Snapshot | None) -> AnyResolver:
+    def _resolver(self, handoff: Handoff, snapshot: Snapshot | HttpSource | None) -> AnyResolver:
         if snapshot is not None:
             return snapshot.resolver(
                 handoff.mappings, readahead=self._readahead, recorder=self._replay.recorder
@@ -409,7 +441,7 @@ class HandoffServer:
 
 async def serve_handoffs(
     path: str | os.PathLike[str],
-    source: str | os.PathLike[str] | Snapshot | ResolverFactory,
+    source: str | os.PathLike[str] | Snapshot | HttpSource | ResolverFactory,
     *,
     allowed_uids: Collection[int] | None = None,
     socket_mode: int | None = None,

@@ -31,8 +31,10 @@ or a snapshot's resolver). Kernel and loop facts it relies on:
 from __future__ import annotations
 
 import errno
+import logging
 import select
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import anyio
@@ -40,11 +42,21 @@ import attrs
 from anyio.abc import TaskStatus
 
 from ._abi import PAGE_SIZE
-from ._errors import InvalidArgument, MappingChanged, ProcessExited, SnapshotClosed, UffdClosed
+from ._errors import (
+    FetchError,
+    InvalidArgument,
+    MappingChanged,
+    ProcessExited,
+    SnapshotClosed,
+    SourceChanged,
+    UffdClosed,
+)
 from ._uffd import Userfaultfd
 from ._working_set import WorkingSet
 
 __all__ = ["PrefetchStats", "prefetch"]
+
+logger = logging.getLogger("uffd_async")
 
 #: The largest run one UFFDIO_COPY copies.
 DEFAULT_RUN_BYTES = 2 << 20
@@ -94,10 +106,13 @@ async def prefetch(
     events and faults first). Returns (and ``task_status.started()`` gets) the
     :class:`PrefetchStats`, filled in as it goes.
     """
-    if not hasattr(resolver, "_prefetch") or not getattr(resolver, "_can_prefetch", True):
+    source = getattr(resolver, "_chunk_source", None)
+    if source is None and (
+        not hasattr(resolver, "_prefetch") or not getattr(resolver, "_can_prefetch", True)
+    ):
         raise TypeError(
-            f"{type(resolver).__name__} cannot prefetch: use copy_from from memory (not from "
-            "a callable) or a snapshot's resolver"
+            f"{type(resolver).__name__} cannot prefetch: use copy_from from memory or from an "
+            "HttpSource (not from a callable), or a snapshot's resolver"
         )
     if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < PAGE_SIZE:
         raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {PAGE_SIZE}: {run_bytes!r}")
@@ -108,17 +123,25 @@ async def prefetch(
     poller = select.poll()
     try:
         poller.register(uffd.fileno(), select.POLLIN)
-        if working_set is not None:
+        if source is not None:  # remote: fetch whole chunks ahead (a fault's chunk is whole)
+            if working_set is not None:
+                chunks = _chunks_of(working_set.runs(run_pages), source.chunk_size)
+                await _fetch_chunks(uffd, resolver, source, chunks, poller, stats)
+        elif working_set is not None:
             if hasattr(resolver, "_guide"):  # a fault ahead of us brings the rest of its run
                 resolver._guide(working_set.runs(run_pages))
             await _copy_runs(uffd, resolver, working_set.runs(run_pages), poller, stats)
         stats.working_set_done = True
         stats.working_set_seconds = time.monotonic() - started
         if populate:
-            await _copy_runs(uffd, resolver, _everything(resolver, run_pages), poller, stats)
+            if source is not None:
+                chunks = _chunks_of(_everything(resolver, run_pages), source.chunk_size)
+                await _fetch_chunks(uffd, resolver, source, chunks, poller, stats)
+            else:
+                await _copy_runs(uffd, resolver, _everything(resolver, run_pages), poller, stats)
             stats.populated = True
-    except (ProcessExited, UffdClosed, SnapshotClosed):
-        pass  # the process is gone, or serving ended: nothing left to prefetch for
+    except (ProcessExited, UffdClosed, SnapshotClosed, SourceChanged):
+        pass  # the process is gone, serving ended, or the source is unusable: nothing to do
     stats.seconds = time.monotonic() - started
     return stats
 
@@ -147,6 +170,76 @@ async def _copy_runs(
             stats.prefetched += (uffd._filled - before) // PAGE_SIZE
             break
         stats.runs += 1
+
+
+def _chunks_of(runs: Iterable[tuple[int, int]], chunk_size: int) -> Iterator[int]:
+    """The chunks holding base pages ``runs``, each once, in order of first appearance."""
+    seen: set[int] = set()
+    for first, count in runs:
+        start = first * PAGE_SIZE // chunk_size
+        end = -(-(first + count) * PAGE_SIZE // chunk_size)
+        for chunk in range(start, end):
+            if chunk not in seen:
+                seen.add(chunk)
+                yield chunk
+
+
+async def _fetch_chunks(
+    uffd: Userfaultfd,
+    resolver: Any,
+    source: Any,
+    chunks: Iterable[int],
+    poller: select.poll,
+    stats: PrefetchStats,
+) -> None:
+    """Fetch ``chunks`` (those with a page still missing), several at a time, and fill
+    each as it lands. A quarter of the source's connections stays free for demand
+    faults, whose fetches also go before these at the source."""
+    concurrency = source.concurrency
+    limiter = anyio.Semaphore(max(1, concurrency - max(1, concurrency // 4)))
+    ended: list[BaseException] = []
+
+    async def one(chunk: int) -> None:
+        try:
+            try:
+                data = await source.chunk(chunk, demand=False)
+            except SourceChanged:
+                raise
+            except FetchError as exc:  # the demand faults will try again, and fail as they must
+                logger.warning("prefetch: %s", exc)
+                return
+            lo = chunk * source.chunk_size
+            while True:
+                await _after_the_demand(uffd, poller)
+                before = uffd._filled  # no await below: only this copies meanwhile
+                try:
+                    resolver._fill_span(uffd, lo, data)
+                except MappingChanged:
+                    stats.prefetched += (uffd._filled - before) // PAGE_SIZE
+                    await anyio.sleep(_EAGAIN_PAUSE)
+                    continue
+                stats.prefetched += (uffd._filled - before) // PAGE_SIZE
+                break
+            stats.runs += 1
+        except (ProcessExited, UffdClosed, SnapshotClosed, SourceChanged) as exc:
+            ended.append(exc)
+            tg.cancel_scope.cancel()
+        finally:
+            limiter.release()
+
+    async with anyio.create_task_group() as tg:
+        for chunk in chunks:
+            if not resolver._chunk_missing(chunk):
+                continue
+            await limiter.acquire()
+            if ended:
+                limiter.release()
+                break
+            tg.start_soon(one, chunk)
+    if ended:
+        if isinstance(ended[0], SourceChanged):
+            logger.error("prefetch stopped: %s", ended[0])
+        raise UffdClosed("serving ended") if not isinstance(ended[0], SourceChanged) else ended[0]
 
 
 async def _after_the_demand(uffd: Userfaultfd, poller: select.poll) -> None:

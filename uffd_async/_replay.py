@@ -24,7 +24,7 @@ import os
 
 from ._errors import InvalidArgument
 from ._prefetch import DEFAULT_RUN_BYTES, PrefetchStats, prefetch
-from ._snapshot import Snapshot, SnapshotResolver
+from ._snapshot import SnapshotResolver
 from ._uffd import Userfaultfd
 from ._working_set import WorkingSet, WorkingSetError, WorkingSetRecorder
 
@@ -70,21 +70,18 @@ class Replay:
     def active(self) -> bool:
         return bool(self.record_path or self.working_set is not None or self.populate)
 
-    def open(self, snapshot: Snapshot) -> None:
-        """Check the working set against ``snapshot``; start recording for it."""
-        if self.working_set is not None and not self.working_set.matches(
-            snapshot.size, snapshot.identity
-        ):
+    def open(self, size: int, identity: bytes) -> None:
+        """Check the working set against the snapshot (its size and identity); start
+        recording for it."""
+        if self.working_set is not None and not self.working_set.matches(size, identity):
             logger.warning(
                 "the working set was recorded for another snapshot (size %d, not %d, or other "
                 "contents): it is not replayed; serving lazily",
-                self.working_set.snapshot_size, snapshot.size,
+                self.working_set.snapshot_size, size,
             )  # fmt: skip
             self.working_set = None
         if self.record_path is not None:
-            self.recorder = WorkingSetRecorder(
-                snapshot.size, snapshot.identity, base=self.working_set
-            )
+            self.recorder = WorkingSetRecorder(size, identity, base=self.working_set)
 
     async def run(
         self, uffd: Userfaultfd, resolver: SnapshotResolver, stats: PrefetchStats

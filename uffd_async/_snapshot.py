@@ -32,9 +32,11 @@ import mmap
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from ._abi import PAGE_SIZE
 from ._addrspace import AddressMap
+from ._chunked_copy import ChunkedCopy
 from ._errors import InvalidArgument, SnapshotClosed
 from ._events import PageFault, Remap, Remove, Unmap
 from ._handoff import GuestMapping, check_mappings
@@ -43,6 +45,9 @@ from ._native import libc
 from ._uffd import Userfaultfd
 from ._working_set import WorkingSetRecorder, snapshot_identity
 from .resolvers import CopyFrom, NoSourcePage, Resolver
+
+if TYPE_CHECKING:
+    from ._http_source import HttpSource
 
 __all__ = ["Snapshot", "SnapshotResolver"]
 
@@ -95,6 +100,17 @@ class Snapshot:
         if self.closed:
             raise SnapshotClosed(self.path)
         return snapshot_identity(self._address, self.size)
+
+    def _copier(self, mapping: GuestMapping, readahead: int) -> CopyFrom:
+        """The resolver of one mapping's pages: UFFDIO_COPY straight from the page cache."""
+        return CopyFrom(
+            self._view(mapping),
+            base=mapping.base_host_virt_addr,
+            size=mapping.size,
+            readahead=readahead,
+            wp=False,
+            page_size=mapping.page_size,
+        )
 
     def _view(self, mapping: GuestMapping) -> Region:
         """The mapping's bytes in the file, as a source for ``copy_from`` (never closed)."""
@@ -157,7 +173,7 @@ class SnapshotResolver(Resolver):
 
     def __init__(
         self,
-        snapshot: Snapshot,
+        snapshot: Snapshot | HttpSource,
         mappings: Iterable[GuestMapping],
         *,
         readahead: int = 0,
@@ -169,14 +185,7 @@ class SnapshotResolver(Resolver):
         self._parts = [
             _Part(
                 mapping,
-                CopyFrom(
-                    snapshot._view(mapping),
-                    base=mapping.base_host_virt_addr,
-                    size=mapping.size,
-                    readahead=readahead,
-                    wp=False,
-                    page_size=mapping.page_size,
-                ),
+                snapshot._copier(mapping, readahead),
                 AddressMap(mapping.base_host_virt_addr, mapping.size),
                 mapping.page_size > PAGE_SIZE,
             )
@@ -185,7 +194,14 @@ class SnapshotResolver(Resolver):
         if recorder is not None:
             for part in self._parts:
                 part.copier._record_into(recorder, part.mapping.offset // PAGE_SIZE)
+        self._link()
         self._route()
+
+    def _link(self) -> None:
+        """A chunk that lands for one mapping fills every mapping's pages within it."""
+        chunked = [part.copier for part in self._parts if isinstance(part.copier, ChunkedCopy)]
+        for copier in chunked:
+            copier._together = chunked
 
     @property
     def mappings(self) -> tuple[GuestMapping, ...]:
@@ -211,6 +227,17 @@ class SnapshotResolver(Resolver):
         )
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        part = self._serving(fault, uffd)
+        return part is None or part.copier.resolve_now(fault, uffd)
+
+    async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        part = self._serving(fault, uffd)
+        if part is not None:
+            await part.copier.resolve(fault, uffd)
+
+    def _serving(self, fault: PageFault, uffd: Userfaultfd) -> _Part | None:
+        """The part that serves ``fault``, or None when it was served here (a removed huge
+        page: zeros, by COPY since hugetlbfs has no ZEROPAGE)."""
         if self._snapshot.closed:
             raise SnapshotClosed(self._snapshot.path)
         part = self._part_for(fault.address)
@@ -218,9 +245,9 @@ class SnapshotResolver(Resolver):
             page = fault.address & ~(part.mapping.page_size - 1)
             original = part.where.original(page)
             if original is not None and original in part.where.removed:
-                uffd.copy(page, _zeros(part.mapping.page_size))  # no ZEROPAGE on hugetlbfs
-                return True
-        return part.copier.resolve_now(fault, uffd)
+                uffd.copy(page, _zeros(part.mapping.page_size))
+                return None
+        return part
 
     def apply(self, event: Remap | Remove | Unmap) -> None:
         for part in self._parts:
@@ -233,6 +260,7 @@ class SnapshotResolver(Resolver):
         child = object.__new__(SnapshotResolver)
         child._snapshot = self._snapshot
         child._parts = [part.fork() for part in self._parts]
+        child._link()
         child._route()
         return child
 
@@ -265,6 +293,26 @@ class SnapshotResolver(Resolver):
                 per_part[id(part)].append((part_first, pages))
         for part in self._parts:
             part.copier._guide(per_part[id(part)])
+
+    @property
+    def _chunk_source(self) -> HttpSource | None:
+        """The source read a chunk at a time, if it is one (the prefetcher then fetches)."""
+        return None if isinstance(self._snapshot, Snapshot) else self._snapshot
+
+    def _fill_span(self, uffd: Userfaultfd, lo: int, data: bytes) -> None:
+        """Copy the missing pages of every mapping whose bytes lie within ``data`` (the
+        source's bytes from ``lo``); chunk sources only."""
+        if self._snapshot.closed:
+            raise SnapshotClosed(self._snapshot.path)
+        for part in self._parts:
+            assert isinstance(part.copier, ChunkedCopy)
+            part.copier._fill_span(uffd, lo, data)
+
+    def _chunk_missing(self, chunk: int) -> bool:
+        return any(
+            isinstance(part.copier, ChunkedCopy) and part.copier._chunk_missing(chunk)
+            for part in self._parts
+        )
 
     def _source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of the snapshot that the mappings hold, in file order."""

@@ -222,18 +222,31 @@ class WorkingSetRecorder:
         )
 
 
+def identity_samples(size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the bytes a snapshot's identity hashes: all of a small one,
+    else 64 blocks of 4 KiB spread evenly (cheap to read over HTTP too)."""
+    if size <= _SAMPLES * _SAMPLE:
+        return [(0, size)]
+    step = (size - _SAMPLE) // (_SAMPLES - 1)
+    return [(n * step, _SAMPLE) for n in range(_SAMPLES)]
+
+
+def identity_of(size: int, samples: Iterable[bytes]) -> bytes:
+    """The identity from the bytes at ``identity_samples(size)``, in that order."""
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    for sample in samples:
+        digest.update(sample)
+    return digest.digest()
+
+
 def snapshot_identity(address: int, size: int) -> bytes:
     """SHA-256 of ``size`` and of 64 blocks of 4 KiB spread over the bytes at ``address``."""
     import ctypes
 
-    digest = hashlib.sha256(size.to_bytes(8, "little"))
-    if size <= _SAMPLES * _SAMPLE:
-        digest.update(ctypes.string_at(address, size))
-        return digest.digest()
-    step = (size - _SAMPLE) // (_SAMPLES - 1)
-    for n in range(_SAMPLES):
-        digest.update(ctypes.string_at(address + n * step, _SAMPLE))
-    return digest.digest()
+    return identity_of(
+        size,
+        (ctypes.string_at(address + offset, length) for offset, length in identity_samples(size)),
+    )
 
 
 def check_page_count(max_pages: int) -> int:

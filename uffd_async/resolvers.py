@@ -195,7 +195,7 @@ class CopyFrom(Resolver):
         return memoryview(self._populated).toreadonly()
 
     def fork(self) -> CopyFrom:
-        child = object.__new__(CopyFrom)
+        child = object.__new__(type(self))
         child.__dict__.update(self.__dict__)
         child._populated = bytearray(self._populated)
         child._map = self._map.copy()
@@ -260,8 +260,12 @@ class CopyFrom(Resolver):
         ``MappingChanged`` (an event is unread: the server must read it first),
         ``ProcessExited``, ``UffdClosed``.
         """
-        if not self._can_prefetch:
-            return
+        if self._can_prefetch:
+            self._fill_runs(uffd, first, count, self._address)
+
+    def _fill_runs(self, uffd: Userfaultfd, first: int, count: int, origin: int) -> None:
+        """``_fill_ahead`` from the bytes of source page ``i`` at ``origin + i * page_size``
+        (only those of pages ``[first, first + count)`` are read)."""
         populated = self._populated
         size = self._page_size
         untouched = not self._changed  # no event yet: every page is where it was mapped
@@ -274,9 +278,7 @@ class CopyFrom(Resolver):
             while j < end and not populated[j] and (untouched or self._in_place(j)):
                 j += 1
             try:
-                uffd.copy(
-                    self._base + i * size, self._address + i * size, (j - i) * size, wp=self._wp
-                )
+                uffd.copy(self._base + i * size, origin + i * size, (j - i) * size, wp=self._wp)
             except PageExists as exc:  # a demand fault (or its readahead) got there first
                 done = exc.done // size
                 populated[i : i + done + 1] = b"\1" * (done + 1)
@@ -454,18 +456,42 @@ def copy_from(
     """Answer missing faults with UFFDIO_COPY from ``source``.
 
     ``source`` is a bytes-like object or :class:`Region` (the page at offset
-    ``fault.page - base``), or a sync or async callable ``(offset, length) ->
-    bytes``. ``readahead=N`` copies up to N further pages not populated yet in
-    the same ioctl. ``wp=True`` maps pages write-protected (for MISSING|WP
-    ranges). Pages removed by MADV_DONTNEED are served zeros afterwards, and
-    remapped pages keep their contents at their new address. ``recorder``
-    (a :class:`~uffd_async.WorkingSetRecorder`) records the source pages
-    demand faults ask for (with ``readahead=0``: readahead pages never fault);
+    ``fault.page - base``), a sync or async callable ``(offset, length) ->
+    bytes``, or an open :class:`~uffd_async.HttpSource` (a fault then awaits
+    its whole chunk, which fills every missing page of it). ``readahead=N``
+    copies up to N further pages not populated yet in the same ioctl.
+    ``wp=True`` maps pages write-protected (for MISSING|WP ranges). Pages
+    removed by MADV_DONTNEED are served zeros afterwards, and remapped pages
+    keep their contents at their new address. ``recorder`` (a
+    :class:`~uffd_async.WorkingSetRecorder`) records the source pages demand
+    faults ask for (with ``readahead=0``: readahead pages never fault);
     from memory, :func:`~uffd_async.prefetch` replays such a set.
     """
-    resolver = CopyFrom(
-        source, base=base, size=size, readahead=readahead, wp=wp, page_size=page_size
-    )
+    from ._http_source import HttpSource
+
+    resolver: CopyFrom
+    if isinstance(source, HttpSource):
+        from ._chunked_copy import ChunkedCopy
+
+        if readahead:
+            raise InvalidArgument(
+                22,
+                "readahead does not apply to an HttpSource: a fault copies every missing page "
+                f"of its chunk ({source.chunk_size} bytes); choose chunk_size instead",
+            )
+        source._check_open()
+        resolver = ChunkedCopy(
+            source,
+            offset=0,
+            base=base,
+            size=source.size if size is None else min(size, source.size),
+            page_size=page_size,
+            wp=wp,
+        )
+    else:
+        resolver = CopyFrom(
+            source, base=base, size=size, readahead=readahead, wp=wp, page_size=page_size
+        )
     if recorder is not None:
         resolver._record_into(recorder, 0)
     return resolver

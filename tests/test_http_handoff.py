@@ -1,0 +1,152 @@
+"""Processes restored from an HTTP snapshot: ``serve_handoffs`` and the command line.
+
+The peer is ``test_replay``'s Firecracker 1.12 handoff (two regions laid end to end
+in the snapshot, registered MISSING, the uffd sent with the mappings), which reads
+chosen pages from plain Python and compares each with the snapshot's bytes; the
+object is the same bytes on ``tests/_http_server.py``, a real server process on
+loopback. A page that cannot be fetched is poisoned: the peer dies of SIGBUS, and
+never reads a wrong byte. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import uffd_async as ua
+
+from ._processes import read_until
+from ._support import TIMEOUT, HttpObjectServer
+from .test_firecracker import ends_soon, place, running, stop
+from .test_replay import PAGES, REPLAY_PEER, TOUCH, peer_config, run_peer, snapshot_for
+
+__all__ = ["place"]  # a fixture, used by name
+
+P = ua.PAGE_SIZE
+CHUNK = 64 * 1024  # 16 pages: the snapshot (2 * PAGES pages) has 8 chunks
+
+
+def publish(place: Path, http_server: HttpObjectServer) -> str:
+    """The snapshot file the peer compares with, and the same bytes on the server."""
+    http_server.put("guest.mem", snapshot_for(place).read_bytes())
+    return http_server.url("guest.mem")
+
+
+def chunks_served(http_server: HttpObjectServer) -> list[int]:
+    return [
+        entry["start"] // CHUNK
+        for entry in http_server.stats()["ranges"]
+        if entry["start"] is not None and entry["stop"] - entry["start"] == CHUNK
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_process_is_restored_from_a_url(place: Path, http_server: HttpObjectServer) -> None:
+    url = publish(place, http_server)
+    async with running(place, url) as server:
+        await run_peer(peer_config(place, TOUCH, all=True))
+        await ends_soon(server)
+        stats = server.stats
+        http = server.http_stats
+        # The snapshot (512 KiB) is one chunk of the default size: one fault brings it all.
+        assert http is not None and (http.chunks, http.requests) == (1, 2)
+    assert (stats.served, stats.failed, stats.errors) == (1, 0, 0)
+    assert stats.pages == 2 * PAGES and stats.faults == 1
+    assert http_server.wait_idle()["connections_open"] == 0, "the source's pool was left open"
+
+
+@pytest.mark.anyio
+async def test_processes_share_one_sources_chunks(
+    place: Path, http_server: HttpObjectServer
+) -> None:
+    url = publish(place, http_server)
+    async with ua.HttpSource(url, chunk_size=CHUNK) as source:
+        async with running(place, source) as server:
+            for _ in range(3):
+                await run_peer(peer_config(place, TOUCH))
+                await ends_soon(server)
+        touched = {page * P // CHUNK for page in TOUCH}
+        assert sorted(chunks_served(http_server)) == sorted(touched)  # once, for all three
+        assert source.stats.cache_hits >= 2 * len(touched)
+        assert server.stats.served == 3 and server.stats.errors == 0
+
+
+@pytest.mark.anyio
+async def test_pages_that_cannot_be_fetched_are_poisoned_never_wrong(
+    place: Path, http_server: HttpObjectServer
+) -> None:
+    url = publish(place, http_server)
+    async with ua.HttpSource(url, chunk_size=CHUNK, retries=1) as source:
+        http_server.queue(*["403"] * 20)
+        async with running(place, source) as server:
+            with anyio.fail_after(TIMEOUT * 3):
+                result = await anyio.run_process(
+                    [sys.executable, "-c", REPLAY_PEER, peer_config(place, TOUCH)],
+                    check=False,
+                    stderr=subprocess.STDOUT,
+                )
+            assert result.returncode == -signal.SIGBUS, result.stdout
+            assert b"holds" not in result.stdout  # it never compared a wrong page
+            await ends_soon(server)
+            assert server.stats.errors >= 1
+        assert source.stats.failed >= 1 and source.stats.retries == 0
+
+
+@pytest.mark.anyio
+async def test_a_working_set_over_http_records_and_replays(
+    place: Path, http_server: HttpObjectServer
+) -> None:
+    url = publish(place, http_server)
+    ws_path = place / "boot.ws"
+    async with ua.HttpSource(url, chunk_size=CHUNK) as source:
+        async with running(place, source, record=ws_path) as server:
+            await run_peer(peer_config(place, TOUCH))
+            await ends_soon(server)
+    recorded = ua.WorkingSet.load(ws_path)
+    with ua.Snapshot(place / "guest.mem") as local:
+        assert recorded.matches(local.size, local.identity)  # one identity, file or URL
+    http_server.reset()
+    async with ua.HttpSource(url, chunk_size=CHUNK) as source:
+        async with running(place, source, prefetch=ws_path) as server:
+            await run_peer(peer_config(place, TOUCH, all=True))
+            await ends_soon(server)
+            assert server.stats.prefetched > 0 and server.stats.errors == 0
+
+
+def test_options_that_do_not_apply_to_a_url(place: Path) -> None:
+    with pytest.raises(ua.InvalidArgument, match="readahead does not apply"):
+        ua.HandoffServer(place / "s.sock", "https://example.com/snap", readahead=4)
+
+
+def test_the_command_line_serves_a_url_and_never_shows_its_query(
+    place: Path, http_server: HttpObjectServer
+) -> None:
+    secret = "X-Amz-Signature=feedface0123"
+    url = publish(place, http_server) + "?" + secret
+    argv = ["serve", url, "--socket", str(place / "uffd.sock"), "--interval", "0.02"]
+    argv += ["--chunk-size", "64KiB", "--concurrency", "4", "--header", "X-Test: yes"]
+    code = f"import sys\nfrom uffd_async.__main__ import main\nsys.exit(main({argv!r}))"
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as server:
+        try:
+            assert server.stderr is not None
+            log = read_until(server.stderr, b"listening")
+            anyio.run(run_peer, peer_config(place, TOUCH))
+            log += read_until(server.stderr, b"connections 1 (0 active")
+            log += stop(server)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            server.communicate(timeout=TIMEOUT)
+    text = log.decode()
+    assert "feedface" not in text, text
+    assert f"serving {http_server.url('guest.mem')} ({2 * PAGES * P:,} bytes, 64 KiB chunks" in text
+    assert "checked by If-Match" in text
+    touched = len({page * P // CHUNK for page in TOUCH})
+    assert f"in {touched + 1} requests (0 retried" in text.rsplit("stopped;", 1)[1]

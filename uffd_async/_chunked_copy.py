@@ -1,0 +1,190 @@
+"""Copying from a source read a chunk at a time: a fault's chunk fills every missing page of it.
+
+A remote source (:class:`~uffd_async.HttpSource`) costs milliseconds per
+request whatever its size, so a fault awaits its whole chunk (every fault in
+the chunk awaits the same request), and the chunk then fills every page of it
+that is still missing, in place, in as few UFFDIO_COPY calls as the runs allow:
+the rest of the chunk never faults. Facts this relies on, beyond
+:class:`~uffd_async.resolvers.CopyFrom`'s:
+
+* While a fault awaits its chunk the server goes on reading events, so the
+  address space may have changed by the time the bytes land: the fault is
+  planned again, and the fill skips pages removed or moved since (EAGAIN, an
+  event still unread, makes the server retry the fault once it has read it).
+* A fault on a page already populated before the fetch may be stale (it was
+  queued while another fault's fill copied the page, which woke the thread),
+  or its page may have been zapped without an event: its page is copied
+  again, and EEXIST makes the server wake it. Either way no thread is left.
+* A huge page larger than the chunk takes the chunks that cover it, fetched
+  at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Protocol
+
+import anyio
+
+from ._abi import PAGE_SIZE
+from ._events import PageFault
+from ._memory import buffer_address
+from ._uffd import Userfaultfd
+from .resolvers import CopyFrom
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["ChunkSource", "ChunkedCopy"]
+
+
+class ChunkSource(Protocol):
+    """What ChunkedCopy reads: bytes ``[i * chunk_size, ...)`` as chunk ``i`` (HttpSource)."""
+
+    chunk_size: int
+    size: int
+
+    def cached(self, index: int) -> bytes | None: ...
+
+    async def chunk(self, index: int, *, demand: bool = True) -> bytes: ...
+
+
+async def _no_fetch(offset: int, length: int) -> bytes:
+    raise AssertionError("ChunkedCopy reads its source by chunks")  # pragma: no cover
+
+
+class ChunkedCopy(CopyFrom):
+    """UFFDIO_COPY of ``size`` bytes of ``source`` from byte ``offset``, mapped at ``base``."""
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        *,
+        offset: int,
+        base: int,
+        size: int,
+        page_size: int,
+        wp: bool,
+    ) -> None:
+        super().__init__(_no_fetch, base=base, size=size, readahead=0, wp=wp, page_size=page_size)
+        self._source = source
+        self._offset = offset
+        self._chunk_size = source.chunk_size
+        # Every resolver of the same process's memory from this source: a chunk that
+        # lands fills their pages too (a snapshot's other mappings, see SnapshotResolver).
+        self._together: list[ChunkedCopy] = [self]
+
+    def fork(self) -> ChunkedCopy:
+        child = super().fork()
+        assert isinstance(child, ChunkedCopy)
+        child._together = [child]
+        return child
+
+    @property
+    def _chunk_source(self) -> ChunkSource:
+        return self._source
+
+    # -- the faults -----------------------------------------------------------
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        page, index, _, removed = self._plan(fault)
+        if removed:  # zeros: nothing of the source was asked for
+            self._zero(uffd, page, index)
+            return True
+        span = self._cached_span(index)
+        if span is None:
+            return False
+        self._serve(uffd, page, index, span[0], span[1], self._populated[index])
+        return True
+
+    async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        page, index, _, removed = self._plan(fault)
+        was = self._populated[index]
+        while not removed:
+            lo, data = await self._fetch_span(index)
+            page, index, _, removed = self._plan(fault)  # what changed while we waited
+            start = self._offset + index * self._page_size
+            if not removed and lo <= start and start + self._page_size <= lo + len(data):
+                self._serve(uffd, page, index, lo, data, was)
+                return
+        self._zero(uffd, page, index)
+
+    def _serve(
+        self, uffd: Userfaultfd, page: int, index: int, lo: int, data: bytes, was: int
+    ) -> None:
+        for resolver in self._together:
+            resolver._fill_span(uffd, lo, data)
+        if self._recorder is not None:
+            self._record(index)
+        if was or not self._populated[index]:  # see the module's docstring
+            address, _, keep = buffer_address(data)
+            self._copy(uffd, page, index, 1, address + self._offset + index * self._page_size - lo)
+            del keep
+
+    # -- chunks ---------------------------------------------------------------
+
+    def _chunks_of(self, index: int) -> range:
+        """The chunks holding source page ``index``."""
+        start = self._offset + index * self._page_size
+        size = self._chunk_size
+        return range(start // size, -(-(start + self._page_size) // size))
+
+    def _cached_span(self, index: int) -> tuple[int, bytes] | None:
+        chunks = self._chunks_of(index)
+        parts = []
+        for chunk in chunks:
+            data = self._source.cached(chunk)
+            if data is None:
+                return None
+            parts.append(data)
+        return chunks[0] * self._chunk_size, parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _fetch_span(self, index: int) -> tuple[int, bytes]:
+        chunks = self._chunks_of(index)
+        lo = chunks[0] * self._chunk_size
+        if len(chunks) == 1:
+            return lo, await self._source.chunk(chunks[0])
+        parts = [b""] * len(chunks)
+
+        async def fetch(n: int) -> None:
+            parts[n] = await self._source.chunk(chunks[n])
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for n in range(len(chunks)):
+                    tg.start_soon(fetch, n)
+        except BaseExceptionGroup as group:
+            raise _first(group) from None
+        return lo, b"".join(parts)
+
+    def _fill_span(self, uffd: Userfaultfd, lo: int, data: bytes) -> None:
+        """Copy every missing page of ours, in place, whose bytes lie within ``data``
+        (the source's bytes from ``lo``)."""
+        size = self._page_size
+        first = max(0, -(-(lo - self._offset) // size))
+        last = min(self._pages, (lo + len(data) - self._offset) // size)
+        if first < last:
+            address, _, keep = buffer_address(data)
+            self._fill_runs(uffd, first, last - first, address - (lo - self._offset))
+            del keep
+
+    def _chunk_missing(self, chunk: int) -> bool:
+        """Whether a page of ours within ``chunk`` is still missing."""
+        lo = chunk * self._chunk_size - self._offset
+        first = max(0, lo // self._page_size)
+        last = min(self._pages, -(-(lo + self._chunk_size) // self._page_size))
+        return first < last and self._populated.find(0, first, last) >= 0
+
+    def _source_runs(self) -> list[tuple[int, int]]:
+        """(first base page, pages) of the source that this resolver maps."""
+        return [(self._offset // PAGE_SIZE, self._pages * self._page_size // PAGE_SIZE)]
+
+    def __repr__(self) -> str:
+        return f"<ChunkedCopy of {self._source!r} at {self._base:#x}, {self._pages} pages>"
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

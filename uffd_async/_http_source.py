@@ -1,0 +1,483 @@
+"""A snapshot in object storage (S3, GCS, MinIO, any HTTP server), read by Range requests.
+
+The I/O of remote snapshots, built on httpx (anyio-native: asyncio and trio).
+What it checks, and why:
+
+* One request at open, ``GET`` with ``Range: bytes=0-0``: its ``Content-Range``
+  gives the size and its ``ETag`` (else ``Last-Modified``) the version. Not
+  ``HEAD``: a presigned URL is signed for one method, and is usually GET's.
+* Every later request carries ``If-Match`` (a strong ETag) or
+  ``If-Unmodified-Since`` (a weak one, or none): an object replaced during a
+  restore answers 412, and :class:`~uffd_async.SourceChanged` stops every
+  fetch from then on, so a process never holds two versions of a snapshot.
+  A response whose ETag or total size differs is refused the same way.
+* A response must be 206 with exactly the ``Content-Range`` asked for and
+  exactly that many bytes: a 200 (a server ignoring Range), a short body, a
+  different range or a compressed body (``Accept-Encoding: identity`` is sent,
+  since a range of a compressed representation is not the object's bytes) is
+  an error, never copied into anyone's memory.
+* Connection errors, timeouts, bodies cut short and 5xx are retried with
+  exponential backoff and full jitter, up to ``retries`` times; other 4xx are
+  not (the request itself is wrong: it would fail the same way again).
+* URLs are shown without their query string, fragment or user info: a
+  presigned URL carries its credentials in the query. (httpx logs full URLs
+  at INFO on its ``httpx`` logger; the CLI keeps that logger at WARNING.)
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from ._abi import PAGE_SIZE
+from ._chunks import Chunks, ChunkStats
+from ._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
+from ._working_set import WorkingSetRecorder, identity_of, identity_samples
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ._chunked_copy import ChunkedCopy
+    from ._handoff import GuestMapping
+    from ._snapshot import SnapshotResolver
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "HttpSource", "HttpStats", "display_url", "is_url"]
+
+#: The default chunk: one request per MiB (see the README's HTTP benchmark for the choice).
+DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_CONCURRENCY = 16
+DEFAULT_CACHE_BYTES = 64 << 20
+_BACKOFF = 0.05  # seconds before the first retry, doubled at each one
+_BACKOFF_CAP = 2.0
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+def is_url(source: object) -> bool:
+    """Whether ``source`` names an HTTP(S) object rather than a file."""
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def display_url(url: str) -> str:
+    """``url`` without what may carry credentials: query string, fragment, user info."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.split("?", 1)[0].split("#", 1)[0]
+    rest = rest.split("#", 1)[0].split("?", 1)[0]
+    host, slash, path = rest.partition("/")
+    host = host.rpartition("@")[2]
+    return f"{scheme}://{host}{slash}{path}"
+
+
+@attrs.define(kw_only=True)
+class HttpStats(ChunkStats):
+    """What an :class:`HttpSource` did; read it while it runs or after."""
+
+    #: HTTP requests sent (retries included) and body bytes received.
+    requests: int = 0
+    bytes: int = 0
+    #: Requests retried (a connection error, a timeout, a cut-short body, a 5xx).
+    retries: int = 0
+
+
+class _Retry(Exception):
+    """A failure worth trying again; ``error`` is what to raise when the retries run out."""
+
+    def __init__(self, error: FetchError) -> None:
+        self.error = error
+
+
+class HttpSource:
+    """A snapshot object served over HTTP(S) Range requests, fetched a chunk at a time.
+
+    Use it open: ``async with HttpSource(url) as source:``. Then give it to
+    :func:`~uffd_async.copy_from` (in-process memory), to
+    :func:`~uffd_async.serve_handoffs` (every handoff's mappings are served from
+    it, and share its chunks) or call :meth:`read` yourself. Every fault in a
+    chunk awaits one request for it; when it lands, every page of the chunk
+    still missing is copied in, so the rest of the chunk never faults.
+
+    ``chunk_size``: bytes per request (a multiple of 4 KiB). ``concurrency``:
+    requests at once (the connection pool's size; demand faults go before
+    prefetching). ``timeout``: seconds for connecting and for each read.
+    ``retries``: tries after the first for a retriable failure. ``headers``:
+    sent with every request (an ``Authorization``, say). ``cache_bytes``: recent
+    chunks kept for fork children and other processes restored from this
+    source. ``http2``: HTTP/2 (needs the ``http2`` extra). ``client``: an
+    ``httpx.AsyncClient`` of yours (proxies, certificates); it is not closed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        timeout: float = 30.0,
+        retries: int = 5,
+        headers: Mapping[str, str] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        http2: bool = False,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not is_url(url):
+            raise InvalidArgument(errno.EINVAL, f"not an http:// or https:// URL: {url!r}")
+        _check_count("chunk_size", chunk_size, PAGE_SIZE)
+        if chunk_size % PAGE_SIZE:
+            raise InvalidArgument(
+                errno.EINVAL, f"chunk_size must be a multiple of {PAGE_SIZE}: {chunk_size}"
+            )
+        _check_count("concurrency", concurrency, 1)
+        _check_count("retries", retries, 0)
+        _check_count("cache_bytes", cache_bytes, 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidArgument(errno.EINVAL, f"timeout must be > 0 seconds: {timeout!r}")
+        try:
+            import httpx
+        except ImportError:
+            raise ImportError("HttpSource needs httpx: pip install 'uffd_async[http]'") from None
+        self._url = url
+        self.url = display_url(url)
+        self.chunk_size = chunk_size
+        self.concurrency = concurrency
+        self.retries = retries
+        self._timeout = float(timeout)
+        self._headers = {**(headers or {}), "Accept-Encoding": "identity"}
+        self._http2 = http2
+        self._client = client
+        self._own_client = client is None
+        self._httpx = httpx
+        self.stats = HttpStats()
+        self._chunks = Chunks(
+            self._fetch_chunk, concurrency=concurrency, cache_bytes=cache_bytes, stats=self.stats
+        )
+        self._opened = False
+        self._closed = False
+        self._changed: SourceChanged | None = None
+        self._condition: dict[str, str] = {}
+        self._etag: str | None = None
+        self.size = 0
+        self._identity: bytes | None = None
+
+    # -- opening and closing ----------------------------------------------------
+
+    async def open(self) -> HttpSource:
+        """Learn the object's size and version (one request). Idempotent."""
+        if self._closed:
+            raise SnapshotClosed(self.url)
+        if self._opened:
+            return self
+        httpx = self._httpx
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                http2=self._http2,
+                timeout=httpx.Timeout(self._timeout),
+                limits=httpx.Limits(
+                    max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+                ),
+                follow_redirects=True,
+            )
+        try:
+            await self._retrying(0, 0, self._first_request)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._opened = True
+        return self
+
+    async def _first_request(self, start: int, end: int) -> bytes:
+        response, body = await self._get(start, end, {})
+        total = self._check_range(response, start, end)
+        if total == 0:
+            raise self._error("the object is empty: there is nothing to serve", 0, 0, 206)
+        self.size = total
+        etag = response.headers.get("ETag")
+        modified = response.headers.get("Last-Modified")
+        self._etag = etag
+        if etag and not etag.startswith("W/"):
+            self._condition = {"If-Match": etag}
+        elif modified:
+            self._condition = {"If-Unmodified-Since": modified}
+        return body
+
+    async def aclose(self) -> None:
+        """Close the connections (not a client given to us). Idempotent."""
+        self._closed = True
+        self._chunks.clear()
+        client, self._client = self._client, None
+        if client is not None and self._own_client:
+            await client.aclose()
+
+    async def __aenter__(self) -> HttpSource:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def path(self) -> str:
+        """What errors call this source (the URL without credentials)."""
+        return self.url
+
+    @property
+    def validator(self) -> str | None:
+        """What each request checks the object against: ``If-Match: "etag"``, say."""
+        return next((f"{k}: {v}" for k, v in self._condition.items()), None)
+
+    # -- reading ------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``: one checked, retried Range request (no chunking)."""
+        self._check_open()
+        _check_count("offset", offset, 0)
+        _check_count("length", length, 1)
+        if offset + length > self.size:
+            raise InvalidArgument(
+                errno.EINVAL,
+                f"bytes {offset}-{offset + length - 1} are past the object's {self.size} bytes",
+            )
+        return await self._retrying(offset, offset + length - 1, self._ranged)
+
+    async def chunk(self, index: int, *, demand: bool = True) -> bytes:
+        """Chunk ``index`` (``chunk_size`` bytes, the last one shorter), fetched once however
+        many ask for it at a time. ``demand=False`` (prefetch) yields to demand faults."""
+        self._check_open()
+        if not 0 <= index < self.chunk_count:
+            raise InvalidArgument(errno.EINVAL, f"no chunk {index}: there are {self.chunk_count}")
+        return await self._chunks.get(index, demand=demand)
+
+    def cached(self, index: int) -> bytes | None:
+        """Chunk ``index`` if it is at hand now (recently fetched), without awaiting."""
+        return self._chunks.cached(index)
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    async def identity(self) -> bytes:
+        """What a working set recorded for this object carries (see ``snapshot_identity``):
+        the same as the local file's, from 64 small Range requests."""
+        if self._identity is None:
+            samples = identity_samples(self.size)
+            blocks: list[bytes] = [b""] * len(samples)
+            limiter = anyio.Semaphore(self.concurrency)
+
+            async def one(n: int, offset: int, length: int) -> None:
+                async with limiter:
+                    blocks[n] = await self.read(offset, length)
+
+            async with anyio.create_task_group() as tg:
+                for n, (offset, length) in enumerate(samples):
+                    tg.start_soon(one, n, offset, length)
+            self._identity = identity_of(self.size, blocks)
+        return self._identity
+
+    # -- resolvers ----------------------------------------------------------------
+
+    def resolver(
+        self,
+        mappings: Iterable[GuestMapping],
+        *,
+        readahead: int = 0,
+        recorder: WorkingSetRecorder | None = None,
+    ) -> SnapshotResolver:
+        """A resolver for a process that maps ``mappings`` of this object (as a snapshot
+        file's; see :class:`~uffd_async.SnapshotResolver`)."""
+        from ._snapshot import SnapshotResolver
+
+        self._check_open()
+        return SnapshotResolver(self, mappings, readahead=readahead, recorder=recorder)
+
+    def _copier(self, mapping: GuestMapping, readahead: int) -> ChunkedCopy:
+        from ._chunked_copy import ChunkedCopy
+
+        if readahead:
+            raise InvalidArgument(
+                errno.EINVAL,
+                "readahead does not apply to an HttpSource: a fault copies every missing page "
+                f"of its chunk ({self.chunk_size} bytes); choose chunk_size instead",
+            )
+        return ChunkedCopy(
+            self,
+            offset=mapping.offset,
+            base=mapping.base_host_virt_addr,
+            size=mapping.size,
+            page_size=mapping.page_size,
+            wp=False,
+        )
+
+    # -- the requests -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed or not self._opened:
+            raise (
+                SnapshotClosed(self.url)
+                if self._closed
+                else RuntimeError("open the HttpSource first: async with HttpSource(url) as source")
+            )
+        if self._changed is not None:
+            raise self._changed
+
+    async def _fetch_chunk(self, index: int) -> bytes:
+        start = index * self.chunk_size
+        end = min(self.size, start + self.chunk_size) - 1
+        return await self._retrying(start, end, self._ranged)
+
+    async def _ranged(self, start: int, end: int) -> bytes:
+        response, body = await self._get(start, end, self._condition)
+        total = self._check_range(response, start, end)
+        if total != self.size:
+            raise self._changed_error(
+                f"the object is now {total} bytes, not {self.size}", start, end, response
+            )
+        etag = response.headers.get("ETag")
+        if self._etag and etag and _opaque(etag) != _opaque(self._etag):
+            raise self._changed_error(
+                f"the object's ETag is now {etag}, not {self._etag}", start, end, response
+            )
+        return body
+
+    async def _retrying(
+        self, start: int, end: int, attempt: Callable[[int, int], Awaitable[bytes]]
+    ) -> bytes:
+        """``attempt(start, end)``, retried as the module says."""
+        tries = 0
+        while True:
+            if self._changed is not None:
+                raise self._changed
+            try:
+                return await attempt(start, end)
+            except _Retry as retry:
+                if tries >= self.retries:
+                    if tries:
+                        retry.error.strerror = (
+                            f"{retry.error.strerror} (after {tries + 1} attempts)"
+                        )
+                    raise retry.error from None
+            except SourceChanged as exc:
+                self._changed = exc
+                raise
+            self.stats.retries += 1
+            await anyio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF * 2**tries)))
+            tries += 1
+
+    async def _get(
+        self, start: int, end: int, condition: Mapping[str, str]
+    ) -> tuple[httpx.Response, bytes]:
+        """One ranged GET: (response, its body, exactly ``end - start + 1`` bytes long)."""
+        httpx = self._httpx
+        if self._client is None:
+            raise SnapshotClosed(self.url)
+        headers = {**self._headers, **condition, "Range": f"bytes={start}-{end}"}
+        expected = end - start + 1
+        self.stats.requests += 1
+        pieces: list[bytes] = []
+        received = 0
+        try:
+            async with self._client.stream("GET", self._url, headers=headers) as response:
+                self._check_status(response, start, end)
+                declared = response.headers.get("Content-Length")
+                if declared is not None and declared.strip() != str(expected):
+                    raise self._error(
+                        f"Content-Length {declared} for {expected} bytes asked", start, end, 206
+                    )
+                encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise self._error(
+                        f"a {encoding}-encoded body: its ranges are not the object's bytes",
+                        start,
+                        end,
+                        206,
+                    )
+                async for piece in response.aiter_raw():
+                    received += len(piece)
+                    if received > expected:
+                        raise self._error(
+                            f"more than the {expected} bytes asked for", start, end, 206
+                        )
+                    pieces.append(piece)
+        except httpx.TransportError as exc:  # connect, read, write, timeouts, protocol
+            self.stats.bytes += received
+            detail = str(exc).replace(self._url, self.url) or type(exc).__name__
+            raise _Retry(self._error(f"{type(exc).__name__}: {detail}", start, end, None)) from None
+        self.stats.bytes += received
+        if received != expected:
+            raise _Retry(self._error(f"{received} of {expected} bytes arrived", start, end, 206))
+        return response, b"".join(pieces)
+
+    def _check_status(self, response: httpx.Response, start: int, end: int) -> None:
+        status = response.status_code
+        if status == 206:
+            return
+        if status == 412:
+            raise self._changed_error(
+                f"the object changed since it was opened ({self.validator} failed)",
+                start,
+                end,
+                response,
+            )
+        if status == 200:
+            raise self._error(
+                "the server ignored the Range header (200 with the whole object): it cannot "
+                "serve a snapshot by ranges",
+                start,
+                end,
+                status,
+            )
+        error = self._error(f"HTTP {status} {response.reason_phrase}".rstrip(), start, end, status)
+        if status >= 500:
+            raise _Retry(error)
+        raise error
+
+    def _check_range(self, response: httpx.Response, start: int, end: int) -> int:
+        """The object's total size, from a ``Content-Range`` that must be ``start-end``."""
+        header = response.headers.get("Content-Range", "")
+        match = _CONTENT_RANGE.match(header)
+        if match is None or match.group(3) == "*":
+            raise self._error(f"a 206 with Content-Range {header!r}", start, end, 206)
+        first, last = int(match.group(1)), int(match.group(2))
+        if (first, last) != (start, end):
+            raise self._error(f"the server sent bytes {first}-{last} instead", start, end, 206)
+        return int(match.group(3))
+
+    def _error(self, what: str, start: int, end: int, status: int | None) -> FetchError:
+        return FetchError(
+            f"GET {self.url} bytes={start}-{end}: {what}",
+            url=self.url,
+            start=start,
+            end=end,
+            status=status,
+        )
+
+    def _changed_error(
+        self, what: str, start: int, end: int, response: httpx.Response
+    ) -> SourceChanged:
+        return SourceChanged(
+            f"GET {self.url} bytes={start}-{end}: {what}; nothing more is fetched from it",
+            url=self.url,
+            start=start,
+            end=end,
+            status=response.status_code,
+        )
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else "" if self._opened else " unopened"
+        return f"<HttpSource{state} {self.url} size={self.size} chunk_size={self.chunk_size}>"
+
+
+def _opaque(etag: str) -> str:
+    return etag.removeprefix("W/").strip()
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidArgument(errno.EINVAL, f"{name} must be an int >= {least}, not {value!r}")
