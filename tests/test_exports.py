@@ -29,8 +29,14 @@ EXPECTED = {
     "HandoffTimeout",
     "HttpSource",
     "HttpStats",
+    "ImageWriter",
     "InvalidArgument",
+    "LiveSnapshotStats",
     "Ioctl",
+    "Layer",
+    "LayerError",
+    "LayerWriter",
+    "LayeredSnapshot",
     "MappingChanged",
     "Method",
     "Mode",
@@ -72,6 +78,8 @@ EXPECTED = {
     "send_uffd",
     "serve",
     "serve_handoffs",
+    "snapshot_live",
+    "squash",
     "touch",
     "unprotect",
     "zero_fill",
@@ -146,3 +154,14 @@ def test_handoff_server_surface() -> None:
         "faults", "resolved", "pages", "errors", "events", "forks", "prefetched", "resident",
         "populated",
     ]  # fmt: skip
+
+
+def test_layers_surface() -> None:
+    assert issubclass(ua.LayerError, ua.UffdError)
+    assert issubclass(ua.LayerError, ValueError)
+    assert issubclass(ua.LayeredSnapshot, ua.Snapshot)  # serves wherever a Snapshot does
+    for name in ["write_page", "missing", "commit", "abort"]:
+        assert callable(getattr(ua.LayerWriter, name)), name
+        assert callable(getattr(ua.ImageWriter, name)), name
+    for name in ["open", "verify", "close"]:
+        assert callable(getattr(ua.Layer, name)), name

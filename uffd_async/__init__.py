@@ -12,6 +12,7 @@ from ._errors import HandoffError as HandoffError
 from ._errors import HandoffRefused as HandoffRefused
 from ._errors import HandoffTimeout as HandoffTimeout
 from ._errors import InvalidArgument as InvalidArgument
+from ._errors import LayerError as LayerError
 from ._errors import MappingChanged as MappingChanged
 from ._errors import PageExists as PageExists
 from ._errors import ProcessExited as ProcessExited
@@ -40,6 +41,13 @@ from ._handoff_server import HandoffStats as HandoffStats
 from ._handoff_server import serve_handoffs as serve_handoffs
 from ._http_source import HttpSource as HttpSource
 from ._http_source import HttpStats as HttpStats
+from ._layers import ImageWriter as ImageWriter
+from ._layers import Layer as Layer
+from ._layers import LayeredSnapshot as LayeredSnapshot
+from ._layers import LayerWriter as LayerWriter
+from ._layers import squash as squash
+from ._live_snapshot import LiveSnapshotStats as LiveSnapshotStats
+from ._live_snapshot import snapshot_live as snapshot_live
 from ._memory import Region as Region
 from ._memory import touch as touch
 from ._open import Method as Method
@@ -88,8 +96,14 @@ __all__ = [
     "HandoffTimeout",
     "HttpSource",
     "HttpStats",
+    "ImageWriter",
     "InvalidArgument",
     "Ioctl",
+    "Layer",
+    "LayerError",
+    "LayerWriter",
+    "LayeredSnapshot",
+    "LiveSnapshotStats",
     "MappingChanged",
     "MessageShape",
     "Method",
@@ -132,6 +146,8 @@ __all__ = [
     "send_uffd",
     "serve",
     "serve_handoffs",
+    "snapshot_live",
+    "squash",
     "touch",
     "unprotect",
     "zero_fill",

@@ -1,5 +1,6 @@
-"""``python -m uffd_async``: ``probe`` (can this user serve page faults here, and how?) and
-``serve`` (a page-fault handler for other processes, Firecracker's among them).
+"""``python -m uffd_async``: ``probe`` (can this user serve page faults here, and how?),
+``serve`` (a page-fault handler for other processes, Firecracker's among them), and tools
+for working sets and snapshot layers.
 
 ``probe`` exits with status 0 when a userfaultfd can be opened, 1 when not (the
 output then says exactly what to change). ``serve`` runs until SIGINT or
@@ -21,6 +22,7 @@ import time
 import anyio
 
 from ._abi import PAGE_SIZE, Feature, Ioctl
+from ._errors import InvalidArgument, LayerError
 from ._handoff_server import HandoffServer, HandoffStats, serve_handoffs
 from ._http_source import (
     DEFAULT_CACHE_BYTES,
@@ -30,6 +32,7 @@ from ._http_source import (
     HttpStats,
     is_url,
 )
+from ._layers import Layer, LayeredSnapshot, squash
 from ._open import probe
 from ._working_set import WorkingSet, WorkingSetError
 
@@ -112,6 +115,14 @@ async def _report(server: HandoffServer, interval: float) -> None:
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
+    if args.layer:
+        if is_url(args.snapshot):
+            raise InvalidArgument(22, "--layer needs the base snapshot as a file, not a URL")
+        with LayeredSnapshot(args.snapshot, *args.layer) as layered:
+            count = len(layered.layers)
+            described = f"{args.snapshot} with {count} layer{'s' if count != 1 else ''} on top"
+            await _serve_source(args, layered, described)
+        return
     if not is_url(args.snapshot):
         await _serve_source(args, args.snapshot, args.snapshot)
         return
@@ -133,7 +144,9 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         await _serve_source(args, source, described)
 
 
-async def _serve_source(args: argparse.Namespace, source: str | HttpSource, described: str) -> None:
+async def _serve_source(
+    args: argparse.Namespace, source: str | HttpSource | LayeredSnapshot, described: str
+) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
             server: HandoffServer = await tg.start(
@@ -212,6 +225,49 @@ def _show_working_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_layer(args: argparse.Namespace) -> int:
+    try:
+        with Layer.open(args.file) as layer:
+            if args.verify:
+                layer.verify()
+            runs, pages, size = layer.runs, layer.page_count, layer.page_size
+            image_pages = -(-layer.image_size // size)
+            print(f"layer: {args.file} ({os.path.getsize(args.file):,} bytes)")
+            print(
+                f"pages: {pages:,} of {size} bytes ({pages * size / 2**20:,.1f} MiB, "
+                f"{pages / image_pages:.1%} of the image) in {len(runs):,} runs"
+            )
+            if runs:
+                longest = max(count for _, count in runs)
+                print(f"runs: longest {longest:,} pages, mean {pages / len(runs):,.1f}")
+                head = ", ".join(f"{first}+{count}" for first, count in runs[:8])
+                more = " ..." if len(runs) > 8 else ""
+                print(f"first runs (page+count): {head}{more}")
+            print(f"image: {layer.image_size:,} bytes")
+            print(f"parent: {layer.parent.hex()}")
+            print(f"identity: {layer.identity.hex()}")
+            if args.verify:
+                print("verified: every page hashes to the identity")
+    except (OSError, LayerError) as exc:
+        print(f"cannot read the layer: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _squash(args: argparse.Namespace) -> int:
+    try:
+        identity = squash(args.base, args.layers, args.output, check=not args.no_check)
+    except (OSError, ValueError) as exc:
+        print(f"cannot squash: {exc}", file=sys.stderr)
+        return 1
+    count = len(args.layers)
+    print(
+        f"squashed {args.base} and {count} layer{'s' if count != 1 else ''} into {args.output} "
+        f"({os.path.getsize(args.output):,} bytes, identity {identity.hex()})"
+    )
+    return 0
+
+
 def _octal_mode(text: str) -> int:
     try:
         mode = int(text, 8)
@@ -266,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve_parser.add_argument(
         "--socket", required=True, metavar="PATH", help="the Unix socket path to listen on"
+    )
+    serve_parser.add_argument(
+        "--layer",
+        action="append",
+        metavar="LAYER",
+        help="a layer file on top of SNAPSHOT (repeatable, oldest first; the newest holding "
+        "a page wins); each must apply on top of what is below it",
     )
     serve_parser.add_argument(
         "--allow-uid",
@@ -370,6 +433,31 @@ def main(argv: list[str] | None = None) -> int:
     show_parser = ws_commands.add_parser("show", help="its size, pages, runs and snapshot")
     show_parser.add_argument("file", metavar="WS_FILE")
     show_parser.set_defaults(run=_show_working_set)
+    layers_parser = commands.add_parser("layers", help="inspect and squash snapshot layers")
+    layers_commands = layers_parser.add_subparsers(dest="layers_command", required=True)
+    layer_show = layers_commands.add_parser(
+        "show", help="its pages, runs, sizes, parent and identity"
+    )
+    layer_show.add_argument("file", metavar="LAYER")
+    layer_show.add_argument(
+        "--verify", action="store_true", help="also read every page and check the identity"
+    )
+    layer_show.set_defaults(run=_show_layer)
+    squash_parser = layers_commands.add_parser(
+        "squash",
+        help="write the full image a base and its layers make",
+        description="Write the image BASE and its LAYERs (oldest first) make to OUT, "
+        "atomically, as one full snapshot file.",
+    )
+    squash_parser.add_argument("base", metavar="BASE")
+    squash_parser.add_argument("layers", nargs="+", metavar="LAYER")
+    squash_parser.add_argument("-o", "--output", required=True, metavar="OUT")
+    squash_parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="do not check that each layer applies on top of what is below it",
+    )
+    squash_parser.set_defaults(run=_squash)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

@@ -134,6 +134,18 @@ class SnapshotClosed(UffdError):
         )
 
 
+class LayerError(UffdError, ValueError):
+    """A snapshot layer that cannot be used: a file that is not one, or is damaged,
+    truncated or of another version; a layer for another image; a chain whose layer does
+    not apply on top of what is below it; or pages left unwritten at commit.
+
+    The message names the file and what is wrong with it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EINVAL, message)
+
+
 class FetchError(UffdError):
     """A snapshot's bytes could not be fetched (HTTP): after the retries, or not retriable.
 

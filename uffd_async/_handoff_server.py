@@ -120,7 +120,8 @@ class HandoffServer:
     """Accepts uffd handoffs on the Unix socket ``path`` and serves each one.
 
     ``source`` says what to serve: a snapshot file's path or a
-    :class:`Snapshot`, an ``http(s)://`` URL of one or an
+    :class:`Snapshot` (a :class:`~uffd_async.LayeredSnapshot` too: a base image
+    and its layers), an ``http(s)://`` URL of one or an
     :class:`~uffd_async.HttpSource` (each handoff's mappings are served from
     it, and must lie inside it; every handoff shares its chunks), or a
     factory ``(handoff) -> resolver``. Each connection

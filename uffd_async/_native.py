@@ -100,6 +100,10 @@ class FastPath(ctypes.Structure):
         ("populated", ctypes.c_void_p),
         ("kind", ctypes.c_int64),
         ("readahead", ctypes.c_uint64),
+        ("image", ctypes.c_uint64),
+        ("slots", ctypes.c_void_p),
+        ("pid", ctypes.c_int64),
+        ("marks", ctypes.c_void_p),
     ]
 
 
@@ -111,7 +115,7 @@ class FastCounts(ctypes.Structure):
     ]
 
 
-FAST_COPY, FAST_ZEROPAGE, FAST_UNPROTECT = 1, 2, 3
+FAST_COPY, FAST_ZEROPAGE, FAST_UNPROTECT, FAST_SAVE = 1, 2, 3, 4
 
 
 lib = _load()

@@ -10,6 +10,7 @@
  * uffd_async/_native.py loads it with ctypes. It is named _native_lib so the
  * import system never mistakes it for the _native Python module.
  */
+#define _GNU_SOURCE /* process_vm_readv */
 #include <stddef.h>
 #include <signal.h>
 #include <stdint.h>
@@ -101,8 +102,9 @@ pid_t ua_fork_touch(uintptr_t addr, size_t len, size_t step, int for_write, int 
 #include <linux/userfaultfd.h>
 #include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/uio.h>
 
-enum { UA_COPY = 1, UA_ZEROPAGE = 2, UA_UNPROTECT = 3 };
+enum { UA_COPY = 1, UA_ZEROPAGE = 2, UA_UNPROTECT = 3, UA_SAVE = 4 };
 
 struct ua_fast {
     uint64_t base;      /* first page served */
@@ -113,6 +115,15 @@ struct ua_fast {
     uint8_t *populated; /* UA_COPY: one byte per page, set once populated; may be NULL */
     int64_t kind;
     uint64_t readahead; /* UA_COPY: also copy up to this many following unpopulated pages */
+    /* UA_SAVE (a live snapshot): before unprotecting a page not saved yet (populated[]
+     * is the saved bitmap), copy it with process_vm_readv from process `pid` into the
+     * image at `image` + slot * page_size, slot = slots[index] (or index without slots;
+     * a negative slot: not in this snapshot). `marks`, if set, gets the page's byte set
+     * too (a write tracker's bitmap). A page that cannot be read is left to Python. */
+    uint64_t image;
+    const int64_t *slots;
+    int64_t pid;
+    uint8_t *marks;
 };
 
 struct ua_fast_counts {
@@ -179,6 +190,23 @@ int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct 
             if (rc == 0)
                 counts->filled += f->page_size;
         } else {
+            if (f->kind == UA_SAVE && !f->populated[index]) {
+                int64_t slot = f->slots ? f->slots[index] : (int64_t)index;
+                if (slot >= 0) {
+                    struct iovec local = {
+                        .iov_base = (void *)(uintptr_t)(f->image + (uint64_t)slot * f->page_size),
+                        .iov_len = f->page_size,
+                    };
+                    struct iovec remote = {.iov_base = (void *)(uintptr_t)page,
+                                           .iov_len = f->page_size};
+                    if (process_vm_readv((pid_t)f->pid, &local, 1, &remote, 1, 0) !=
+                        (ssize_t)f->page_size)
+                        continue; /* unmapped meanwhile, say: Python decides */
+                }
+                f->populated[index] = 1;
+            }
+            if (f->kind == UA_SAVE && f->marks)
+                f->marks[index] = 1;
             struct uffdio_writeprotect wp = {
                 .range = {.start = page, .len = f->page_size},
                 .mode = f->mode,

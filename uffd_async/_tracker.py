@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections import deque
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -39,6 +39,9 @@ from ._pagemap import scan_written
 from ._server import FaultServer, OnError
 from ._uffd import Userfaultfd
 from .resolvers import AnyResolver, NoSourcePage, Resolver, by_kind
+
+if TYPE_CHECKING:
+    from ._live_snapshot import _Snapshot
 
 
 class _RecordWrites(Resolver):
@@ -61,14 +64,22 @@ class _RecordWrites(Resolver):
         index = (fault.address - tracker._start) // PAGE_SIZE
         if not 0 <= index < len(tracker._dirty):
             raise NoSourcePage(f"a write-protect fault at {fault.address:#x}, outside the tracker")
-        uffd._unprotect_nocheck(tracker._start + index * PAGE_SIZE, PAGE_SIZE, self.wakes)
+        page = tracker._start + index * PAGE_SIZE
+        if tracker._live is not None:  # a live snapshot saves the page before it is written
+            tracker._live.before_unprotect(page)
+        uffd._unprotect_nocheck(page, PAGE_SIZE, self.wakes)
         tracker._written(index)
         return True
 
     def _fast_path(self) -> FastPath | None:
-        # The C loop records into the bitmap but cannot announce: only while
-        # nobody awaits next_write().
-        return None if self._tracker._announce else self._fast
+        # The C loop records into the bitmap but cannot announce (only while nobody
+        # awaits next_write()), nor save a page for a live snapshot first.
+        tracker = self._tracker
+        if tracker._announce:
+            return None
+        if tracker._live is not None:
+            return tracker._live.fast_path(marks=ctypes.addressof(tracker._dirty_c))
+        return self._fast
 
     def apply(self, event: Remap | Remove | Unmap) -> None:
         """MADV_DONTNEED drops the protection with the pages: count them as written.
@@ -76,8 +87,10 @@ class _RecordWrites(Resolver):
         Their contents did change (to zeros), and the next collect() protects
         them again, so later writes fault once more. Needs EVENT_REMOVE.
         """
+        tracker = self._tracker
+        if tracker._live is not None:
+            tracker._live.apply(event)
         if isinstance(event, Remove):
-            tracker = self._tracker
             first = max(0, (event.start - tracker._start) // PAGE_SIZE)
             last = min(len(tracker._dirty), -(-(event.end - tracker._start) // PAGE_SIZE))
             for index in range(first, last):
@@ -147,6 +160,7 @@ class WriteTracker:
         self._arrived = anyio.Event()
         self._server: FaultServer | None = None
         self._active = False
+        self._live: _Snapshot | None = None  # a live snapshot under way (see snapshot_live)
 
     @property
     def mode(self) -> str:
@@ -224,6 +238,14 @@ class WriteTracker:
             raise StopAsyncIteration from None
 
     # -- both modes -------------------------------------------------------------
+
+    def _dirty_indexes(self) -> list[int]:
+        """The pages collect() would return now, as indexes (no protection changed)."""
+        return [
+            index
+            for run in _DIRTY_RUN.finditer(self._dirty)
+            for index in range(run.start(), run.end())
+        ]
 
     def collect(self) -> list[int]:
         """Pages written since the last collect, protected again before they are returned."""

@@ -1,0 +1,342 @@
+"""``ua.snapshot_live``: memory at one instant while writers keep writing, on real faults.
+
+Each test fills a region with pattern A, starts a live snapshot and, the moment it
+is protected (``task_status.started()``), starts writers overwriting pages with B
+(``ctypes.memset`` from threads: the fault happens inside C, without the GIL). The
+image must be exactly A where the instant held A; every writer must finish (no
+thread left blocked), and the memory must end up as the writers left it. Also:
+pages never populated, writers on the same page, a discard and an mremap during
+the snapshot, cancellation part-way, shmem, and a uffd handed over by another
+process. Bytes and counters are asserted, never time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import uffd_async as ua
+from uffd_async._native import libc
+
+from ._support import TIMEOUT, Lab, finished
+
+pytestmark = pytest.mark.anyio
+P = ua.PAGE_SIZE
+PAGES = 2048  # 8 MiB
+A, B = 0xA1, 0xB2
+EVENTS = ua.Feature.EVENT_REMOVE | ua.Feature.EVENT_REMAP | ua.Feature.EVENT_UNMAP
+FEATURES = ua.Feature.WP_UNPOPULATED | EVENTS
+
+
+def write_pages(address: int, pages: list[int], value: int) -> int:
+    for page in pages:
+        ctypes.memset(address + page * P, value, P)
+    return len(pages)
+
+
+def writers(lab: Lab, region: ua.Region, threads: int = 4, value: int = B) -> list[Any]:
+    """``threads`` writers overwriting every page of ``region`` once, in random orders."""
+    pages = list(range(region.length // P))
+    random.Random(1).shuffle(pages)
+    share = -(-len(pages) // threads)
+    return [
+        lab.run(functools.partial(write_pages, region.address, part, value))
+        for part in (pages[n * share : (n + 1) * share] for n in range(threads))
+    ]
+
+
+def filled(lab: Lab, features: ua.Feature = FEATURES, pages: int = PAGES,
+           shared: bool = False) -> tuple[ua.Region, ua.Userfaultfd]:  # fmt: skip
+    region = lab.shared(pages) if shared else lab.anonymous(pages)
+    ctypes.memset(region.address, A, region.length)
+    uffd = lab.uffd(features)
+    uffd.register(region.address, region.length, ua.Mode.WP)
+    return region, uffd
+
+
+async def start(
+    tg: Any, uffd: ua.Userfaultfd, region: ua.Region, dest: Any, **options: Any
+) -> ua.LiveSnapshotStats:
+    """``snapshot_live`` of the whole region under ``tg``, once protected."""
+    run = functools.partial(ua.snapshot_live, uffd, region.address, region.length, dest, **options)
+    stats: ua.LiveSnapshotStats = await tg.start(run)
+    return stats
+
+
+async def snapshot_while_writing(
+    lab: Lab, region: ua.Region, uffd: ua.Userfaultfd, dest: Path, **options: Any
+) -> ua.LiveSnapshotStats:
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            stats = await start(tg, uffd, region, dest, **options)
+            running = writers(lab, region)
+        for worker in running:
+            await finished(worker)
+    return stats
+
+
+async def test_the_image_is_the_instant_while_every_page_is_overwritten(
+    lab: Lab, tmp_path: Path
+) -> None:
+    region, uffd = filled(lab)
+    stats = await snapshot_while_writing(lab, region, uffd, tmp_path / "image")
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * region.length
+    assert region.read(0, region.length) == bytes([B]) * region.length
+    assert stats.pages == stats.total == PAGES and stats.lost == stats.discarded == 0
+    assert 0 <= stats.early <= PAGES
+    with ua.Snapshot(tmp_path / "image") as image:
+        assert stats.identity == image.identity
+    assert [p.name for p in tmp_path.iterdir()] == ["image"]  # no temporary left
+
+
+async def test_writers_racing_on_the_same_pages(lab: Lab, tmp_path: Path) -> None:
+    region, uffd = filled(lab, pages=64)
+    hot = [0, 1, 2, 3, 40] * 50
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await start(tg, uffd, region, tmp_path / "image")
+            running = [lab.run(functools.partial(write_pages, region.address, hot, B + n))
+                       for n in range(8)]  # fmt: skip
+        for worker in running:
+            await finished(worker)
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * region.length
+
+
+@pytest.mark.parametrize("unpopulated", [True, False], ids=["wp-unpopulated", "prefaulted"])
+async def test_pages_never_populated_are_zeros_and_cannot_escape(
+    lab: Lab, tmp_path: Path, unpopulated: bool
+) -> None:
+    features = FEATURES if unpopulated else EVENTS
+    region = lab.anonymous(PAGES)
+    ctypes.memset(region.address, A, region.length // 2)  # the second half never touched
+    uffd = lab.uffd(features)
+    uffd.register(region.address, region.length, ua.Mode.WP)
+    await snapshot_while_writing(lab, region, uffd, tmp_path / "image")
+    half = region.length // 2
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * half + bytes(half)
+
+
+async def test_a_discard_during_the_snapshot(lab: Lab, tmp_path: Path) -> None:
+    """Discarded pages may hold zeros (their contents at the instant are gone, as the
+    module says): every other page is the instant's, and nothing blocks."""
+    region, uffd = filled(lab)
+    tail = region.address + (PAGES - 256) * P
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            stats = await start(tg, uffd, region, tmp_path / "image", run_bytes=64 * P)
+            discard = lab.run(lambda: region.discard(tail - region.address, 256 * P))
+            await finished(discard)
+        image = (tmp_path / "image").read_bytes()
+    cut = (PAGES - 256) * P
+    assert image[:cut] == bytes([A]) * cut
+    for page in range(PAGES - 256, PAGES):
+        assert image[page * P : (page + 1) * P] in (bytes([A]) * P, bytes(P)), page
+    assert stats.pages == PAGES and stats.discarded <= 256
+
+
+async def test_pages_moved_during_the_snapshot_are_saved_where_they_went(
+    lab: Lab, tmp_path: Path
+) -> None:
+    region, uffd = filled(lab)
+    moved = 128
+    target = lab.anonymous(moved)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await start(tg, uffd, region, tmp_path / "image", run_bytes=16 * P)
+            source = region.address + (PAGES - moved) * P
+
+            def move_and_write() -> None:
+                libc.mremap(source, moved * P, moved * P, 3, target.address)  # MAYMOVE|FIXED
+                write_pages(target.address, list(range(moved)), B)
+
+            await finished(lab.run(move_and_write))
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * region.length
+    assert target.read(0, moved * P) == bytes([B]) * moved * P
+
+
+async def test_cancelled_part_way_leaves_nothing_protected_or_written(
+    lab: Lab, tmp_path: Path
+) -> None:
+    region, uffd = filled(lab)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            stats = await start(tg, uffd, region, tmp_path / "image", run_bytes=4 * P)
+            while stats.pages < 64:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+        assert stats.pages < PAGES
+        # Nothing is protected any more: writes run with no server at all.
+        for worker in writers(lab, region):
+            await finished(worker)
+    assert list(tmp_path.iterdir()) == []
+    assert region.read(0, region.length) == bytes([B]) * region.length
+
+
+async def test_shared_memory(lab: Lab, tmp_path: Path) -> None:
+    if not ua.probe().features & ua.Feature.WP_HUGETLBFS_SHMEM:
+        pytest.skip("the kernel cannot write-protect shmem")
+    region, uffd = filled(lab, FEATURES | ua.Feature.WP_HUGETLBFS_SHMEM, shared=True)
+    await snapshot_while_writing(lab, region, uffd, tmp_path / "image")
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * region.length
+
+
+async def test_into_an_open_file(lab: Lab, tmp_path: Path) -> None:
+    region, uffd = filled(lab, pages=256)
+    with open(tmp_path / "image", "wb+") as file:
+        file.write(b"old contents, longer than nothing")
+        await snapshot_while_writing(lab, region, uffd, file)  # type: ignore[arg-type]
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * region.length
+
+
+PEER = textwrap.dedent(
+    """
+    import array, ctypes, socket, sys
+    import uffd_async as ua
+    P = ua.PAGE_SIZE
+    pages = int(sys.argv[2])
+    region = ua.Region.anonymous(pages * P)
+    ctypes.memset(region.address, 0xA1, region.length)
+    uffd = ua.Userfaultfd.open(ua.Feature.WP_UNPOPULATED | ua.Feature.EVENT_REMOVE)
+    uffd.register(region.address, region.length, ua.Mode.WP)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(sys.argv[1])
+    mapping = ua.GuestMapping(base_host_virt_addr=region.address, size=region.length,
+                              offset=0, page_size=P)
+    ua.send_uffd(sock, uffd, [mapping])
+    sock.recv(1)  # the snapshot is protected: write everything
+    for page in range(pages):
+        ctypes.memset(region.address + page * P, 0xB2, P)
+    print("wrote", region.read(0, region.length) == bytes([0xB2]) * region.length, flush=True)
+    """
+)
+
+
+async def test_memory_of_another_process_through_its_handed_over_uffd(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    pages = 512
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        async with await anyio.open_process(
+            [sys.executable, "-c", PEER, path, str(pages)], stderr=subprocess.STDOUT
+        ) as peer:
+            with anyio.fail_after(TIMEOUT):
+                conn, _ = await anyio.to_thread.run_sync(listener.accept)
+                with conn, await ua.receive_uffd(conn) as handoff:
+                    [mapping] = handoff.mappings
+                    async with anyio.create_task_group() as tg:
+                        stats = await tg.start(
+                            functools.partial(
+                                ua.snapshot_live, handoff.uffd, mapping.base_host_virt_addr,
+                                mapping.size, tmp_path / "image", pid=handoff.pid,
+                            )
+                        )  # fmt: skip
+                        conn.send(b"g")
+                    assert peer.stdout is not None
+                    output = b""
+                    async for piece in peer.stdout:
+                        output += piece
+                assert await peer.wait() == 0, output
+    assert output.startswith(b"wrote True"), output
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * pages * P
+    assert stats.pages == pages
+
+
+async def test_what_is_refused(lab: Lab, tmp_path: Path) -> None:
+    region, uffd = filled(lab, pages=16)
+    with pytest.raises(ua.InvalidArgument, match="page-aligned"):
+        await ua.snapshot_live(uffd, region.address + 1, P, tmp_path / "x")
+    with pytest.raises(ua.InvalidArgument, match="incremental"):
+        await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "x",
+                               incremental=True)  # fmt: skip
+    if ua.probe().features & ua.Feature.WP_ASYNC:
+        with ua.Userfaultfd.open(ua.Feature.WP_ASYNC) as async_uffd:
+            with pytest.raises(ua.InvalidArgument, match="WP_ASYNC"):
+                await ua.snapshot_live(async_uffd, region.address, region.length, tmp_path / "x")
+    with pytest.raises(FileNotFoundError):
+        await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "no" / "x")
+    assert list(tmp_path.iterdir()) == []
+    # Nothing was left protected: a write needs no server.
+    await finished(lab.run(functools.partial(write_pages, region.address, [0, 15], B)))
+
+
+# -- incremental layers, with a WriteTracker ----------------------------------------------
+
+
+def stamp(region: ua.Region, pages: list[int], value: int) -> None:
+    for page in pages:
+        ctypes.memset(region.address + page * P, value, P)
+
+
+async def restored(lab: Lab, layered: ua.LayeredSnapshot) -> bytes:
+    """The layered source restored lazily into fresh memory, by real faults."""
+    memory = lab.anonymous(PAGES)
+    uffd = lab.uffd()
+    uffd.register(memory.address, memory.length, ua.Mode.MISSING)
+    mapping = ua.GuestMapping(
+        base_host_virt_addr=memory.address, size=memory.length, offset=0, page_size=P
+    )
+    async with ua.FaultServer(uffd, layered.resolver([mapping])):
+        return await finished(lab.run(lambda: memory.read(0, memory.length)))
+
+
+async def test_a_base_and_two_layers_restore_the_last_instant(lab: Lab, tmp_path: Path) -> None:
+    region = lab.anonymous(PAGES)
+    for page in range(PAGES):
+        ctypes.memset(region.address + page * P, page % 251, P)
+    uffd = lab.uffd(FEATURES)
+    rng = random.Random(5)
+    paths = [tmp_path / "base.img", tmp_path / "1.layer", tmp_path / "2.layer"]
+    sizes = []
+    async with ua.WriteTracker(uffd, region.address, region.length) as tracker:
+        parent = b""
+        for n, path in enumerate(paths):
+            if n:  # the program changes 5% of its pages between two snapshots
+                stamp(region, rng.sample(range(PAGES), PAGES // 20), 0x10 + n)
+            instant = region.read(0, region.length)
+            with anyio.fail_after(TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    stats = await start(tg, uffd, region, path, tracker=tracker,
+                                        incremental=bool(n), parent=parent or None)  # fmt: skip
+                    running = writers(lab, region, value=0x80 + n)  # after the instant
+                for worker in running:
+                    await finished(worker)
+            parent = stats.identity
+            sizes.append(stats.total)
+            with ua.LayeredSnapshot(*paths[: n + 1]) as layered:
+                assert await restored(lab, layered) == instant, f"snapshot {n}"
+    assert sizes[0] == PAGES and sizes[1] == sizes[2] == PAGES  # every page rewritten
+    squashed = tmp_path / "all.img"
+    ua.squash(paths[0], paths[1:], squashed)
+    with ua.LayeredSnapshot(*paths) as layered, ua.Snapshot(squashed) as whole:
+        assert layered.identity == whole.identity
+
+
+async def test_a_layer_holds_only_the_pages_written_since(lab: Lab, tmp_path: Path) -> None:
+    region, uffd = filled(lab)
+    async with ua.WriteTracker(uffd, region.address, region.length, register=False) as tracker:
+        base = await ua.snapshot_live(uffd, region.address, region.length,
+                                      tmp_path / "base.img", tracker=tracker)  # fmt: skip
+        changed = sorted(random.Random(2).sample(range(PAGES), 100))
+        await finished(lab.run(functools.partial(stamp, region, changed, B)))
+        layer = await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "1.layer",
+                                       tracker=tracker, incremental=True,
+                                       parent=base.identity)  # fmt: skip
+        assert tracker.collect() == []  # the layer's instant was a collect()
+    assert layer.total == layer.pages == 100
+    with ua.Layer(tmp_path / "1.layer") as opened:
+        assert opened.page_count == 100 and opened.parent == base.identity
+        pages = [first + n for first, count in opened.runs for n in range(count)]
+    assert pages == changed
+    with ua.LayeredSnapshot(tmp_path / "base.img", tmp_path / "1.layer") as layered:
+        assert await restored(lab, layered) == region.read(0, region.length)

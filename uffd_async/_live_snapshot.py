@@ -1,0 +1,556 @@
+"""Live snapshots: memory exactly as it was at one instant, while the program keeps running.
+
+What QEMU's ``background-snapshot`` (6.0+) does for guest RAM, for any range a
+userfaultfd has registered in WP mode, in this process or a peer's. Kernel
+facts this relies on (``man 2 ioctl_userfaultfd``, admin-guide/mm/userfaultfd):
+
+* ``UFFDIO_WRITEPROTECT`` of the range is the instant: from then on a write to
+  a page blocks its thread in a WP fault until the page is unprotected. Reads
+  never fault, so the saver reads protected pages while the program runs: a
+  page still protected holds what it held at the instant.
+* A page a writer hits is saved first, then unprotected (and its thread
+  woken); the rest are saved in address order in the background, each run
+  unprotected once saved (or left protected for a ``WriteTracker``, whose
+  protection is the next layer's instant). So a writer waits only on the
+  pages it writes before they are saved, once each.
+* Without ``UFFD_FEATURE_WP_UNPOPULATED`` (6.4+), protecting skips empty
+  ptes, and a page never populated would escape: its first write would not
+  fault. Then every page is read once first, which maps the zero page there
+  (QEMU pre-faults the same way); with the feature nothing is pre-faulted.
+* While a non-cooperative event (remap, remove, unmap) is unread every
+  ioctl fails with EAGAIN: a run read in the background is written to the
+  image only if no event arrived while it was read and its unprotect (or, for
+  a tracker, a re-protect of one of its pages: a no-op) succeeds; otherwise
+  it is read again. Pages moved by mremap are read where they are now
+  (``EVENT_REMAP`` keeps them registered and protected).
+* A page unmapped before it was saved is lost (zeros in the image, counted).
+  A page discarded (``MADV_DONTNEED``) before it was saved has lost its
+  contents too: the kernel zaps it as soon as the REMOVE event is read. It is
+  read at once, which often still finds them, and counted in ``discarded``;
+  QEMU refuses discards during a background snapshot for this reason.
+* Writes that do not go through the page tables of the registered range
+  (device DMA, a ``write()`` into it from the kernel of another process) are
+  not seen.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import time
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+import attrs
+from anyio.abc import TaskStatus
+
+from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature
+from ._addrspace import AddressMap
+from ._errors import InvalidArgument, MappingChanged, UffdClosed
+from ._events import PageFault, Remap, Remove, Unmap
+from ._memory import _MAP_SHARED, _check_int, _mmap
+from ._native import FAST_SAVE, FastPath, libc
+from ._process_memory import ProcessMemory
+from ._server import FaultServer, OnError
+from ._uffd import Userfaultfd
+from ._working_set import identity_of, identity_samples
+from .resolvers import AnyResolver, Resolver, by_kind
+
+if TYPE_CHECKING:
+    from ._tracker import WriteTracker
+
+__all__ = ["LiveSnapshotStats", "snapshot_live"]
+
+#: Bytes read per background run (one worker-thread read, one unprotect).
+DEFAULT_RUN_BYTES = 1 << 20
+_EAGAIN_PAUSE = 0.0002
+_MS_SYNC = 4
+
+
+@attrs.define(kw_only=True)
+class LiveSnapshotStats:
+    """What one :func:`snapshot_live` did; read it while it runs or after."""
+
+    #: Pages written to the image (or layer) so far, and of those, saved early because a
+    #: writer hit them before the background got there.
+    pages: int = 0
+    early: int = 0
+    #: Pages to save in all: the range's, or (incremental) those written since the last one.
+    total: int = 0
+    #: Unsaved pages discarded (MADV_DONTNEED) or unmapped during the snapshot: their
+    #: contents at the instant may be gone (see the module's notes).
+    discarded: int = 0
+    lost: int = 0
+    #: The longest a writer's fault took to resolve (fault read to unprotected), seconds.
+    longest_wait: float = 0.0
+    #: Seconds from the start to the instant (protection), and to everything saved.
+    instant_seconds: float = 0.0
+    seconds: float = 0.0
+    #: The identity of what was written: a full image's ``snapshot_identity``, or the
+    #: layer's own (what the next layer names as its parent).
+    identity: bytes = b""
+
+
+class _ImageFile:
+    """The full image: a file mapped shared, so the C fast path saves pages straight into
+    it; written where its pages go, committed atomically (a path) or in place (a file)."""
+
+    slots: int | None = None  # page index = slot
+
+    def __init__(self, dest: str | os.PathLike[str] | IO[bytes], size: int) -> None:
+        self.size = size
+        self._final: str | None = None
+        self._temporary: str | None = None
+        if isinstance(dest, (str, os.PathLike)):
+            self._final = os.fspath(dest)
+            directory = os.path.dirname(os.path.abspath(self._final))
+            name = f".{os.path.basename(self._final)}.{os.getpid()}.{id(self):x}.tmp"
+            self._temporary = os.path.join(directory, name)
+            self.fd = os.open(self._temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+            self._own_fd = True
+        else:
+            try:
+                dest.flush()  # what it buffered must not land over the image later
+                self.fd = dest.fileno()
+            except (AttributeError, OSError) as exc:
+                raise InvalidArgument(
+                    errno.EINVAL, f"dest must be a path or a binary file with a fileno: {exc}"
+                ) from None
+            self._own_fd = False
+            os.ftruncate(self.fd, 0)
+        try:
+            os.ftruncate(self.fd, size)
+            self.address = _mmap(size, _MAP_SHARED, self.fd, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, index: int, source: int, length: int, page_size: int) -> None:
+        ctypes.memmove(self.address + index * page_size, source, length)
+
+    def commit(self) -> bytes:
+        samples = [ctypes.string_at(self.address + at, n) for at, n in identity_samples(self.size)]
+        if libc.msync(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size), _MS_SYNC):
+            raise OSError(ctypes.get_errno(), "msync of the image failed")
+        os.fsync(self.fd)
+        self._unmap()
+        if self._temporary is not None and self._final is not None:
+            os.replace(self._temporary, self._final)
+            self._temporary = None
+        return identity_of(self.size, samples)
+
+    def abort(self) -> None:
+        self._unmap()
+        if self._temporary is not None:
+            os.unlink(self._temporary)
+            self._temporary = None
+
+    def _unmap(self) -> None:
+        address, self.address = getattr(self, "address", 0), 0
+        if address:
+            libc.munmap(address, self.size)
+        if self._own_fd and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+class _LayerFile:
+    """An incremental layer: only the pages written since the parent's instant."""
+
+    slots: int | None = None
+
+    def __init__(self, dest: str | os.PathLike[str], size: int, pages: list[int],
+                 page_size: int, parent: bytes) -> None:  # fmt: skip
+        from ._layers import LayerWriter
+
+        self.size = size
+        self._writer = LayerWriter(
+            dest, page_size=page_size, image_size=size, pages=pages, parent=parent
+        )
+
+    def write(self, index: int, source: int, length: int, page_size: int) -> None:
+        for n in range(length // page_size):
+            page = (ctypes.c_char * page_size).from_address(source + n * page_size)
+            self._writer.write_page(index + n, memoryview(page))
+
+    def commit(self) -> bytes:
+        return self._writer.commit()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+class _Snapshot:
+    """The state of one live snapshot: which pages are saved, where they are now."""
+
+    def __init__(
+        self,
+        uffd: Userfaultfd,
+        address: int,
+        length: int,
+        sink: _ImageFile | _LayerFile,
+        memory: ProcessMemory,
+        stats: LiveSnapshotStats,
+        unprotect: bool,
+        safe_reads: bool,
+    ) -> None:
+        self.uffd = uffd
+        self.base = address
+        self.pages = length // PAGE_SIZE
+        self.sink = sink
+        self.memory = memory
+        self.stats = stats
+        self.unprotect = unprotect  # after saving a run (else a tracker keeps it protected)
+        self.safe_reads = safe_reads  # no MISSING registration: the loop thread may read
+        self.saved = bytearray(self.pages)  # 1: saved, or not wanted in this snapshot
+        self._saved_c = (ctypes.c_uint8 * self.pages).from_buffer(self.saved)
+        self.skipped = 0  # pages marked saved without being saved: not wanted, or unmapped
+        self.background = 0  # pages the background saved (the rest were hit first)
+        self._fast: FastPath | None = None
+        self.where = AddressMap(address, length)
+        self.events = 0  # events applied: a background read that saw one is redone
+        self.error: Exception | None = None  # what failed an early save
+        self._page = ctypes.create_string_buffer(PAGE_SIZE)
+
+    # -- a writer hit a page: save it first --------------------------------------
+
+    def save_early(self, page: int, *, early: bool = True) -> None:
+        """Save the page at ``page`` (a current address) if it is ours and unsaved."""
+        original = self.where.original(page)
+        if original is None:
+            return
+        index = (original - self.base) // PAGE_SIZE
+        if self.saved[index]:
+            return
+        if self.memory.read_into(page, self._page, PAGE_SIZE):
+            self.stats.lost += 1
+        self.sink.write(index, ctypes.addressof(self._page), PAGE_SIZE, PAGE_SIZE)
+        self.saved[index] = 1
+        if not early:
+            self.background += 1
+        self.count()
+
+    def count(self) -> None:
+        """Bring the stats up to date (pages saved by the C fast path included)."""
+        stats = self.stats
+        stats.pages = self.saved.count(1) - self.skipped
+        stats.early = stats.pages - self.background
+
+    def fast_path(self, marks: int | None = None) -> FastPath | None:
+        """What the server's C loop may do for write faults: save, then unprotect (with
+        DONTWAKE and one wake per run); only while no event moved anything."""
+        if self.events or not isinstance(self.sink, _ImageFile):
+            return None
+        if self._fast is None:
+            self._fast = FastPath(
+                base=self.base,
+                pages=self.pages,
+                page_size=PAGE_SIZE,
+                mode=WRITEPROTECT_MODE_DONTWAKE,
+                populated=ctypes.addressof(self._saved_c),
+                kind=FAST_SAVE,
+                image=self.sink.address,
+                pid=self.memory.pid,
+            )
+        self._fast.marks = marks
+        return self._fast
+
+    def before_unprotect(self, page: int) -> None:
+        """What a write fault does first: save the page. A failure to save never leaves
+        the writer blocked or kills it: it fails the snapshot instead."""
+        started = time.perf_counter()
+        try:
+            self.save_early(page)
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+        self.stats.longest_wait = max(self.stats.longest_wait, time.perf_counter() - started)
+
+    # -- the address space changed ------------------------------------------------
+
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        self.events += 1
+        if isinstance(event, Unmap):
+            for index, _ in self._unsaved_in(event.start, event.end):
+                self.saved[index] = 1  # gone: zeros in the image
+                self.skipped += 1
+                self.stats.lost += 1
+        elif isinstance(event, Remove):
+            for _, page in self._unsaved_in(event.start, event.end):
+                self.stats.discarded += 1
+                if self.safe_reads:  # at once: the kernel zaps them now (best effort)
+                    self.save_early(page, early=False)
+        self.where.apply(event)
+
+    def _unsaved_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        """(index, current address) of the unsaved pages mapped within [start, end) now."""
+        found = []
+        for page in range(start & ~(PAGE_SIZE - 1), end, PAGE_SIZE):
+            original = self.where.original(page)
+            if original is not None:
+                index = (original - self.base) // PAGE_SIZE
+                if not self.saved[index]:
+                    found.append((index, page))
+        return found
+
+    # -- the background ---------------------------------------------------------------
+
+    def pieces(self, first: int, count: int) -> list[tuple[int, int, int]]:
+        """(first index, pages, current address) of source pages ``[first, first + count)``
+        that are still mapped, wherever they are now."""
+        lo = self.base + first * PAGE_SIZE
+        hi = lo + count * PAGE_SIZE
+        found = []
+        for current_start, current_end, original in self.where._segments:
+            o_lo = max(lo, original)
+            o_hi = min(hi, original + (current_end - current_start))
+            if o_lo < o_hi:
+                found.append((
+                    (o_lo - self.base) // PAGE_SIZE,
+                    (o_hi - o_lo) // PAGE_SIZE,
+                    current_start + (o_lo - original),
+                ))  # fmt: skip
+        return sorted(found)
+
+    def commit_run(self, first: int, count: int, current: int, buffer: Any) -> None:
+        """Write the run's unsaved pages from ``buffer`` (read while they were protected),
+        then unprotect the run (full snapshots). Raises MappingChanged when an event is
+        unread: then nothing was written and the run must be read again."""
+        saved = self.saved
+        if self.unprotect:
+            self.uffd.writeprotect(current, count * PAGE_SIZE, protect=False)
+        else:  # a tracker keeps them protected: re-protecting an unsaved one is the probe
+            probe = saved.find(0, first, first + count)
+            if probe < 0:
+                return
+            self.uffd.writeprotect(current + (probe - first) * PAGE_SIZE, PAGE_SIZE)
+        address = ctypes.addressof(buffer)
+        i, end = first, first + count
+        while i < end:
+            if saved[i]:
+                i += 1
+                continue
+            j = i
+            while j < end and not saved[j]:
+                j += 1
+            self.sink.write(i, address + (i - first) * PAGE_SIZE, (j - i) * PAGE_SIZE, PAGE_SIZE)
+            saved[i:j] = b"\1" * (j - i)
+            self.background += j - i
+            i = j
+        self.count()
+
+    async def save_all(self, run_pages: int) -> None:
+        first = self.saved.find(0)
+        while 0 <= first < self.pages:
+            count = min(run_pages, self.pages - first)
+            for index, pages, current in self.pieces(first, count):
+                if self.saved.find(0, index, index + pages) >= 0:
+                    await self._save_piece(index, pages, current)
+            first = self.saved.find(0, first + count)
+        if self.error is not None:
+            raise self.error
+
+    async def _save_piece(self, index: int, pages: int, current: int) -> None:
+        buffer = ctypes.create_string_buffer(pages * PAGE_SIZE)
+        while True:
+            await anyio.lowlevel.checkpoint()  # the server's turn first: writers wait on it
+            if self.error is not None:
+                raise self.error
+            events = self.events
+            unreadable = await anyio.to_thread.run_sync(
+                self.memory.read_into, current, buffer, PAGE_SIZE
+            )
+            if self.events != events:  # the map changed while we read: where is it now?
+                for again in self.pieces(index, pages):
+                    if self.saved.find(0, again[0], again[0] + again[1]) >= 0:
+                        await self._save_piece(*again)
+                return
+            try:
+                self.commit_run(index, pages, current, buffer)
+            except MappingChanged:
+                await anyio.sleep(_EAGAIN_PAUSE)
+                continue
+            self.stats.lost += unreadable
+            return
+
+    def release(self) -> None:
+        """Unprotect whatever is still protected (full snapshots), waking every writer."""
+        if self.unprotect and not self.uffd.closed:
+            for current_start, current_end, _ in self.where._segments:
+                try:
+                    self.uffd.writeprotect(current_start, current_end - current_start,
+                                           protect=False)  # fmt: skip
+                except (UffdClosed, OSError):
+                    pass  # gone (the process exited, or the range was unmapped)
+
+
+class _SaveFirst(Resolver):
+    """A write-protect fault: save the page if it is not saved yet, then unprotect it."""
+
+    def __init__(self, snapshot: _Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
+        page = fault.address & ~(PAGE_SIZE - 1)
+        self._snapshot.before_unprotect(page)
+        uffd._unprotect_nocheck(page, PAGE_SIZE, True)
+        return True
+
+    def _fast_path(self) -> FastPath | None:
+        return self._snapshot.fast_path()
+
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        self._snapshot.apply(event)
+
+
+async def snapshot_live(
+    uffd: Userfaultfd,
+    address: int,
+    length: int,
+    dest: str | os.PathLike[str] | IO[bytes],
+    *,
+    pid: int | None = None,
+    tracker: WriteTracker | None = None,
+    incremental: bool = False,
+    parent: bytes | None = None,
+    missing: AnyResolver | None = None,
+    run_bytes: int = DEFAULT_RUN_BYTES,
+    limit: int = 64,
+    stats: LiveSnapshotStats | None = None,
+    task_status: TaskStatus[LiveSnapshotStats] = anyio.TASK_STATUS_IGNORED,
+) -> LiveSnapshotStats:
+    """Write ``[address, address + length)`` as it was at one instant to ``dest``, while
+    the program keeps writing to it.
+
+    Use it with ``await tg.start(ua.snapshot_live, ...)``: ``task_status.started()``
+    gets the stats once the range is protected, which is the snapshot's instant.
+    The range must be registered on ``uffd`` in WP mode (not WP_ASYNC). ``pid``: the
+    process whose memory it is, for a uffd handed over by another process (reading
+    it needs ptrace access); this one by default. ``dest``: a path (written
+    atomically) or a binary file (truncated). ``missing``: resolves MISSING faults
+    of a MISSING|WP range meanwhile. Without ``tracker`` this serves the range's
+    faults itself, and every page is unprotected once saved.
+
+    With a :class:`~uffd_async.WriteTracker` running on the range (fault mode),
+    its server serves the faults (saving first) and the instant is its
+    ``collect()``: ``incremental=True`` then writes only the pages written since
+    the previous collect, as a layer on top of ``parent`` (the identity of the
+    image below; see :class:`~uffd_async.LayeredSnapshot`), and pages stay
+    protected for the next one. Returns the :class:`LiveSnapshotStats`.
+    Cancelling it unprotects everything (without a tracker) and writes nothing.
+    """
+    _check_int("address", address)
+    _check_int("length", length)
+    if not isinstance(uffd, Userfaultfd):
+        raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
+    if address % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
+        raise InvalidArgument(errno.EINVAL, f"[{address:#x}, +{length:#x}) is not page-aligned")
+    if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < PAGE_SIZE:
+        raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {PAGE_SIZE}: {run_bytes!r}")
+    if uffd.features & Feature.WP_ASYNC:
+        raise InvalidArgument(
+            errno.EINVAL,
+            "a uffd with WP_ASYNC resolves write faults in the kernel, so no page can be saved "
+            "before it is written: open it without WP_ASYNC",
+        )
+    if incremental and tracker is None:
+        raise InvalidArgument(
+            errno.EINVAL, "incremental=True needs the WriteTracker that ran since the last one"
+        )
+    if incremental and parent is None:
+        raise InvalidArgument(errno.EINVAL, "a layer needs parent= (the identity below it)")
+    if tracker is not None:
+        if tracker.mode != "fault":
+            raise InvalidArgument(errno.EINVAL, "a live snapshot needs a fault-mode WriteTracker")
+        if (tracker._start, tracker._length) != (address, length):
+            raise InvalidArgument(errno.EINVAL, "the tracker must track exactly this range")
+        if tracker._live is not None:
+            raise InvalidArgument(errno.EBUSY, "a live snapshot of this tracker is under way")
+    stats = stats if stats is not None else LiveSnapshotStats()
+    started = time.monotonic()
+    memory = ProcessMemory(pid)
+    if not uffd.features & Feature.WP_UNPOPULATED and tracker is None:
+        # Protection would skip empty ptes: populate them (reading maps the zero page).
+        scratch = ctypes.create_string_buffer(min(length, run_bytes))
+        for at in range(address, address + length, len(scratch)):
+            piece = (ctypes.c_char * min(len(scratch), address + length - at)).from_buffer(scratch)
+            await anyio.to_thread.run_sync(memory.read_into, at, piece, PAGE_SIZE)
+    sink: _ImageFile | _LayerFile
+    snapshot: _Snapshot | None = None
+    try:
+        if tracker is not None and incremental:
+            if not isinstance(dest, (str, os.PathLike)):
+                raise InvalidArgument(errno.EINVAL, "a layer is written to a path (atomically)")
+            assert parent is not None
+            snapshot = _under_tracker(uffd, address, length, dest, memory, stats, tracker,
+                                      parent, missing)  # fmt: skip
+            await _run(snapshot, run_bytes, started, task_status)
+            return stats
+        sink = _ImageFile(dest, length)
+        snapshot = _Snapshot(uffd, address, length, sink, memory, stats, unprotect=tracker is None,
+                             safe_reads=missing is None)  # fmt: skip
+        stats.total = snapshot.pages
+        if tracker is not None:
+            tracker._live = snapshot  # no await until collect(): a write between is saved
+            tracker.collect()
+            await _run(snapshot, run_bytes, started, task_status)
+            return stats
+        resolver = _SaveFirst(snapshot)
+        serving: AnyResolver = resolver
+        if missing is not None:
+            serving = by_kind(missing=missing, wp=resolver)
+        async with FaultServer(uffd, serving, limit=limit, on_error=OnError()):
+            try:
+                uffd.writeprotect(address, length, protect=True)  # the instant
+                await _run(snapshot, run_bytes, started, task_status)
+            finally:
+                snapshot.release()
+        return stats
+    except BaseException:
+        if snapshot is not None:
+            snapshot.sink.abort()
+        raise
+    finally:
+        if tracker is not None and tracker._live is snapshot:
+            tracker._live = None
+
+
+def _under_tracker(
+    uffd: Userfaultfd,
+    address: int,
+    length: int,
+    dest: Any,
+    memory: ProcessMemory,
+    stats: LiveSnapshotStats,
+    tracker: WriteTracker,
+    parent: bytes,
+    missing: AnyResolver | None,
+) -> _Snapshot:
+    """The instant of a layer: the tracker's collect() (no await between it and the hook)."""
+    pages = tracker._dirty_indexes()
+    sink = _LayerFile(dest, length, pages, PAGE_SIZE, parent)
+    snapshot = _Snapshot(uffd, address, length, sink, memory, stats, unprotect=False,
+                         safe_reads=missing is None)  # fmt: skip
+    snapshot.saved[:] = b"\1" * snapshot.pages
+    for index in pages:
+        snapshot.saved[index] = 0
+    snapshot.skipped = snapshot.pages - len(pages)
+    stats.total = len(pages)
+    tracker._live = snapshot
+    written = tracker.collect()
+    assert len(written) == len(pages)
+    return snapshot
+
+
+async def _run(
+    snapshot: _Snapshot, run_bytes: int, started: float,
+    task_status: TaskStatus[LiveSnapshotStats],
+) -> None:  # fmt: skip
+    stats = snapshot.stats
+    stats.instant_seconds = time.monotonic() - started
+    task_status.started(stats)
+    await snapshot.save_all(run_bytes // PAGE_SIZE)
+    stats.identity = snapshot.sink.commit()
+    stats.seconds = time.monotonic() - started
