@@ -28,7 +28,7 @@ import pytest
 import uffd_async as ua
 from uffd_async._native import libc
 
-from ._support import TIMEOUT, Lab, finished
+from ._support import TIMEOUT, Lab, finished, with_huge_pages
 
 pytestmark = pytest.mark.anyio
 P = ua.PAGE_SIZE
@@ -190,6 +190,27 @@ async def test_shared_memory(lab: Lab, tmp_path: Path) -> None:
     assert (tmp_path / "image").read_bytes() == bytes([A]) * region.length
 
 
+@with_huge_pages(4)
+async def test_huge_pages(lab: Lab, tmp_path: Path) -> None:
+    if not ua.probe().features & ua.Feature.WP_HUGETLBFS_SHMEM:
+        pytest.skip("the kernel cannot write-protect hugetlbfs")
+    huge = 2 << 20
+    region = lab.adopt_region(ua.Region.hugetlb(4 * huge))
+    ctypes.memset(region.address, A, region.length)
+    uffd = lab.uffd(FEATURES | ua.Feature.WP_HUGETLBFS_SHMEM)
+    uffd.register(region.address, region.length, ua.Mode.WP)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            stats = await start(tg, uffd, region, tmp_path / "image", page_size=huge,
+                                run_bytes=huge)  # fmt: skip
+            running = writers(lab, region)
+        for worker in running:
+            await finished(worker)
+    assert (tmp_path / "image").read_bytes() == bytes([A]) * region.length
+    assert region.read(0, region.length) == bytes([B]) * region.length
+    assert stats.pages == stats.total == 4
+
+
 async def test_into_an_open_file(lab: Lab, tmp_path: Path) -> None:
     region, uffd = filled(lab, pages=256)
     with open(tmp_path / "image", "wb+") as file:
@@ -254,7 +275,7 @@ async def test_memory_of_another_process_through_its_handed_over_uffd(tmp_path: 
 
 async def test_what_is_refused(lab: Lab, tmp_path: Path) -> None:
     region, uffd = filled(lab, pages=16)
-    with pytest.raises(ua.InvalidArgument, match="page-aligned"):
+    with pytest.raises(ua.InvalidArgument, match="is not aligned to 4096-byte pages"):
         await ua.snapshot_live(uffd, region.address + 1, P, tmp_path / "x")
     with pytest.raises(ua.InvalidArgument, match="incremental"):
         await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "x",

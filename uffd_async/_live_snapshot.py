@@ -195,10 +195,12 @@ class _Snapshot:
         stats: LiveSnapshotStats,
         unprotect: bool,
         safe_reads: bool,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         self.uffd = uffd
         self.base = address
-        self.pages = length // PAGE_SIZE
+        self.page_size = page_size
+        self.pages = length // page_size
         self.sink = sink
         self.memory = memory
         self.stats = stats
@@ -212,7 +214,7 @@ class _Snapshot:
         self.where = AddressMap(address, length)
         self.events = 0  # events applied: a background read that saw one is redone
         self.error: Exception | None = None  # what failed an early save
-        self._page = ctypes.create_string_buffer(PAGE_SIZE)
+        self._page = ctypes.create_string_buffer(self.page_size)
 
     # -- a writer hit a page: save it first --------------------------------------
 
@@ -221,12 +223,12 @@ class _Snapshot:
         original = self.where.original(page)
         if original is None:
             return
-        index = (original - self.base) // PAGE_SIZE
+        index = (original - self.base) // self.page_size
         if self.saved[index]:
             return
-        if self.memory.read_into(page, self._page, PAGE_SIZE):
+        if self.memory.read_into(page, self._page, self.page_size):
             self.stats.lost += 1
-        self.sink.write(index, ctypes.addressof(self._page), PAGE_SIZE, PAGE_SIZE)
+        self.sink.write(index, ctypes.addressof(self._page), self.page_size, self.page_size)
         self.saved[index] = 1
         if not early:
             self.background += 1
@@ -247,7 +249,7 @@ class _Snapshot:
             self._fast = FastPath(
                 base=self.base,
                 pages=self.pages,
-                page_size=PAGE_SIZE,
+                page_size=self.page_size,
                 mode=WRITEPROTECT_MODE_DONTWAKE,
                 populated=ctypes.addressof(self._saved_c),
                 kind=FAST_SAVE,
@@ -287,10 +289,10 @@ class _Snapshot:
     def _unsaved_in(self, start: int, end: int) -> list[tuple[int, int]]:
         """(index, current address) of the unsaved pages mapped within [start, end) now."""
         found = []
-        for page in range(start & ~(PAGE_SIZE - 1), end, PAGE_SIZE):
+        for page in range(start & ~(self.page_size - 1), end, self.page_size):
             original = self.where.original(page)
             if original is not None:
-                index = (original - self.base) // PAGE_SIZE
+                index = (original - self.base) // self.page_size
                 if not self.saved[index]:
                     found.append((index, page))
         return found
@@ -300,16 +302,16 @@ class _Snapshot:
     def pieces(self, first: int, count: int) -> list[tuple[int, int, int]]:
         """(first index, pages, current address) of source pages ``[first, first + count)``
         that are still mapped, wherever they are now."""
-        lo = self.base + first * PAGE_SIZE
-        hi = lo + count * PAGE_SIZE
+        lo = self.base + first * self.page_size
+        hi = lo + count * self.page_size
         found = []
         for current_start, current_end, original in self.where._segments:
             o_lo = max(lo, original)
             o_hi = min(hi, original + (current_end - current_start))
             if o_lo < o_hi:
                 found.append((
-                    (o_lo - self.base) // PAGE_SIZE,
-                    (o_hi - o_lo) // PAGE_SIZE,
+                    (o_lo - self.base) // self.page_size,
+                    (o_hi - o_lo) // self.page_size,
                     current_start + (o_lo - original),
                 ))  # fmt: skip
         return sorted(found)
@@ -320,12 +322,12 @@ class _Snapshot:
         unread: then nothing was written and the run must be read again."""
         saved = self.saved
         if self.unprotect:
-            self.uffd.writeprotect(current, count * PAGE_SIZE, protect=False)
+            self.uffd.writeprotect(current, count * self.page_size, protect=False)
         else:  # a tracker keeps them protected: re-protecting an unsaved one is the probe
             probe = saved.find(0, first, first + count)
             if probe < 0:
                 return
-            self.uffd.writeprotect(current + (probe - first) * PAGE_SIZE, PAGE_SIZE)
+            self.uffd.writeprotect(current + (probe - first) * self.page_size, self.page_size)
         address = ctypes.addressof(buffer)
         i, end = first, first + count
         while i < end:
@@ -335,7 +337,9 @@ class _Snapshot:
             j = i
             while j < end and not saved[j]:
                 j += 1
-            self.sink.write(i, address + (i - first) * PAGE_SIZE, (j - i) * PAGE_SIZE, PAGE_SIZE)
+            self.sink.write(
+                i, address + (i - first) * self.page_size, (j - i) * self.page_size, self.page_size
+            )
             saved[i:j] = b"\1" * (j - i)
             self.background += j - i
             i = j
@@ -353,14 +357,14 @@ class _Snapshot:
             raise self.error
 
     async def _save_piece(self, index: int, pages: int, current: int) -> None:
-        buffer = ctypes.create_string_buffer(pages * PAGE_SIZE)
+        buffer = ctypes.create_string_buffer(pages * self.page_size)
         while True:
             await anyio.lowlevel.checkpoint()  # the server's turn first: writers wait on it
             if self.error is not None:
                 raise self.error
             events = self.events
             unreadable = await anyio.to_thread.run_sync(
-                self.memory.read_into, current, buffer, PAGE_SIZE
+                self.memory.read_into, current, buffer, self.page_size
             )
             if self.events != events:  # the map changed while we read: where is it now?
                 for again in self.pieces(index, pages):
@@ -393,9 +397,10 @@ class _SaveFirst(Resolver):
         self._snapshot = snapshot
 
     def resolve_now(self, fault: PageFault, uffd: Userfaultfd) -> bool:
-        page = fault.address & ~(PAGE_SIZE - 1)
+        size = self._snapshot.page_size
+        page = fault.address & ~(size - 1)
         self._snapshot.before_unprotect(page)
-        uffd._unprotect_nocheck(page, PAGE_SIZE, True)
+        uffd._unprotect_nocheck(page, size, True)
         return True
 
     def _fast_path(self) -> FastPath | None:
@@ -418,6 +423,7 @@ async def snapshot_live(
     missing: AnyResolver | None = None,
     run_bytes: int = DEFAULT_RUN_BYTES,
     limit: int = 64,
+    page_size: int = PAGE_SIZE,
     stats: LiveSnapshotStats | None = None,
     task_status: TaskStatus[LiveSnapshotStats] = anyio.TASK_STATUS_IGNORED,
 ) -> LiveSnapshotStats:
@@ -445,10 +451,15 @@ async def snapshot_live(
     _check_int("length", length)
     if not isinstance(uffd, Userfaultfd):
         raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
-    if address % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
-        raise InvalidArgument(errno.EINVAL, f"[{address:#x}, +{length:#x}) is not page-aligned")
-    if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < PAGE_SIZE:
-        raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {PAGE_SIZE}: {run_bytes!r}")
+    _check_int("page_size", page_size)
+    if page_size < PAGE_SIZE or page_size & (page_size - 1):
+        raise InvalidArgument(errno.EINVAL, f"page_size {page_size} is not a page size")
+    if address % page_size or length <= 0 or length % page_size:
+        raise InvalidArgument(
+            errno.EINVAL, f"[{address:#x}, +{length:#x}) is not aligned to {page_size}-byte pages"
+        )
+    if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < page_size:
+        raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {page_size}: {run_bytes!r}")
     if uffd.features & Feature.WP_ASYNC:
         raise InvalidArgument(
             errno.EINVAL,
@@ -462,6 +473,8 @@ async def snapshot_live(
     if incremental and parent is None:
         raise InvalidArgument(errno.EINVAL, "a layer needs parent= (the identity below it)")
     if tracker is not None:
+        if page_size != PAGE_SIZE:
+            raise InvalidArgument(errno.EINVAL, "a WriteTracker tracks 4 KiB pages only")
         if tracker.mode != "fault":
             raise InvalidArgument(errno.EINVAL, "a live snapshot needs a fault-mode WriteTracker")
         if (tracker._start, tracker._length) != (address, length):
@@ -476,7 +489,7 @@ async def snapshot_live(
         scratch = ctypes.create_string_buffer(min(length, run_bytes))
         for at in range(address, address + length, len(scratch)):
             piece = (ctypes.c_char * min(len(scratch), address + length - at)).from_buffer(scratch)
-            await anyio.to_thread.run_sync(memory.read_into, at, piece, PAGE_SIZE)
+            await anyio.to_thread.run_sync(memory.read_into, at, piece, page_size)
     sink: _ImageFile | _LayerFile
     snapshot: _Snapshot | None = None
     try:
@@ -490,7 +503,7 @@ async def snapshot_live(
             return stats
         sink = _ImageFile(dest, length)
         snapshot = _Snapshot(uffd, address, length, sink, memory, stats, unprotect=tracker is None,
-                             safe_reads=missing is None)  # fmt: skip
+                             safe_reads=missing is None, page_size=page_size)  # fmt: skip
         stats.total = snapshot.pages
         if tracker is not None:
             tracker._live = snapshot  # no await until collect(): a write between is saved
@@ -551,6 +564,6 @@ async def _run(
     stats = snapshot.stats
     stats.instant_seconds = time.monotonic() - started
     task_status.started(stats)
-    await snapshot.save_all(run_bytes // PAGE_SIZE)
+    await snapshot.save_all(max(1, run_bytes // snapshot.page_size))
     stats.identity = snapshot.sink.commit()
     stats.seconds = time.monotonic() - started
