@@ -23,7 +23,15 @@ import uffd_async as ua
 from ._processes import read_until
 from ._support import TIMEOUT, HttpObjectServer
 from .test_firecracker import ends_soon, place, running, stop
-from .test_replay import PAGES, REPLAY_PEER, TOUCH, peer_config, run_peer, snapshot_for
+from .test_replay import (
+    PAGES,
+    RECORDED,
+    REPLAY_PEER,
+    TOUCH,
+    peer_config,
+    run_peer,
+    snapshot_for,
+)
 
 __all__ = ["place"]  # a fixture, used by name
 
@@ -108,6 +116,7 @@ async def test_a_working_set_over_http_records_and_replays(
             await run_peer(peer_config(place, TOUCH))
             await ends_soon(server)
     recorded = ua.WorkingSet.load(ws_path)
+    assert recorded.pages == RECORDED, "every page touched, as from a file"
     with ua.Snapshot(place / "guest.mem") as local:
         assert recorded.matches(local.size, local.identity)  # one identity, file or URL
     http_server.reset()

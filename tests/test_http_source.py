@@ -288,6 +288,25 @@ async def test_demand_fetches_go_before_prefetches(http_server: HttpObjectServer
     assert sorted(order) == [1, 2, 3, 4, 5, 9]
 
 
+async def test_a_demand_joining_a_running_prefetch_loses_no_connection(
+    http_server: HttpObjectServer,
+) -> None:
+    """A fault that joins a prefetch already holding a connection must not queue it for
+    a second one: that slot would be handed to nobody, and with one connection, the
+    next fetch would wait forever."""
+    http_server.put("snap", SOURCE)
+    http_server.delay(200)
+    async with ua.HttpSource(http_server.url("snap"), chunk_size=CHUNK, concurrency=1) as source:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(source.chunk, 0, demand=False))
+                while not source.stats.in_flight:
+                    await anyio.sleep(0.002)
+                assert await source.chunk(0) == SOURCE[:CHUNK]  # joins, promotes
+            assert await source.chunk(1) == SOURCE[CHUNK : 2 * CHUNK]
+        assert source.stats.joined == 1
+
+
 async def test_recent_chunks_serve_other_restores_without_a_request(
     http_server: HttpObjectServer, lab: Lab
 ) -> None:

@@ -17,6 +17,11 @@ the rest of the chunk never faults. Facts this relies on, beyond
   again, and EEXIST makes the server wake it. Either way no thread is left.
 * A huge page larger than the chunk takes the chunks that cover it, fetched
   at once.
+* While a working set is recorded, a fault copies its own page only: the
+  pages a chunk fill brought in would never fault, so the set would name one
+  page per chunk, too few for a replay from a file or through smaller chunks.
+  The chunk stays in the source's cache, so the next faults in it cost no
+  request.
 """
 
 from __future__ import annotations
@@ -112,8 +117,9 @@ class ChunkedCopy(CopyFrom):
     def _serve(
         self, uffd: Userfaultfd, page: int, index: int, lo: int, data: bytes, was: int
     ) -> None:
-        for resolver in self._together:
-            resolver._fill_span(uffd, lo, data)
+        if self._recorder is None:  # recording: every page must fault once (see below)
+            for resolver in self._together:
+                resolver._fill_span(uffd, lo, data)
         if self._recorder is not None:
             self._record(index)
         if was or not self._populated[index]:  # see the module's docstring

@@ -92,6 +92,7 @@ class _Slots:
             and (waiter.demand or not self._waiting(self._prefetch))
         ):
             self._free -= 1
+            waiter.granted = True  # it holds a slot: promote() must not queue it for another
         else:
             (self._demand if waiter.demand else self._prefetch).append(waiter)
             self._stats.queued += 1

@@ -193,10 +193,10 @@ async def _fetch_chunks(
     stats: PrefetchStats,
 ) -> None:
     """Fetch ``chunks`` (those with a page still missing), several at a time, and fill
-    each as it lands. A quarter of the source's connections stays free for demand
-    faults, whose fetches also go before these at the source."""
-    concurrency = source.concurrency
-    limiter = anyio.Semaphore(max(1, concurrency - max(1, concurrency // 4)))
+    each as it lands. Half the source's connections stay free for demand faults,
+    whose fetches also go before these at the source: a prefetch is a guess, a
+    demand fault is a stopped thread."""
+    limiter = anyio.Semaphore(max(1, source.concurrency // 2))
     ended: list[BaseException] = []
 
     async def one(chunk: int) -> None:
