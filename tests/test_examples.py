@@ -54,6 +54,14 @@ def test_http_restore(backend: str, http_server: HttpObjectServer) -> None:
     assert 0 < faults <= 16, result.stdout  # at most one fault per 1 MiB chunk
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_live_snapshot(backend: str) -> None:
+    result = run(str(EXAMPLES / "live_snapshot.py"), "--backend", backend, "--size-mib", "16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "base image equals memory at its instant: True" in result.stdout
+    assert "base + layer restored lazily equal memory at the layer's instant: True" in result.stdout
+
+
 @pytest.mark.parametrize("mode", ["fault", "async"])
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_write_tracking(mode: str, backend: str) -> None:
