@@ -82,6 +82,21 @@ def test_usage_error() -> None:
     assert run_cli().returncode == 2
 
 
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--metrics", "nowhere"], "is not HOST:PORT"),
+        (["--metrics", "127.0.0.1:99999"], "is not HOST:PORT"),
+        (["--backend", "tokio"], "invalid choice"),
+        (["--chunk-size", "1 MB"], "is not a size"),
+        (["--header", "no colon"], "is not a header"),
+    ],
+)
+def test_serve_option_errors(option: list[str], words: str) -> None:
+    result = run_cli("serve", "x.mem", "--socket", "x.sock", *option)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
 # -- serve ------------------------------------------------------------------------------
 
 

@@ -139,6 +139,7 @@ def test_the_command_line_serves_a_url_and_never_shows_its_query(
     url = publish(place, http_server) + "?" + secret
     argv = ["serve", url, "--socket", str(place / "uffd.sock"), "--interval", "0.02"]
     argv += ["--chunk-size", "64KiB", "--concurrency", "4", "--header", "X-Test: yes"]
+    argv += ["--metrics", "127.0.0.1:0"]
     code = f"import sys\nfrom uffd_async.__main__ import main\nsys.exit(main({argv!r}))"
     with subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -148,6 +149,7 @@ def test_the_command_line_serves_a_url_and_never_shows_its_query(
             log = read_until(server.stderr, b"listening")
             anyio.run(run_peer, peer_config(place, TOUCH))
             log += read_until(server.stderr, b"connections 1 (0 active")
+            metrics = scrape(log.decode().split("metrics: ", 1)[1].split()[0])
             log += stop(server)
         finally:
             if server.poll() is None:
@@ -159,3 +161,24 @@ def test_the_command_line_serves_a_url_and_never_shows_its_query(
     assert "checked by If-Match" in text
     touched = len({page * P // CHUNK for page in TOUCH})
     assert f"in {touched + 1} requests (0 retried" in text.rsplit("stopped;", 1)[1]
+    assert " on asyncio (uvloop); listening" in text
+    # Prometheus metrics, read from the running server.
+    assert metrics["uffd_async_faults_total"] == metrics["uffd_async_resolutions_total"] > 0
+    assert metrics["uffd_async_http_requests_total"] == touched + 1
+    assert metrics["uffd_async_http_chunks_fetched_total"] == touched
+    assert metrics['uffd_async_handoffs_total{outcome="served"}'] == 1
+    assert metrics["uffd_async_active_handoffs"] == 0
+    assert metrics['uffd_async_resolution_seconds_bucket{le="+Inf"}'] >= 1
+    assert metrics["uffd_async_resolution_seconds_count"] >= 1
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition, by name and labels."""
+    import httpx
+
+    text = httpx.get(url, timeout=TIMEOUT).raise_for_status().text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }

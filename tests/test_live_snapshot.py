@@ -308,7 +308,8 @@ async def restored(lab: Lab, layered: ua.LayeredSnapshot) -> bytes:
         base_host_virt_addr=memory.address, size=memory.length, offset=0, page_size=P
     )
     async with ua.FaultServer(uffd, layered.resolver([mapping])):
-        return await finished(lab.run(lambda: memory.read(0, memory.length)))
+        data: bytes = await finished(lab.run(lambda: memory.read(0, memory.length)))
+    return data
 
 
 async def test_a_base_and_two_layers_restore_the_last_instant(lab: Lab, tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ from ._http_source import (
     is_url,
 )
 from ._layers import Layer, LayeredSnapshot, squash
+from ._loops import LOOPS, choose_backend, describe_loop
+from ._metrics import MetricsExporter, parse_address
 from ._open import probe
 from ._working_set import WorkingSet, WorkingSetError
 
@@ -164,9 +166,18 @@ async def _serve_source(
                     readahead=args.readahead,
                 )
             )
+            if args.metrics is not None:
+                host, port = args.metrics
+                exporter: MetricsExporter = await tg.start(
+                    MetricsExporter(server, host, port, interval=min(args.interval, 1.0)).run
+                )
+                print(
+                    f"metrics: http://{host}:{exporter.port}/metrics", file=sys.stderr, flush=True
+                )
             print(
                 f"serving {described} to processes that hand their uffd over on "
-                f"{args.socket} (uids {sorted(server.allowed_uids)}); listening",
+                f"{args.socket} (uids {sorted(server.allowed_uids)}) on {describe_loop()}; "
+                "listening",
                 file=sys.stderr,
                 flush=True,
             )
@@ -188,11 +199,12 @@ def _serve(args: argparse.Namespace) -> int:
     # httpx logs every request's full URL at INFO: a presigned URL's credentials with it.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        anyio.run(_serve_until_signalled, args, backend=args.backend)
+        backend, options = choose_backend(args.backend)
+        anyio.run(_serve_until_signalled, args, backend=backend, backend_options=options)
     except Exception as exc:
         while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
-        if not isinstance(exc, (OSError, ValueError)):
+        if not isinstance(exc, (OSError, ValueError, ImportError)):
             raise
         print(f"cannot serve: {exc}", file=sys.stderr)  # a bad path, a socket in use, ...
         return 1
@@ -292,6 +304,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1MiB, 512k or 4096")
     unit = match.group(2)[:1].lower()
     return int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[unit]
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -423,7 +442,19 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument(
         "--interval", type=float, default=1.0, help="seconds between progress lines (default 1)"
     )
-    serve_parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    serve_parser.add_argument(
+        "--backend",
+        choices=LOOPS,
+        default="auto",
+        help="the event loop: auto (asyncio on uvloop when installed, else asyncio), asyncio, "
+        "uvloop (asyncio+uvloop; needs uffd_async[uvloop]) or trio",
+    )
+    serve_parser.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics there (needs uffd_async[metrics]); off by default",
+    )
     serve_parser.add_argument(
         "--quiet", action="store_true", help="log only warnings and errors, not connections"
     )

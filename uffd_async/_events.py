@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import struct
 import sys
+import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -112,8 +113,25 @@ Event = PageFault | Fork | Remap | Remove | Unmap
 
 _PAGEFAULT = _abi.EVENT_PAGEFAULT
 _FLAGS = {value: FaultFlags(value) for value in range(8)}
-_new = object.__new__
-_set = object.__setattr__
+_MSG_SIZE = _abi.MSG.size
+_unpack = _RECORD.unpack
+
+
+def _setter(name: str) -> Callable[[PageFault, Any], None]:
+    """Sets a field of a frozen PageFault: its slot's descriptor, else object.__setattr__."""
+    slot = PageFault.__dict__.get(name)
+    if isinstance(slot, types.MemberDescriptorType):
+        return slot.__set__
+
+    def set_field(fault: PageFault, value: Any) -> None:
+        object.__setattr__(fault, name, value)
+
+    return set_field
+
+
+_set_address = _setter("address")
+_set_flags = _setter("flags")
+_set_thread_id = _setter("thread_id")
 
 
 def fork_fds(data: bytes | bytearray | memoryview) -> list[int]:
@@ -140,21 +158,22 @@ def decode(
     The whole buffer is validated before any fd is adopted, so a
     :class:`DecodeError` takes ownership of nothing.
     """
-    if len(data) % _abi.MSG.size:
+    size = len(data)
+    if size % _MSG_SIZE:
         raise DecodeError(
-            f"{len(data)} bytes is not a whole number of {_abi.MSG.size}-byte uffd_msg records"
+            f"{size} bytes is not a whole number of {_MSG_SIZE}-byte uffd_msg records"
         )
+    if size == _MSG_SIZE:  # one record: what a busy server mostly reads
+        code, first, second, third = _unpack(data)
+        if code == _PAGEFAULT:
+            return [_fault(first, second, third if thread_ids else None)]
     events: list[Event] = []
     append = events.append
     forks: list[tuple[int, int]] = []  # (position, fd): adopted once all is validated
+    fault_of = _fault
     for code, first, second, third in _RECORD.iter_unpack(data):
         if code == _PAGEFAULT:
-            # This is the hot path: build the frozen event without attrs' __init__.
-            fault = _new(PageFault)
-            _set(fault, "address", second)
-            _set(fault, "flags", _FLAGS.get(first) or FaultFlags(first))
-            _set(fault, "thread_id", (third >> _HIGH_HALF_SHIFT) & _LOW32 if thread_ids else None)
-            append(fault)
+            append(fault_of(first, second, third if thread_ids else None))
         elif code == _abi.EVENT_REMOVE:
             append(Remove(start=first, end=second))
         elif code == _abi.EVENT_UNMAP:
@@ -169,6 +188,21 @@ def decode(
     for position, fd in forks:
         events[position] = Fork(uffd=(adopt or _default_adopt)(fd))
     return events
+
+
+def _fault(
+    flags: int,
+    address: int,
+    third: int | None,
+    _new: Callable[[type[PageFault]], PageFault] = object.__new__,
+    _flags: Callable[[int], FaultFlags | None] = _FLAGS.get,
+) -> PageFault:
+    """The hot path: a frozen PageFault built without attrs' ``__init__``."""
+    fault = _new(PageFault)
+    _set_address(fault, address)
+    _set_flags(fault, _flags(flags) or FaultFlags(flags))
+    _set_thread_id(fault, None if third is None else (third >> _HIGH_HALF_SHIFT) & _LOW32)
+    return fault
 
 
 def _default_adopt(fd: int) -> Userfaultfd:

@@ -64,6 +64,7 @@ from ._prefetch import PrefetchStats
 from ._replay import Replay
 from ._server import DEFAULT_SPIN, OnError, ServerStats, serve
 from ._snapshot import Snapshot, SnapshotResolver
+from ._stats import LatencyHistogram
 from ._working_set import WorkingSet
 from .resolvers import AnyResolver
 
@@ -216,6 +217,16 @@ class HandoffServer:
         self._prefetching: dict[int, tuple[PrefetchStats, SnapshotResolver]] = {}
         self._running = False
         self._opened: Snapshot | HttpSource | None = None
+        self._latency = LatencyHistogram()  # of the handoffs that ended
+
+    def latency_histogram(self) -> tuple[tuple[float, ...], list[int], float]:
+        """Every resolution's latency so far, over all handoffs: (each finite bucket's
+        upper bound in seconds, the count in each bucket, +Inf last, the sum in seconds)."""
+        total = LatencyHistogram()
+        total.merge(self._latency)
+        for live in self._live.values():
+            total.merge(live.latency_histogram())
+        return LatencyHistogram.bounds(), list(total.counts), total.total_ns / 1e9
 
     @property
     def http_stats(self) -> HttpStats | None:
@@ -382,6 +393,7 @@ class HandoffServer:
             for stats in served:
                 del self._live[id(stats)]
                 _add(totals, stats)
+                self._latency.merge(stats.latency_histogram())
             prefetching = self._prefetching.pop(id(handoff), None)
             if prefetching is not None:
                 totals.prefetched += prefetching[0].prefetched

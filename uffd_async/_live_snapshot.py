@@ -232,7 +232,10 @@ class _Snapshot:
         self.saved[index] = 1
         if not early:
             self.background += 1
-        self.count()
+        # One more, not a recount of the bitmap (O(pages) per fault); what the C fast path
+        # saved meanwhile is counted at the next count().
+        self.stats.pages += 1
+        self.stats.early = self.stats.pages - self.background
 
     def count(self) -> None:
         """Bring the stats up to date (pages saved by the C fast path included)."""
@@ -353,6 +356,7 @@ class _Snapshot:
                 if self.saved.find(0, index, index + pages) >= 0:
                     await self._save_piece(index, pages, current)
             first = self.saved.find(0, first + count)
+        self.count()  # the pages the C fast path saved since the last run was committed
         if self.error is not None:
             raise self.error
 

@@ -22,6 +22,7 @@ import errno
 import mmap
 import os
 import re
+import sys
 from typing import Any
 
 from ._abi import PAGE_SIZE
@@ -67,12 +68,26 @@ def _mmap(length: int, flags: int, fd: int = -1, prot: int = _PROT_RW, addr: int
     return int(address)
 
 
+def _bytes_data_offset() -> int | None:
+    """Where a ``bytes`` object's data starts from its ``id()`` (CPython), once checked."""
+    if sys.implementation.name != "cpython":
+        return None
+    probe = bytes(range(16))
+    offset = (ctypes.cast(ctypes.c_char_p(probe), ctypes.c_void_p).value or 0) - id(probe)
+    return offset if 0 < offset <= 64 else None
+
+
+_BYTES_DATA = _bytes_data_offset()
+
+
 def buffer_address(data: Any) -> tuple[int, int, object]:
     """(address, nbytes, keepalive) of a contiguous bytes-like object.
 
     Hold ``keepalive`` until the address is no longer used. A read-only
     buffer that is not ``bytes`` is copied once.
     """
+    if type(data) is bytes and _BYTES_DATA is not None:
+        return id(data) + _BYTES_DATA, len(data), data  # what ctypes.c_char_p would hold
     if isinstance(data, bytes):
         pointer = ctypes.c_char_p(data)
         return ctypes.cast(pointer, ctypes.c_void_p).value or 0, len(data), pointer

@@ -27,9 +27,7 @@ import ctypes
 import logging
 import sys
 import time
-from array import array
 from collections import deque
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import anyio
@@ -40,6 +38,8 @@ from ._abi import MSG, PAGE_SIZE, Feature
 from ._errors import MappingChanged, PageExists, ProcessExited, UffdClosed, UffdError
 from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from ._native import FastCounts, lib
+from ._pool import WorkerPool
+from ._stats import ServerStats
 from ._uffd import Userfaultfd
 from .reader import EventReader
 from .resolvers import AnyResolver, Resolver, as_resolver, zero_page
@@ -56,7 +56,8 @@ logger = logging.getLogger("uffd_async")
 DEFAULT_SPIN = 50e-6
 _MSG_SIZE = MSG.size
 
-_LATENCY_SAMPLES = 4096
+#: How often (at most) a worker reads the uffd after a resolution, in ns; see ``_poll``.
+_POLL_NS = 100_000
 _RETRY_DELAYS = (0.0, 0.0001, 0.0005, 0.001, 0.005)
 
 
@@ -91,75 +92,6 @@ class OnError:
     propagate: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
-_COUNTERS = (
-    "faults", "resolved", "pages", "coalesced", "eexist", "retries", "errors", "events",
-    "forks", "in_flight",
-)  # fmt: skip
-
-
-@attrs.define(kw_only=True)
-class ServerStats:
-    """Counters of one server; read them while it runs or after."""
-
-    #: Page fault events read.
-    faults: int = 0
-    #: Faults resolved by a resolver.
-    resolved: int = 0
-    #: Base pages (``PAGE_SIZE`` bytes) mapped in to resolve them: copied, zeroed or
-    #: continued, readahead included (a 2 MiB huge page counts 512).
-    pages: int = 0
-    #: Faults folded into a resolution already under way for the same page.
-    coalesced: int = 0
-    #: Resolutions that found the page already there (EEXIST) and woke it.
-    eexist: int = 0
-    #: Resolutions retried after EAGAIN (a non-cooperative event was unread).
-    retries: int = 0
-    #: Resolver errors.
-    errors: int = 0
-    #: Remove/Remap/Unmap events applied, and Fork children served.
-    events: int = 0
-    forks: int = 0
-    #: Resolutions running right now (async ones; inline ones never overlap).
-    in_flight: int = 0
-    #: The stats of each fork child served (``EVENT_FORK``), in fork order.
-    children: list[ServerStats] = attrs.field(factory=list, repr=False)
-    _latencies: array[int] = attrs.field(factory=lambda: array("q"), repr=False)
-    _next: int = attrs.field(default=0, repr=False)
-
-    def _record(self, nanoseconds: int) -> None:
-        samples = self._latencies
-        if len(samples) < _LATENCY_SAMPLES:
-            samples.append(nanoseconds)
-        else:
-            samples[self._next] = nanoseconds
-            self._next = (self._next + 1) % _LATENCY_SAMPLES
-
-    def latency_us(self, percentile: float) -> float:
-        """Resolution latency (fault read to resolved) at ``percentile``, over recent faults."""
-        if not 0 <= percentile <= 100:
-            raise ValueError("percentile must be within [0, 100]")
-        samples = sorted(self._latencies)
-        if not samples:
-            return 0.0
-        index = min(len(samples) - 1, round(percentile / 100 * (len(samples) - 1)))
-        return samples[index] / 1000
-
-    def with_children(self) -> ServerStats:
-        """A copy whose counters also count every fork descendant's (latencies are this one's)."""
-        total = attrs.evolve(self, children=[])
-        for child in self.children:
-            summed = child.with_children()
-            for name in _COUNTERS:
-                setattr(total, name, getattr(total, name) + getattr(summed, name))
-        return total
-
-    def as_dict(self) -> dict[str, float]:
-        counters = {name: getattr(self, name) for name in _COUNTERS}
-        for p in (50, 90, 99, 100):
-            counters[f"latency_p{p}_us"] = self.latency_us(p)
-        return counters
-
-
 class _Server:
     def __init__(
         self,
@@ -190,6 +122,8 @@ class _Server:
         self.uffd = uffd
         self.resolver = resolver
         self.inline = resolver if isinstance(resolver, Resolver) else None
+        self._awaited = resolver.resolve if isinstance(resolver, Resolver) else resolver
+        self._woke = resolver.woke if isinstance(resolver, Resolver) else None
         self.limit = limit
         self.batch = batch
         self.on_error = on_error
@@ -201,9 +135,8 @@ class _Server:
             uffd, batch=batch, spin=spin, prefilter=self._fast if self.inline else None
         )
         self._in_flight: dict[int, PageFault] = {}
-        self._pending: deque[PageFault] = deque()  # in flight, not yet picked by a worker
-        self._idle: list[anyio.Event] = []
-        self._workers = 0
+        self._pool = WorkerPool(self._resolve_async, limit, after=self._poll)
+        self._polled = 0  # perf_counter_ns() of the last poll
         self._queued: deque[PageFault] = deque()
         self._deferred: list[PageFault] = []
         self._retrying = False
@@ -287,7 +220,7 @@ class _Server:
         self._left = []
         self._undisposed = []
         self._in_flight.clear()
-        self._pending.clear()
+        self._pool.pending.clear()
         self._queued.clear()
         self._deferred = []
         self.stats.in_flight = 0
@@ -295,26 +228,26 @@ class _Server:
             self.uffd._push_back(list(unresolved))
         self.reader.close()
 
-    def _handle(self, events: Iterable[Event], retried: Iterable[PageFault] = ()) -> None:
+    def _handle(self, events: list[Event], retried: list[PageFault] | None = None) -> None:
         """Apply non-cooperative events, then dispatch ``retried`` and the new faults."""
-        faults: list[PageFault] = []
-        for event in events:
-            if isinstance(event, PageFault):
-                faults.append(event)
-            else:
-                self._apply(event)
+        faults = [event for event in events if isinstance(event, PageFault)]
+        if len(faults) < len(events):
+            for event in events:
+                if not isinstance(event, PageFault):
+                    self._apply(event)
         self.stats.faults += len(faults)
-        retried = list(retried)
-        self.stats.retries += len(retried)
-        faults = retried + faults
+        if retried:
+            self.stats.retries += len(retried)
+            faults = retried + faults
         if not faults:
             return
         resolved: set[int] = set()
         wakes: list[int] = []
+        dispatch = self._dispatch
         try:
             for index, fault in enumerate(faults):
                 try:
-                    self._dispatch(fault, resolved, wakes)
+                    dispatch(fault, resolved, wakes)
                 except BaseException:
                     self._queued.extend(faults[index + 1 :])  # read, never handled
                     raise
@@ -390,79 +323,72 @@ class _Server:
             self._start(fault)
 
     def _start(self, fault: PageFault) -> None:
-        """Hand ``fault`` to a worker task: an idle one, or a new one while under ``limit``.
-
-        Workers outlive their resolutions: waking an idle task costs a fraction
-        of spawning one, and that is most of the loop's time per awaited fault.
-        """
-        page = fault.address & self.page_mask
-        self._in_flight[page] = fault
+        """Hand ``fault`` to a worker task (see ``_pool``)."""
+        self._in_flight[fault.address & self.page_mask] = fault
         self.stats.in_flight = len(self._in_flight)
         self.reader._spin_ns = 0  # the resolutions need the event loop, not a busy reader
-        self._pending.append(fault)
-        if self._idle:
-            self._idle.pop().set()
-        elif self._workers < self.limit:
-            self._workers += 1
-            assert self._tg is not None
-            self._tg.start_soon(self._worker)
+        assert self._tg is not None
+        self._pool.submit(self._tg, fault)
 
-    async def _worker(self) -> None:
-        pending = self._pending
-        mask = self.page_mask
-        while True:
-            while pending:
-                fault = pending.popleft()
-                await self._resolve_async(fault, fault.address & mask)
-            wake = anyio.Event()
-            self._idle.append(wake)
-            await wake.wait()
-
-    async def _resolve_async(self, fault: PageFault, page: int) -> None:
-        stats = self.stats
+    async def _resolve_async(self, fault: PageFault) -> None:
         started = time.perf_counter_ns()
-        resolver = self.resolver
-        outcome: Literal["unresolved", "done", "deferred", "failed"] = "unresolved"
-        error: Exception | None = None
         try:
-            try:
-                if isinstance(resolver, Resolver):
-                    await resolver.resolve(fault, self.uffd)
-                else:
-                    await resolver(fault, self.uffd)
-            except PageExists:
-                stats.eexist += 1
+            await self._awaited(fault, self.uffd)
+        except BaseException as exc:
+            await self._unresolved(fault, exc)
+            return
+        stats = self.stats
+        stats._record(time.perf_counter_ns() - started)
+        stats.resolved += 1
+        page = fault.address & self.page_mask
+        if self._woke is not None and not self._woke(fault):
+            self._wake(page, self.page_size)
+        self._finish(page)
+
+    async def _unresolved(self, fault: PageFault, exc: BaseException) -> None:
+        """A resolution raised ``exc``: what each kernel answer or resolver error means."""
+        page = fault.address & self.page_mask
+        if isinstance(exc, MappingChanged):  # an event is unread: retry once it is applied
+            self._finish(page)
+            self._defer(fault)
+        elif isinstance(exc, (PageExists, ProcessExited, UffdClosed)):
+            if isinstance(exc, PageExists):
+                self.stats.eexist += 1
                 self._wake(page, self.page_size)
-                outcome = "done"
-            except MappingChanged:
-                outcome = "deferred"
-            except ProcessExited:
-                outcome = "done"
+            elif isinstance(exc, ProcessExited):
                 self._process_exited()
-            except UffdClosed:
-                outcome = "done"  # closing the uffd woke every waiting thread
-            except Exception as exc:
-                error = exc
-                await self._dispose_failed(fault)
-                outcome = "failed"
-            else:
-                stats._record(time.perf_counter_ns() - started)
-                stats.resolved += 1
-                if isinstance(resolver, Resolver) and not resolver.woke(fault):
-                    self._wake(page, self.page_size)
-                outcome = "done"
-        finally:
+            # (UffdClosed: closing the uffd woke every waiting thread.)
+            self._finish(page)
+        elif isinstance(exc, Exception):  # the resolver failed
+            await self._dispose_failed(fault)  # if this raises, the fault stays in flight
+            self._finish(page)
+            self._report(fault, exc)
+        else:  # cancelled: _hand_back returns the fault to the uffd
             self._count_pages()
-            if outcome != "unresolved":  # else cancelled: _hand_back returns it to the uffd
-                del self._in_flight[page]
-                stats.in_flight = len(self._in_flight)
-                if not self._in_flight:
-                    self.reader._spin_ns = self._spin_ns
-                if outcome == "deferred":
-                    self._defer(fault)
-                self._start_queued()
-        if error is not None:
-            self._report(fault, error)
+            raise exc
+
+    def _finish(self, page: int) -> None:
+        """``page``'s resolution is over: make room for the faults queued behind it."""
+        self._count_pages()
+        in_flight = self._in_flight
+        del in_flight[page]
+        self.stats.in_flight = len(in_flight)
+        if not in_flight:
+            self.reader._spin_ns = self._spin_ns
+        if self._queued:
+            self._start_queued()
+
+    def _poll(self) -> None:
+        """After a resolution: faults already pending start now, not after every other
+        resolution ready in this loop iteration has run (they would start in step).
+        At most one read per ``_POLL_NS``: a fault waits that long at most, and
+        reads bring in several faults each."""
+        now = time.perf_counter_ns()
+        if now - self._polled >= _POLL_NS and self._tg is not None and not self._exited:
+            self._polled = now
+            events = self.reader.poll()
+            if events:
+                self._handle(events)
 
     def _start_queued(self) -> None:
         while self._queued and len(self._in_flight) < self.limit and self._tg is not None:

@@ -44,7 +44,7 @@ from ._errors import (
     UnsupportedFeature,
 )
 from ._events import Event, decode, fork_fds
-from ._memory import _check_int, buffer_address
+from ._memory import _BYTES_DATA, _check_int, buffer_address
 from ._open import Method, feature_names, handshake, open_fd
 
 _ADDRESS_LIMIT = 1 << 64
@@ -328,6 +328,20 @@ class Userfaultfd:
         int address in this process with ``length``. ``wp=True`` maps the pages
         write-protected (COPY_MODE_WP); ``wake=False`` is DONTWAKE.
         """
+        if type(src) is bytes and type(dst) is int and _BYTES_DATA is not None and not wp:
+            # The resolvers' common case, checked as below but without the general path.
+            size = len(src)
+            if length is None:
+                length = size
+            if (
+                type(length) is int
+                and 0 < length <= size
+                and not (dst | length) % PAGE_SIZE
+                and 0 <= dst
+                and dst + length < _ADDRESS_LIMIT
+                and self._fd >= 0
+            ):
+                return self._copy_from(dst, id(src) + _BYTES_DATA, length, wake)
         if isinstance(src, int) and not isinstance(src, bool):
             if length is None:
                 raise TypeError("copy() from an address needs a length")
@@ -461,6 +475,20 @@ class Userfaultfd:
         self._simple(_abi.UFFDIO_WAKE, _abi.RANGE.pack(start, length), "WAKE")
 
     # -- the server's hot path: callers validated the arguments already -------
+
+    def _copy_from(self, dst: int, src: int, length: int, wake: bool) -> int:
+        """``copy()`` with checked arguments; the caller keeps ``src``'s memory alive."""
+        mode = 0 if wake else _abi.COPY_MODE_DONTWAKE
+        buf = bytearray(_pack_copy(dst, src, length, mode, 0))
+        try:
+            _ioctl(self._fd, _UFFDIO_COPY, buf, True)
+        except OSError as exc:
+            self._continue_fill(exc, buf, _abi.UFFDIO_COPY, _abi.COPY, "COPY",
+                                lambda done: _pack_copy(dst + done, src + done, length - done,
+                                                        mode, 0), length)  # fmt: skip
+        else:
+            self._filled += length
+        return length
 
     def _copy_nocheck(self, dst: int, src: int, length: int, mode: int) -> None:
         buf = bytearray(_pack_copy(dst, src, length, mode, 0))

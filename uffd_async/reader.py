@@ -5,7 +5,9 @@ Facts this module relies on:
 * A uffd opened by this library is non-blocking. ``read()`` returns whole
   ``uffd_msg`` records, or EAGAIN when none is pending; readiness comes from
   the event loop (``anyio.wait_readable``: epoll on trio, the selector on
-  asyncio), so waiting costs no thread.
+  asyncio, libuv on uvloop), so waiting costs no thread. A read that returned
+  fewer records than asked for emptied the queue: the next receive waits for
+  readiness instead of reading EAGAIN first.
 * The kernel delivers each fault once and never again. Events a server read
   but did not get to handle are pushed back onto the handle
   (``Userfaultfd._push_back``), and every reader hands those out first.
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import anyio
 import anyio.lowlevel
 
+from ._abi import MSG
 from ._errors import UffdClosed
 from ._events import Event
 from ._uffd import Userfaultfd
@@ -33,6 +36,7 @@ __all__ = ["EventReader"]
 _CHECKPOINT_EVERY = 16
 #: What ``_read_some`` returns when the prefilter handled every record it read.
 _HANDLED: list[Event] = []
+_MSG_SIZE = MSG.size
 
 
 class EventReader:
@@ -72,6 +76,8 @@ class EventReader:
         self._prefilter = prefilter
         self._buffered: list[Event] = []
         self._busy = False
+        self._drained = False  # the last read emptied the uffd
+        self._short = batch * _MSG_SIZE  # a read of fewer bytes emptied it
         uffd._on_close(_notify_closing)
 
     @property
@@ -96,6 +102,11 @@ class EventReader:
                     # read and then cancelled would be lost).
                     self._eager = 0
                     await anyio.lowlevel.checkpoint()
+                if self._drained:
+                    self._drained = False
+                    if not self._spin_ns and not uffd._unhandled:
+                        self._eager = 0
+                        await anyio.wait_readable(uffd.fileno())
                 events = read()
                 if events is _HANDLED:
                     self._eager += 1
@@ -113,6 +124,7 @@ class EventReader:
                     if events:
                         return events
                 await anyio.wait_readable(uffd.fileno())
+                self._drained = False  # readable: read, whatever another task's poll found
         except UffdClosed:
             raise anyio.ClosedResourceError from None
         finally:
@@ -121,16 +133,34 @@ class EventReader:
     def _read_some(self) -> list[Event]:
         """Pending events; with a prefilter, only what it left (``_HANDLED`` if nothing)."""
         uffd = self._uffd
-        prefilter = self._prefilter
-        if prefilter is None or uffd._unhandled:
-            return uffd._read(self._batch)
+        if uffd._unhandled:
+            return uffd._read(self._batch)  # pushed back: they come first
         data = uffd._read_raw(self._batch)
         if not data:
             return []
-        data = prefilter(data)
-        if not data:
-            return _HANDLED
+        self._drained = len(data) < self._short
+        prefilter = self._prefilter
+        if prefilter is not None:
+            data = prefilter(data)
+            if not data:
+                return _HANDLED
         return uffd.decode(data)
+
+    def poll(self) -> list[Event]:
+        """The events ready right now, without waiting (``[]`` if none, or closed).
+
+        For a task other than the one receiving (the server's workers, between
+        resolutions): a fault read here starts its resolution a loop iteration
+        or more sooner. Never call it from inside ``receive_batch``'s task.
+        """
+        if self._buffered:
+            events, self._buffered = self._buffered, []
+            return events
+        try:
+            events = self._read_some()
+        except UffdClosed:
+            return []
+        return [] if events is _HANDLED else events
 
     async def receive(self) -> Event:
         """The next event."""
