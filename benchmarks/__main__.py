@@ -11,7 +11,9 @@
 # readahead, a slow source (1 ms per page fetch), write tracking, memory, and
 # restore to ready (a separate process touching a boot-like working set, served
 # lazily, with readahead, with a recorded working set prefetched, and copied
-# first; benchmarks/_restore.py).
+# first; benchmarks/_restore.py), and restore from object storage (the same process
+# served from a snapshot on a loopback HTTP server; benchmarks/_http_restore.py), and
+# live snapshots of memory that C threads keep writing (benchmarks/_live.py).
 # Each case runs every runner alternately for several rounds; the table shows medians
 # and each runner's speed as a fraction of the C handler's in the same invocation.
 # After every run, every page is checked against the source (or, for write tracking,
@@ -35,7 +37,11 @@ import uffd_async as ua
 
 from ._build import BuildError
 from ._c import native
+from ._http_restore import http_restore_table
+from ._http_restore import measure as measure_http_restore
 from ._job import Runner
+from ._live import LiveFailed, live_table
+from ._live import measure as measure_live
 from ._machine import describe
 from ._memory import measure, memory_table
 from ._report import CaseResult, Result, scenario_json, table
@@ -47,6 +53,13 @@ from ._scenarios import Scenario, scenarios
 from ._wpasync import measure as measure_wp_async
 from ._wpasync import wp_async_table
 
+#: Scenarios measured by a harness of their own: (measure, table, its failure types).
+STANDALONE: dict[str, tuple[Any, Any, tuple[type[Exception], ...]]] = {
+    "6": (measure_restore, restore_table, (RestoreFailed,)),
+    "7": (measure_http_restore, http_restore_table, (RestoreFailed,)),
+    "8": (measure_live, live_table, (LiveFailed,)),
+}
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -57,7 +70,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3, quick 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
-        "--scenario", action="append", metavar="KEY", help="run only these (1-6; repeatable)"
+        "--scenario", action="append", metavar="KEY", help="run only these (1-8; repeatable)"
     )
     parser.add_argument(
         "--runner", action="append", metavar="NAME", help="run only these (repeatable)"
@@ -124,18 +137,19 @@ def main(argv: list[str] | None = None) -> int:
                     say(memory_table(results))
                     say(f"   ({time.monotonic() - began:.1f} s)")
                 continue
-            if scenario.key == "6":
+            standalone = STANDALONE.get(scenario.key)
+            if standalone is not None:  # a scenario with a harness of its own
+                measure_it, show, failures = standalone
+                caught: tuple[type[Exception], ...] = (*failures, BuildError)
                 try:
-                    restore = measure_restore(
-                        quick=args.quick, rounds=args.rounds, timeout=args.timeout
-                    )
-                except (RestoreFailed, BuildError) as exc:
+                    result = measure_it(quick=args.quick, rounds=args.rounds, timeout=args.timeout)
+                except caught as exc:
                     warn(f"FAILED: {exc}")
                     return 1
-                report.append(restore)
+                report.append(result)
                 if not args.json:
                     say()
-                    say(restore_table(restore))
+                    say(show(result))
                     say(f"   ({time.monotonic() - began:.1f} s)")
                 continue
             try:

@@ -1,4 +1,4 @@
-"""The uffd_async runners: the library's async server, on asyncio and on trio.
+"""The uffd_async runners: the library's async server on asyncio, asyncio + uvloop, and trio.
 
 Each serves the job with what a user of the library would write: ``FaultServer``
 with ``copy_from`` (missing faults; ``readahead``; an async source that sleeps
@@ -16,6 +16,7 @@ import os
 import anyio
 
 import uffd_async as ua
+from uffd_async._loops import choose_backend, uvloop_available
 
 from ._job import Job, Runner, Served
 
@@ -73,15 +74,25 @@ async def _serve(job: Job) -> Served:
         raise
 
 
-def _runner(backend: str) -> Runner:
+def _runner(loop: str) -> Runner:
     def run(job: Job) -> Served:
-        result: Served = anyio.run(_serve, job, backend=backend)
+        if loop != "trio" and "uvloop" in loop and not uvloop_available():
+            raise NotImplementedError("uvloop is not installed (pip install 'uffd_async[uvloop]')")
+        backend, options = choose_backend(loop)
+        result: Served = anyio.run(_serve, job, backend=backend, backend_options=options)
         return result
 
     return run
 
 
+#: The loops the library is measured on: name in the report -> loop (see uffd_async._loops).
+LOOPS = {"asyncio": "asyncio", "uvloop": "asyncio+uvloop", "trio": "trio"}
+
 UFFD_ASYNC_RUNNERS: dict[str, Runner] = {
-    "uffd_async/asyncio": _runner("asyncio"),
-    "uffd_async/trio": _runner("trio"),
+    f"uffd_async/{name}": _runner(loop) for name, loop in LOOPS.items()
 }
+
+
+def loops_here() -> dict[str, str]:
+    """``LOOPS`` without uvloop when it is not installed (scenarios 4b and 5 loop over these)."""
+    return {name: loop for name, loop in LOOPS.items() if name != "uvloop" or uvloop_available()}

@@ -20,7 +20,9 @@ from typing import Any
 import anyio
 
 import uffd_async as ua
+from uffd_async._loops import choose_backend
 
+from ._async import loops_here
 from ._c import native
 
 PAGES = 16384
@@ -88,10 +90,13 @@ def measure(*, quick: bool) -> list[dict[str, Any]]:
     plan = [("inline", 4_000 if quick else 1_000_000), ("awaiting", 4_000 if quick else 50_000)]
     pages = 1024 if quick else PAGES
     results = []
-    for backend in ("asyncio", "trio"):
+    for name, loop in loops_here().items():
+        backend, options = choose_backend(loop)
         for kind, faults in plan:
-            result = anyio.run(_churn, faults, kind, pages, backend=backend)
-            results.append({"backend": backend, **result})
+            result = anyio.run(
+                _churn, faults, kind, pages, backend=backend, backend_options=options
+            )
+            results.append({"backend": name, **result})
     return results
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from ._run import Sample
-from ._scenarios import Case, Scenario
+from ._scenarios import ASYNC_LIMIT, Case, Scenario
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +50,11 @@ class CaseResult:
         return next((r for r in self.results if r.runner == name), None)
 
 
+def ideal_pages_per_s(case: Case) -> float | None:
+    """What an async server with ``ASYNC_LIMIT`` fetches in flight could reach (slow cases)."""
+    return ASYNC_LIMIT * 1e6 / case.slow_us if case.slow_us else None
+
+
 def vs(result: Result, baseline: Result | None) -> float | None:
     """Speed as a fraction of the baseline's: baseline time / this time."""
     if baseline is None:
@@ -78,6 +83,14 @@ def table(scenario: Scenario, cases: list[CaseResult], baseline: str) -> str:
                 f"{r.pages_per_s:>11,.0f} {r.median_faults:>8,.0f} {r.faults_per_s:>11,.0f} "
                 + (f"{ratio:>6.2f}" if ratio is not None else f"{'-':>6}")
             )
+        ideal = ideal_pages_per_s(case_result.case)
+        library = [r for r in case_result.results if r.runner.startswith("uffd_async/")]
+        if ideal and library:
+            shares = ", ".join(
+                f"{r.runner.removeprefix('uffd_async/')} {r.pages_per_s / ideal:.2f}"
+                for r in library
+            )
+            lines.append(f"  {'':<20} of the ideal {ideal:,.0f} pages/s: {shares}")
     return "\n".join(lines)
 
 
@@ -103,6 +116,11 @@ def scenario_json(scenario: Scenario, cases: list[CaseResult], baseline: str) ->
                         "faults": r.median_faults,
                         "faults_per_s": r.faults_per_s,
                         "vs_c": vs(r, base),
+                        "of_ideal": (
+                            r.pages_per_s / ideal
+                            if (ideal := ideal_pages_per_s(case_result.case))
+                            else None
+                        ),
                         "samples": [attrs.asdict(s) for s in r.samples],
                     }
                     for r in case_result.results

@@ -108,12 +108,14 @@ HANDLERS = (
 # -- the working sets ---------------------------------------------------------
 
 
-def boot_set(pages: int, rng: random.Random) -> list[tuple[int, int]]:
-    """Runs (first page, pages) covering about FRACTION of ``pages``, in touch order:
+def boot_set(
+    pages: int, rng: random.Random, *, fraction: float = FRACTION
+) -> list[tuple[int, int]]:
+    """Runs (first page, pages) covering about ``fraction`` of ``pages``, in touch order:
     1 to LONGEST_RUN pages each, at random places that no earlier run took."""
     taken = bytearray(pages)
     runs: list[tuple[int, int]] = []
-    have, want = 0, int(pages * FRACTION)
+    have, want = 0, int(pages * fraction)
     while have < want:
         length = rng.randint(1, LONGEST_RUN)
         first = rng.randrange(pages - length + 1)
@@ -164,7 +166,7 @@ def _write_snapshot(path: Path, pages: int) -> None:
 
 @functools.cache
 def peer_program() -> Path:
-    """The restored process, compiled once per run of the harness."""
+    """The restored process (scenarios 6 and 7), compiled once per run of the harness."""
     return _build.build("restore_peer", program=True)
 
 

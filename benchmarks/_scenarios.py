@@ -127,4 +127,23 @@ def scenarios(*, quick: bool) -> tuple[Scenario, ...]:
             ),
             cases=(),
         ),
+        Scenario(
+            key="7",
+            title="Restore from object storage",
+            note=(
+                "the same process restored from a snapshot on a loopback HTTP server (2 ms per "
+                "response): HttpSource lazy and with prefetch, per-page fetch, download-then-serve "
+                "(benchmarks/_http_restore.py)"
+            ),
+            cases=(),
+        ),
+        Scenario(
+            key="8",
+            title="Live snapshot",
+            note=(
+                "4 C threads write 64 B at random places of 256 MiB without pause: "
+                "stop-copy-resume vs snapshot_live, and an incremental layer (benchmarks/_live.py)"
+            ),
+            cases=(),
+        ),
     )

@@ -22,7 +22,9 @@ from typing import Any
 import anyio
 
 import uffd_async as ua
+from uffd_async._loops import choose_backend
 
+from ._async import loops_here
 from ._c import native
 from ._job import Workload
 
@@ -54,15 +56,17 @@ async def _run_once(pages: int, threads: int, source: int) -> tuple[int, int]:
 
 def measure(pages: int, threads: int, rounds: int, source: int) -> list[dict[str, Any]]:
     results = []
-    for backend in ("asyncio", "trio"):
+    for name, loop in loops_here().items():
+        backend, options = choose_backend(loop)
         runs = [
-            anyio.run(_run_once, pages, threads, source, backend=backend) for _ in range(rounds)
+            anyio.run(_run_once, pages, threads, source, backend=backend, backend_options=options)
+            for _ in range(rounds)
         ]
         total = statistics.median(writing + collecting for writing, collecting in runs)
         writes = statistics.median(writing for writing, _ in runs)
         results.append(
             {
-                "runner": f"uffd_async/{backend}",
+                "runner": f"uffd_async/{name}",
                 "pages": pages,
                 "write_ms": writes / 1e6,
                 "collect_ms": statistics.median(collecting for _, collecting in runs) / 1e6,

@@ -17,9 +17,13 @@ from typing import Any
 
 import pytest
 
+from uffd_async._loops import uvloop_available
+
 ROOT = Path(__file__).parent.parent
 BASELINES = {"c", "plain-python"}
-LIBRARY = {"uffd_async/asyncio", "uffd_async/trio"}
+#: The library's loops: asyncio, asyncio + uvloop (when installed) and trio.
+LOOPS = ("asyncio", "uvloop", "trio") if uvloop_available() else ("asyncio", "trio")
+LIBRARY = {f"uffd_async/{loop}" for loop in LOOPS}
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="the benchmarks need a C compiler (cc)")
@@ -37,8 +41,14 @@ def test_quick_benchmark_checks_out() -> None:
     assert report["quick"] is True
     assert report["machine"]["kernel"].startswith("Linux")
     scenarios = report["scenarios"]
-    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5", "6"]
+    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5", "6", "7", "8"]
     for scenario in scenarios:
+        if scenario["key"] == "8":  # live snapshots: in-process writers, the library's loops
+            check_live(scenario)
+            continue
+        if scenario["key"] == "7":  # restore from object storage: a peer process, HTTP
+            check_http_restore(scenario, report["rounds"])
+            continue
         if scenario["key"] == "6":  # restore to ready: a peer process, the library's servers
             check_restore(scenario, report["rounds"])
             continue
@@ -48,9 +58,7 @@ def test_quick_benchmark_checks_out() -> None:
         if scenario["key"] == "5":  # memory: the library's server only
             runs = scenario["memory"]
             assert {(r["backend"], r["resolver"]) for r in runs} == {
-                (backend, kind)
-                for backend in ("asyncio", "trio")
-                for kind in ("inline", "awaiting")
+                (backend, kind) for backend in LOOPS for kind in ("inline", "awaiting")
             }
             assert all(r["faults"] > 0 for r in runs)
             continue
@@ -88,3 +96,49 @@ def check_restore(scenario: dict[str, Any], rounds: int) -> None:
             if workload == "a" or handler == "eager":
                 assert result["faults"] == 0, where
     assert {t["backend"] for t in scenario["targets"]} == {"asyncio", "trio"}
+
+
+def check_http_restore(scenario: dict[str, Any], rounds: int) -> None:
+    # Every runner served (a) and (b) on asyncio and trio (quick leaves uvloop out); the
+    # recording named a page in every chunk the process touched (the harness checks it).
+    # One thread reading in order faults once per chunk, and each such fault is one request.
+    assert all(r["chunks"] > 0 for r in scenario["recordings"])
+    pages, chunk = scenario["pages"], scenario["default_chunk_size"]
+    results = {(r["backend"], r["workload"], r["kind"]): r for r in scenario["results"]}
+    kinds = {"lazy", "prefetch", "per_page", "download"}
+    assert set(results) == {
+        (backend, workload, kind)
+        for backend in ("asyncio", "trio")
+        for workload in ("a", "b")
+        for kind in kinds
+    }
+    for (backend, workload, kind), result in results.items():
+        where = f"scenario 7 {backend} ({workload}) {kind}"
+        touched = scenario["set_pages"] if workload == "a" else pages
+        assert len(result["samples"]) == (1 if kind == "per_page" else rounds), where
+        assert all(s["ready_ns"] > 0 for s in result["samples"]), where
+        if kind in ("per_page", "download"):  # one fault per page (per-page: scaled up)
+            assert result["faults"] == pytest.approx(touched), where
+        if kind == "download":  # one request: the whole object
+            assert result["requests"] == 1 and result["download_ms"] > 0, where
+        if kind == "lazy" and workload == "b":
+            chunks = -(-pages * 4096 // chunk)
+            assert result["faults"] == chunks, where
+            assert result["requests"] == chunks + 1, where  # and one to open the source
+    assert {t["backend"] for t in scenario["targets"]} == {"asyncio", "trio"}
+
+
+def check_live(scenario: dict[str, Any]) -> None:
+    # The harness checked every image, the copy and the layer against the memory at their
+    # instant; here: every method ran on every loop, the writers wrote, every page was saved,
+    # and the layer held exactly the 5% of the pages the writers were given.
+    methods = scenario["methods"]
+    assert set(methods) == {"none", "stop-copy-resume"} | {
+        f"{kind}/{loop}" for kind in ("live", "full", "layer") for loop in LOOPS
+    }
+    assert methods["none"]["writes_per_s"] > 0 and methods["stop-copy-resume"]["copy_ms"] > 0
+    for loop in LOOPS:
+        assert methods[f"live/{loop}"]["pages"] == scenario["pages"], loop
+        assert methods[f"full/{loop}"]["pages"] == scenario["pages"], loop
+        assert methods[f"layer/{loop}"]["pages"] == round(scenario["pages"] * 0.05), loop
+    assert {t["loop"] for t in scenario["targets"]} == set(LOOPS)

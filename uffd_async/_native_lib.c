@@ -119,7 +119,10 @@ struct ua_fast {
      * is the saved bitmap), copy it with process_vm_readv from process `pid` into the
      * image at `image` + slot * page_size, slot = slots[index] (or index without slots;
      * a negative slot: not in this snapshot). `marks`, if set, gets the page's byte set
-     * too (a write tracker's bitmap). A page that cannot be read is left to Python. */
+     * too (a write tracker's bitmap). A page that cannot be read is left to Python.
+     * Without slots or marks, up to `readahead` unsaved pages behind it are saved and
+     * unprotected with it (they hold the instant too; a writer faulting on one is woken
+     * when its own fault is read). */
     uint64_t image;
     const int64_t *slots;
     int64_t pid;
@@ -190,25 +193,31 @@ int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct 
             if (rc == 0)
                 counts->filled += f->page_size;
         } else {
+            uint64_t count = 1;
             if (f->kind == UA_SAVE && !f->populated[index]) {
                 int64_t slot = f->slots ? f->slots[index] : (int64_t)index;
                 if (slot >= 0) {
+                    if (!f->slots && !f->marks) /* save ahead: the unsaved pages behind it */
+                        while (count <= f->readahead && index + count < f->pages &&
+                               !f->populated[index + count])
+                            count++;
                     struct iovec local = {
                         .iov_base = (void *)(uintptr_t)(f->image + (uint64_t)slot * f->page_size),
-                        .iov_len = f->page_size,
+                        .iov_len = count * f->page_size,
                     };
                     struct iovec remote = {.iov_base = (void *)(uintptr_t)page,
-                                           .iov_len = f->page_size};
-                    if (process_vm_readv((pid_t)f->pid, &local, 1, &remote, 1, 0) !=
-                        (ssize_t)f->page_size)
+                                           .iov_len = count * f->page_size};
+                    ssize_t got = process_vm_readv((pid_t)f->pid, &local, 1, &remote, 1, 0);
+                    if (got < (ssize_t)f->page_size)
                         continue; /* unmapped meanwhile, say: Python decides */
+                    count = (uint64_t)got / f->page_size;
                 }
-                f->populated[index] = 1;
+                memset(f->populated + index, 1, count);
             }
             if (f->kind == UA_SAVE && f->marks)
                 f->marks[index] = 1;
             struct uffdio_writeprotect wp = {
-                .range = {.start = page, .len = f->page_size},
+                .range = {.start = page, .len = count * f->page_size},
                 .mode = f->mode,
             };
             rc = ioctl(uffd, UFFDIO_WRITEPROTECT, &wp);

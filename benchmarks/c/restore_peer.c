@@ -1,7 +1,7 @@
-/* Scenario 6's restored process: hands its memory over as Firecracker 1.12
- * does, then touches a boot-like working set and says how long that took.
+/* Scenarios 6 and 7's restored process: hands its memory over as Firecracker
+ * 1.12 does, then touches a working set and says how long that took.
  *
- *   restore_peer SOCKET SNAPSHOT SET PAGES WAIT
+ *   restore_peer SOCKET SNAPSHOT SET PAGES WAIT [THREADS]
  *
  * It maps PAGES anonymous 4 KiB pages, opens a userfaultfd the way
  * Firecracker's UffdBuilder does (non-blocking, close-on-exec, EVENT_REMOVE),
@@ -21,6 +21,12 @@
  * after the last page. Then, untimed, every touched page is compared whole
  * with SNAPSHOT (mapped read-only).
  *
+ * THREADS (default 1): with more than one, the runs are dealt round-robin
+ * (thread t reads runs t, t + THREADS, ...), each thread reading its own in
+ * order. The threads are started before the handshake and released together
+ * right after it (or after the go byte); the clock stops when the last one has
+ * read its last page, and first_ns is the earliest first page of any of them.
+ *
  * Output, one line on stdout: "ready_ns first_ns pages": handshake sent to
  * working set touched, handshake sent to the first page read, pages touched.
  * Any failure: a message on stderr and exit status 1 (setup) or 3 (a wrong
@@ -30,6 +36,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -84,15 +91,58 @@ static void *map_file(const char *path, uint64_t *size)
     return at;
 }
 
+/* One thread's share of the set: runs index, index + step, ... */
+struct share {
+    const uint32_t *set;
+    uint64_t runs, index, step;
+    const uint8_t *base;
+    pthread_barrier_t *go;
+    int64_t first;
+    uint64_t touched;
+    int bad; /* a load returned a wrong word: which page, what word */
+    uint64_t bad_page, bad_word;
+};
+
+static void touch_share(struct share *share)
+{
+    for (uint64_t r = share->index; r < share->runs; r += share->step) {
+        uint64_t from = share->set[2 * r], to = from + share->set[2 * r + 1];
+        for (uint64_t i = from; i < to; i++) {
+            uint64_t word = *(volatile const uint64_t *)(share->base + i * PAGE);
+            if (word != first_word(i)) {
+                share->bad = 1;
+                share->bad_page = i;
+                share->bad_word = word;
+                return;
+            }
+            if (!share->touched++)
+                share->first = now_ns();
+        }
+    }
+}
+
+static void *share_thread(void *arg)
+{
+    struct share *share = arg;
+    pthread_barrier_wait(share->go);
+    touch_share(share);
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 6) {
-        fprintf(stderr, "usage: restore_peer SOCKET SNAPSHOT SET PAGES WAIT\n");
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: restore_peer SOCKET SNAPSHOT SET PAGES WAIT [THREADS]\n");
         return 2;
     }
     alarm(120);
     uint64_t pages = strtoull(argv[4], NULL, 10);
     int wait_go = atoi(argv[5]);
+    long threads = argc == 7 ? atol(argv[6]) : 1;
+    if (threads < 1 || threads > 1024) {
+        fprintf(stderr, "restore_peer: THREADS must be 1 to 1024\n");
+        return 2;
+    }
     uint64_t snapshot_size, set_bytes;
     const uint8_t *snapshot = map_file(argv[2], &snapshot_size);
     const uint32_t *set = map_file(argv[3], &set_bytes);
@@ -126,6 +176,25 @@ int main(int argc, char **argv)
     };
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0)
         die("UFFDIO_REGISTER");
+
+    /* With THREADS > 1 the readers wait at the barrier from now on, so that
+     * creating them is not timed. */
+    struct share *shares = calloc((size_t)threads, sizeof *shares);
+    pthread_t *tids = calloc((size_t)threads, sizeof *tids);
+    pthread_barrier_t go_barrier;
+    if (shares == NULL || tids == NULL)
+        die("calloc");
+    if (threads > 1 && pthread_barrier_init(&go_barrier, NULL, (unsigned)threads + 1) != 0)
+        die("pthread_barrier_init");
+    for (long t = 0; t < threads; t++) {
+        shares[t] = (struct share){.set = set, .runs = runs, .index = (uint64_t)t,
+                                   .step = (uint64_t)threads, .base = base, .go = &go_barrier};
+        if (threads > 1) {
+            errno = pthread_create(&tids[t], NULL, share_thread, &shares[t]);
+            if (errno != 0)
+                die("pthread_create");
+        }
+    }
 
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (sock < 0)
@@ -176,22 +245,28 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    int64_t first = 0;
-    uint64_t touched = 0;
-    for (uint64_t r = 0; r < runs; r++) {
-        for (uint64_t i = set[2 * r]; i < (uint64_t)set[2 * r] + set[2 * r + 1]; i++) {
-            uint64_t word = *(volatile uint64_t *)(base + i * PAGE);
-            if (word != first_word(i)) {
-                fprintf(stderr, "restore_peer: page %llu starts with %#llx, not %#llx\n",
-                        (unsigned long long)i, (unsigned long long)word,
-                        (unsigned long long)first_word(i));
-                return 3;
-            }
-            if (!touched++)
-                first = now_ns();
-        }
+    if (threads == 1) {
+        touch_share(&shares[0]);
+    } else {
+        pthread_barrier_wait(&go_barrier);
+        for (long t = 0; t < threads; t++)
+            pthread_join(tids[t], NULL);
     }
     int64_t ready = now_ns();
+    int64_t first = 0;
+    uint64_t touched = 0;
+    for (long t = 0; t < threads; t++) {
+        struct share *share = &shares[t];
+        if (share->bad) {
+            fprintf(stderr, "restore_peer: page %llu starts with %#llx, not %#llx\n",
+                    (unsigned long long)share->bad_page, (unsigned long long)share->bad_word,
+                    (unsigned long long)first_word(share->bad_page));
+            return 3;
+        }
+        if (share->touched && (!touched || share->first < first))
+            first = share->first;
+        touched += share->touched;
+    }
 
     for (uint64_t r = 0; r < runs; r++) {
         uint64_t at = set[2 * r] * PAGE, bytes = set[2 * r + 1] * PAGE;
