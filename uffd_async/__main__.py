@@ -227,14 +227,18 @@ def _show_working_set(args: argparse.Namespace) -> int:
         f"pages: {pages:,} of {working_set.page_size} bytes ({mib:,.1f} MiB, {share:.1%} of "
         f"the snapshot) in {len(runs):,} runs"
     )
+    _print_runs(runs, pages, "page+count, in first-touch order")
+    print(f"snapshot: {working_set.snapshot_size:,} bytes, identity {working_set.identity.hex()}")
+    return 0
+
+
+def _print_runs(runs: list[tuple[int, int]], pages: int, order: str) -> None:
     if runs:
         longest = max(count for _, count in runs)
         print(f"runs: longest {longest:,} pages, mean {pages / len(runs):,.1f}")
         head = ", ".join(f"{first}+{count}" for first, count in runs[:8])
         more = " ..." if len(runs) > 8 else ""
-        print(f"first runs (page+count, in first-touch order): {head}{more}")
-    print(f"snapshot: {working_set.snapshot_size:,} bytes, identity {working_set.identity.hex()}")
-    return 0
+        print(f"first runs ({order}): {head}{more}")
 
 
 def _show_layer(args: argparse.Namespace) -> int:
@@ -249,12 +253,7 @@ def _show_layer(args: argparse.Namespace) -> int:
                 f"pages: {pages:,} of {size} bytes ({pages * size / 2**20:,.1f} MiB, "
                 f"{pages / image_pages:.1%} of the image) in {len(runs):,} runs"
             )
-            if runs:
-                longest = max(count for _, count in runs)
-                print(f"runs: longest {longest:,} pages, mean {pages / len(runs):,.1f}")
-                head = ", ".join(f"{first}+{count}" for first, count in runs[:8])
-                more = " ..." if len(runs) > 8 else ""
-                print(f"first runs (page+count): {head}{more}")
+            _print_runs(list(runs), pages, "page+count")
             print(f"image: {layer.image_size:,} bytes")
             print(f"parent: {layer.parent.hex()}")
             print(f"identity: {layer.identity.hex()}")

@@ -31,10 +31,11 @@ or a snapshot's resolver). Kernel and loop facts it relies on:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import select
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import anyio
@@ -157,19 +158,26 @@ async def _copy_runs(
     uffd: Userfaultfd, resolver: Any, runs: Any, poller: select.poll, stats: PrefetchStats
 ) -> None:
     for first, count in runs:
-        await _after_the_demand(uffd, poller)
-        while True:
-            before = uffd._filled  # no await below: only this copies meanwhile
-            try:
-                resolver._prefetch(uffd, first, count)
-            except MappingChanged:
-                # An event is unread: the server reads and applies it, then we plan again.
-                stats.prefetched += (uffd._filled - before) // PAGE_SIZE
-                await anyio.sleep(_EAGAIN_PAUSE)
-                continue
+        await _fill(uffd, poller, stats, functools.partial(resolver._prefetch, uffd, first, count))
+
+
+async def _fill(
+    uffd: Userfaultfd, poller: select.poll, stats: PrefetchStats, fill: Callable[[], object]
+) -> None:
+    """One run, ``fill()``, once the server had its turn; planned again while it meets an
+    unread event (the server reads and applies it meanwhile)."""
+    await _after_the_demand(uffd, poller)
+    while True:
+        before = uffd._filled  # no await below: only this copies meanwhile
+        try:
+            fill()
+        except MappingChanged:
             stats.prefetched += (uffd._filled - before) // PAGE_SIZE
-            break
-        stats.runs += 1
+            await anyio.sleep(_EAGAIN_PAUSE)
+            continue
+        stats.prefetched += (uffd._filled - before) // PAGE_SIZE
+        break
+    stats.runs += 1
 
 
 def _chunks_of(runs: Iterable[tuple[int, int]], chunk_size: int) -> Iterator[int]:
@@ -209,18 +217,7 @@ async def _fetch_chunks(
                 logger.warning("prefetch: %s", exc)
                 return
             lo = chunk * source.chunk_size
-            while True:
-                await _after_the_demand(uffd, poller)
-                before = uffd._filled  # no await below: only this copies meanwhile
-                try:
-                    resolver._fill_span(uffd, lo, data)
-                except MappingChanged:
-                    stats.prefetched += (uffd._filled - before) // PAGE_SIZE
-                    await anyio.sleep(_EAGAIN_PAUSE)
-                    continue
-                stats.prefetched += (uffd._filled - before) // PAGE_SIZE
-                break
-            stats.runs += 1
+            await _fill(uffd, poller, stats, functools.partial(resolver._fill_span, uffd, lo, data))
         except (ProcessExited, UffdClosed, SnapshotClosed, SourceChanged) as exc:
             ended.append(exc)
             tg.cancel_scope.cancel()

@@ -478,16 +478,7 @@ class Userfaultfd:
 
     def _copy_from(self, dst: int, src: int, length: int, wake: bool) -> int:
         """``copy()`` with checked arguments; the caller keeps ``src``'s memory alive."""
-        mode = 0 if wake else _abi.COPY_MODE_DONTWAKE
-        buf = bytearray(_pack_copy(dst, src, length, mode, 0))
-        try:
-            _ioctl(self._fd, _UFFDIO_COPY, buf, True)
-        except OSError as exc:
-            self._continue_fill(exc, buf, _abi.UFFDIO_COPY, _abi.COPY, "COPY",
-                                lambda done: _pack_copy(dst + done, src + done, length - done,
-                                                        mode, 0), length)  # fmt: skip
-        else:
-            self._filled += length
+        self._copy_nocheck(dst, src, length, 0 if wake else _abi.COPY_MODE_DONTWAKE)
         return length
 
     def _copy_nocheck(self, dst: int, src: int, length: int, mode: int) -> None:
