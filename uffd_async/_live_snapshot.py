@@ -516,7 +516,7 @@ async def snapshot_live(
             assert parent is not None
             snapshot = _under_tracker(uffd, address, length, dest, memory, stats, tracker,
                                       parent, missing)  # fmt: skip
-            await _run(snapshot, run_bytes, started, task_status)
+            await _run(snapshot, run_bytes, started, task_status, tracker)
             return stats
         sink = _ImageFile(dest, length)
         snapshot = _Snapshot(uffd, address, length, sink, memory, stats, unprotect=tracker is None,
@@ -525,7 +525,7 @@ async def snapshot_live(
         if tracker is not None:
             tracker._live = snapshot  # no await until collect(): a write between is saved
             tracker.collect()
-            await _run(snapshot, run_bytes, started, task_status)
+            await _run(snapshot, run_bytes, started, task_status, tracker)
             return stats
         resolver = _SaveFirst(snapshot)
         serving: AnyResolver = resolver
@@ -578,11 +578,16 @@ def _under_tracker(
 
 async def _run(
     snapshot: _Snapshot, run_bytes: int, started: float,
-    task_status: TaskStatus[LiveSnapshotStats],
+    task_status: TaskStatus[LiveSnapshotStats], tracker: WriteTracker | None = None,
 ) -> None:  # fmt: skip
     stats = snapshot.stats
     stats.instant_seconds = time.monotonic() - started
     task_status.started(stats)
     await snapshot.save_all(max(1, run_bytes // snapshot.page_size))
-    stats.identity = snapshot.sink.commit()
+    if tracker is not None and tracker._live is snapshot:
+        tracker._live = None  # all saved: its faults need nothing from us any more
+    # The sync (msync, fsync: up to seconds) runs in a worker thread: a tracker's writers
+    # must not wait for it on the event loop. Every wanted page is saved, so the C loop
+    # never writes into the image again (it only reads the saved bitmap).
+    stats.identity = await anyio.to_thread.run_sync(snapshot.sink.commit)
     stats.seconds = time.monotonic() - started
