@@ -171,6 +171,15 @@ async def test_answers_that_are_not_the_bytes_asked_for_are_refused(
         assert await source.chunk(5) == SOURCE[5 * CHUNK : 6 * CHUNK]
 
 
+async def test_http2_where_the_server_offers_only_http1(http_server: HttpObjectServer) -> None:
+    """``http2=True`` (the h2 extra): over cleartext httpx speaks HTTP/1.1 (HTTP/2 comes
+    with TLS's ALPN), and every check still holds."""
+    http_server.put("snap", SOURCE)
+    async with ua.HttpSource(http_server.url("snap"), chunk_size=CHUNK, http2=True) as source:
+        assert await source.chunk(7) == SOURCE[7 * CHUNK : 8 * CHUNK]
+    assert http_server.wait_idle()["connections_open"] == 0
+
+
 async def test_a_presigned_urls_query_is_never_shown(http_server: HttpObjectServer) -> None:
     http_server.put("snap", SOURCE)
     secret = "X-Amz-Signature=0123456789abcdef"
