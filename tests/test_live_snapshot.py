@@ -362,3 +362,30 @@ async def test_a_layer_holds_only_the_pages_written_since(lab: Lab, tmp_path: Pa
     assert pages == changed
     with ua.LayeredSnapshot(tmp_path / "base.img", tmp_path / "1.layer") as layered:
         assert await restored(lab, layered) == region.read(0, region.length)
+
+
+@pytest.mark.parametrize("readahead", [0, 7])
+async def test_copy_from_a_snapshot_or_its_layers_in_process(
+    lab: Lab, tmp_path: Path, readahead: int
+) -> None:
+    region, uffd = filled(lab, pages=256)
+    async with ua.WriteTracker(uffd, region.address, region.length, register=False) as tracker:
+        base = await ua.snapshot_live(uffd, region.address, region.length,
+                                      tmp_path / "base.img", tracker=tracker)  # fmt: skip
+        await finished(lab.run(functools.partial(stamp, region, [3, 4, 100], B)))
+        await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "1.layer",
+                               tracker=tracker, incremental=True, parent=base.identity)  # fmt: skip
+    expected = region.read(0, region.length)
+    for source in (ua.LayeredSnapshot(tmp_path / "base.img", tmp_path / "1.layer"),
+                   ua.Snapshot(tmp_path / "base.img")):  # fmt: skip
+        with source:
+            memory = lab.anonymous(256)
+            target = lab.uffd()
+            target.register(memory.address, memory.length)
+            resolver = ua.copy_from(source, base=memory.address, readahead=readahead)
+            async with ua.FaultServer(target, resolver):
+                got = await finished(lab.run(functools.partial(memory.read, 0, memory.length)))
+        layered = isinstance(source, ua.LayeredSnapshot)
+        assert got == (expected if layered else bytes([A]) * region.length)
+    with pytest.raises(ua.SnapshotClosed):
+        ua.copy_from(source, base=memory.address)

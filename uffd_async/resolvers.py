@@ -457,8 +457,10 @@ def copy_from(
 
     ``source`` is a bytes-like object or :class:`Region` (the page at offset
     ``fault.page - base``), a sync or async callable ``(offset, length) ->
-    bytes``, or an open :class:`~uffd_async.HttpSource` (a fault then awaits
-    its whole chunk, which fills every missing page of it). ``readahead=N``
+    bytes``, an open :class:`~uffd_async.HttpSource` (a fault then awaits
+    its whole chunk, which fills every missing page of it), or a
+    :class:`~uffd_async.Snapshot` or :class:`~uffd_async.LayeredSnapshot`
+    (its bytes from offset 0, copied from the files' mappings). ``readahead=N``
     copies up to N further pages not populated yet in the same ioctl.
     ``wp=True`` maps pages write-protected (for MISSING|WP ranges). Pages
     removed by MADV_DONTNEED are served zeros afterwards, and remapped pages
@@ -468,9 +470,25 @@ def copy_from(
     from memory, :func:`~uffd_async.prefetch` replays such a set.
     """
     from ._http_source import HttpSource
+    from ._snapshot import Snapshot
 
     resolver: CopyFrom
-    if isinstance(source, HttpSource):
+    if isinstance(source, Snapshot):  # a file, or base + layers: mapped once, read in place
+        from ._handoff import GuestMapping
+
+        if wp:
+            raise InvalidArgument(22, "wp=True is not offered for a Snapshot source")
+        if source.closed:
+            from ._errors import SnapshotClosed
+
+            raise SnapshotClosed(source.path)
+        length = source.size if size is None else min(size, source.size)
+        length -= length % page_size
+        if length <= 0:
+            raise InvalidArgument(22, f"the snapshot holds no whole {page_size}-byte page")
+        mapping = GuestMapping(base_host_virt_addr=base, size=length, offset=0, page_size=page_size)
+        resolver = source._copier(mapping, readahead)
+    elif isinstance(source, HttpSource):
         from ._chunked_copy import ChunkedCopy
 
         if readahead:
