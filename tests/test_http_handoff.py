@@ -30,6 +30,7 @@ from .test_replay import (
     TOUCH,
     peer_config,
     run_peer,
+    run_waiting_peer,
     snapshot_for,
 )
 
@@ -120,11 +121,20 @@ async def test_a_working_set_over_http_records_and_replays(
     with ua.Snapshot(place / "guest.mem") as local:
         assert recorded.matches(local.size, local.identity)  # one identity, file or URL
     http_server.reset()
+    touched = {page * P // CHUNK for page in RECORDED}
     async with ua.HttpSource(url, chunk_size=CHUNK) as source:
         async with running(place, source, prefetch=ws_path) as server:
-            await run_peer(peer_config(place, TOUCH, all=True))
+            # The set's chunks, whole (16 pages each), before the process reads a page.
+            await run_waiting_peer(
+                peer_config(place, TOUCH, wait=True, all=True),
+                lambda: server.stats.prefetched >= len(touched) * CHUNK // P,
+            )
             await ends_soon(server)
-            assert server.stats.prefetched > 0 and server.stats.errors == 0
+            stats = server.stats
+    assert stats.prefetched == len(touched) * CHUNK // P and stats.errors == 0
+    # Only the chunks outside the set fault (once each: a chunk fills all of its pages).
+    assert stats.faults == 2 * PAGES * P // CHUNK - len(touched)
+    assert sorted(chunks_served(http_server)) == list(range(2 * PAGES * P // CHUNK))
 
 
 def test_options_that_do_not_apply_to_a_url(place: Path) -> None:

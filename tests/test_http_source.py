@@ -97,7 +97,7 @@ async def test_faults_in_one_chunk_share_one_request(
     http_server: HttpObjectServer, lab: Lab
 ) -> None:
     http_server.put("snap", SOURCE)
-    http_server.delay(300)  # every thread faults while the one request is under way
+    http_server.delay(1000)  # every thread faults while the one request is under way
     async with ua.HttpSource(http_server.url("snap"), chunk_size=CHUNK) as source:
         async with restoring(lab, source) as (region, server):
             pages = range(16, 32)  # chunk 1, a thread per page
@@ -290,7 +290,9 @@ async def test_demand_fetches_go_before_prefetches(http_server: HttpObjectServer
         async with anyio.create_task_group() as tg:
             for chunk in range(1, 6):
                 tg.start_soon(functools.partial(source.chunk, chunk, demand=False))
-            await anyio.sleep(0.02)
+            with anyio.fail_after(TIMEOUT):
+                while source.stats.queued < 4:  # one fetch holds the connection
+                    await anyio.sleep(0.002)
             tg.start_soon(lambda: source.chunk(9))
     order = served_chunks(http_server)
     assert order[1] == 9, order  # next after the prefetch that held the one connection
