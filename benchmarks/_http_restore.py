@@ -72,6 +72,7 @@ from ._restore import (
     _write_runs,
     _write_snapshot,
     boot_set,
+    handoff_over,
     page_order,
     peer_program,
 )
@@ -241,14 +242,7 @@ async def _serve_one(
         before = setup.server_stats()  # the source is open: what opening it took
         async with _peer(setup, path, which) as process:
             ready, first = await _result(process)
-        # The handoff ends once the server saw the process exit: its counters are final.
-        while True:
-            stats = server.stats
-            if stats.refused or stats.failed:
-                raise RestoreFailed(f"the server refused or failed the handoff: {stats}")
-            if stats.served and not stats.active:
-                break
-            await anyio.sleep(0.002)
+        stats = await handoff_over(server)
         tg.cancel_scope.cancel()
     return ready, first, stats, before
 

@@ -254,16 +254,20 @@ async def _served_by_handoff_server(
         server: ua.HandoffServer = await tg.start(serving)
         async with _peer(setup, path, workload, wait=False) as process:
             ready, first = await _result(process)
-        # The handoff ends once the server saw the process exit: its counters are final.
-        while True:
-            stats = server.stats
-            if stats.refused or stats.failed:
-                raise RestoreFailed(f"the server refused or failed the handoff: {stats}")
-            if stats.served and not stats.active:
-                break
-            await anyio.sleep(0.002)
+        stats = await handoff_over(server)
         tg.cancel_scope.cancel()
     return Sample(ready_ns=ready, first_ns=first, faults=stats.faults, prefetched=stats.prefetched)
+
+
+async def handoff_over(server: ua.HandoffServer) -> ua.HandoffStats:
+    """The server's stats once it saw the process exit (its counters are final then)."""
+    while True:
+        stats = server.stats
+        if stats.refused or stats.failed:
+            raise RestoreFailed(f"the server refused or failed the handoff: {stats}")
+        if stats.served and not stats.active:
+            return stats
+        await anyio.sleep(0.002)
 
 
 async def _copied_first(

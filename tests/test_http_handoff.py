@@ -23,6 +23,7 @@ import uffd_async as ua
 from ._processes import read_until
 from ._support import TIMEOUT, HttpObjectServer
 from .test_firecracker import ends_soon, place, running, stop
+from .test_http_source import CHUNK, served_chunks
 from .test_replay import (
     PAGES,
     RECORDED,
@@ -37,21 +38,12 @@ from .test_replay import (
 __all__ = ["place"]  # a fixture, used by name
 
 P = ua.PAGE_SIZE
-CHUNK = 64 * 1024  # 16 pages: the snapshot (2 * PAGES pages) has 8 chunks
 
 
 def publish(place: Path, http_server: HttpObjectServer) -> str:
     """The snapshot file the peer compares with, and the same bytes on the server."""
     http_server.put("guest.mem", snapshot_for(place).read_bytes())
     return http_server.url("guest.mem")
-
-
-def chunks_served(http_server: HttpObjectServer) -> list[int]:
-    return [
-        entry["start"] // CHUNK
-        for entry in http_server.stats()["ranges"]
-        if entry["start"] is not None and entry["stop"] - entry["start"] == CHUNK
-    ]
 
 
 @pytest.mark.anyio
@@ -80,7 +72,7 @@ async def test_processes_share_one_sources_chunks(
                 await run_peer(peer_config(place, TOUCH))
                 await ends_soon(server)
         touched = {page * P // CHUNK for page in TOUCH}
-        assert sorted(chunks_served(http_server)) == sorted(touched)  # once, for all three
+        assert sorted(served_chunks(http_server)) == sorted(touched)  # once, for all three
         assert source.stats.cache_hits >= 2 * len(touched)
         assert server.stats.served == 3 and server.stats.errors == 0
 
@@ -134,7 +126,7 @@ async def test_a_working_set_over_http_records_and_replays(
     assert stats.prefetched == len(touched) * CHUNK // P and stats.errors == 0
     # Only the chunks outside the set fault (once each: a chunk fills all of its pages).
     assert stats.faults == 2 * PAGES * P // CHUNK - len(touched)
-    assert sorted(chunks_served(http_server)) == list(range(2 * PAGES * P // CHUNK))
+    assert sorted(served_chunks(http_server)) == list(range(2 * PAGES * P // CHUNK))
 
 
 def test_options_that_do_not_apply_to_a_url(place: Path) -> None:

@@ -19,6 +19,7 @@ import uffd_async as ua
 from uffd_async import _loops
 
 from ._support import TIMEOUT, Lab, finished, pattern, source_bytes
+from .test_reader import close_wakes_reader
 
 P = ua.PAGE_SIZE
 ROOT = Path(__file__).parent.parent
@@ -139,28 +140,9 @@ def test_real_faults_served_with_an_awaiting_resolver(lab: Lab, loop: str) -> No
     assert stats.errors == 0 and stats.in_flight == 0
 
 
-async def _close_wakes_reader(lab: Lab) -> list[str]:
-    uffd = lab.uffd()
-    reader = ua.EventReader(uffd)
-    outcome: list[str] = []
-
-    async def read() -> None:
-        try:
-            await reader.receive()
-        except anyio.ClosedResourceError:
-            outcome.append("closed")
-
-    with anyio.fail_after(TIMEOUT):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read)
-            await anyio.wait_all_tasks_blocked()
-            uffd.close()
-    return outcome
-
-
 @needs_uvloop
 def test_closing_wakes_a_waiting_reader_on_uvloop(lab: Lab) -> None:
-    assert _loops.run(_close_wakes_reader, lab, loop="uvloop") == ["closed"]
+    assert _loops.run(close_wakes_reader, lab, loop="uvloop") == ["closed"]
 
 
 async def _inline_and_error(lab: Lab) -> tuple[bytes, list[str]]:

@@ -7,7 +7,7 @@ import pytest
 
 import uffd_async as ua
 
-from ._support import Lab, finished, pattern
+from ._support import TIMEOUT, Lab, finished, pattern
 
 pytestmark = pytest.mark.anyio
 P = ua.PAGE_SIZE
@@ -70,7 +70,8 @@ async def test_two_readers_at_once_is_busy(lab: Lab) -> None:
             uffd.close()  # wakes the first reader
 
 
-async def test_closing_wakes_a_waiting_reader(lab: Lab) -> None:
+async def close_wakes_reader(lab: Lab) -> list[str]:
+    """Close the uffd under a reader waiting on it; what the reader saw."""
     uffd = lab.uffd()
     reader = ua.EventReader(uffd)
     outcome: list[str] = []
@@ -81,12 +82,16 @@ async def test_closing_wakes_a_waiting_reader(lab: Lab) -> None:
         except anyio.ClosedResourceError:
             outcome.append("closed")
 
-    with anyio.fail_after(10):
+    with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:
             tg.start_soon(read)
             await anyio.wait_all_tasks_blocked()
             uffd.close()
-    assert outcome == ["closed"]
+    return outcome
+
+
+async def test_closing_wakes_a_waiting_reader(lab: Lab) -> None:
+    assert await close_wakes_reader(lab) == ["closed"]
 
 
 async def test_bad_batch() -> None:

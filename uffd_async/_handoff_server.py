@@ -57,7 +57,7 @@ from ._handoff_io import (
     peer_credentials,
     receive_uffd,
 )
-from ._http_source import HttpSource, HttpStats, is_url
+from ._http_source import HttpSource, HttpStats, is_url, refuse_readahead
 from ._listener import Listener, check_socket_access
 from ._peer_lifetime import PeerExit
 from ._prefetch import PrefetchStats
@@ -178,12 +178,7 @@ class HandoffServer:
         else:
             self._source = os.fspath(source)
         if isinstance(self._source, HttpSource) or is_url(self._source):
-            if readahead:
-                raise InvalidArgument(
-                    errno.EINVAL,
-                    "readahead does not apply to an HttpSource: a fault copies every missing "
-                    "page of its chunk; choose its chunk_size instead",
-                )
+            refuse_readahead(readahead)  # here, before any peer connects
         if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
             raise InvalidArgument(errno.EINVAL, f"readahead must be an int >= 0, not {readahead!r}")
         if callable(source) and readahead:

@@ -63,6 +63,17 @@ def is_url(source: object) -> bool:
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
+def refuse_readahead(readahead: int, chunk_size: int | None = None) -> None:
+    """Readahead means nothing for a chunked source: its chunk size plays that part."""
+    if readahead:
+        size = "" if chunk_size is None else f" ({chunk_size} bytes)"
+        raise InvalidArgument(
+            errno.EINVAL,
+            "readahead does not apply to an HttpSource: a fault copies every missing page "
+            f"of its chunk{size}; choose chunk_size instead",
+        )
+
+
 def display_url(url: str) -> str:
     """``url`` without what may carry credentials: query string, fragment, user info."""
     scheme, sep, rest = url.partition("://")
@@ -298,22 +309,23 @@ class HttpSource:
         return SnapshotResolver(self, mappings, readahead=readahead, recorder=recorder)
 
     def _copier(self, mapping: GuestMapping, readahead: int) -> ChunkedCopy:
-        from ._chunked_copy import ChunkedCopy
-
-        if readahead:
-            raise InvalidArgument(
-                errno.EINVAL,
-                "readahead does not apply to an HttpSource: a fault copies every missing page "
-                f"of its chunk ({self.chunk_size} bytes); choose chunk_size instead",
-            )
-        return ChunkedCopy(
-            self,
-            offset=mapping.offset,
+        return self._chunked(
             base=mapping.base_host_virt_addr,
             size=mapping.size,
             page_size=mapping.page_size,
-            wp=False,
+            offset=mapping.offset,
+            readahead=readahead,
         )
+
+    def _chunked(
+        self, *, base: int, size: int, page_size: int, offset: int = 0, readahead: int = 0,
+        wp: bool = False,
+    ) -> ChunkedCopy:  # fmt: skip
+        """The resolver of ``size`` bytes of this object from ``offset``, mapped at ``base``."""
+        from ._chunked_copy import ChunkedCopy
+
+        refuse_readahead(readahead, self.chunk_size)
+        return ChunkedCopy(self, offset=offset, base=base, size=size, page_size=page_size, wp=wp)
 
     # -- the requests -------------------------------------------------------------
 

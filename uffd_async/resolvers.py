@@ -489,22 +489,10 @@ def copy_from(
         mapping = GuestMapping(base_host_virt_addr=base, size=length, offset=0, page_size=page_size)
         resolver = source._copier(mapping, readahead)
     elif isinstance(source, HttpSource):
-        from ._chunked_copy import ChunkedCopy
-
-        if readahead:
-            raise InvalidArgument(
-                22,
-                "readahead does not apply to an HttpSource: a fault copies every missing page "
-                f"of its chunk ({source.chunk_size} bytes); choose chunk_size instead",
-            )
-        source._check_open()
-        resolver = ChunkedCopy(
-            source,
-            offset=0,
-            base=base,
-            size=source.size if size is None else min(size, source.size),
-            page_size=page_size,
-            wp=wp,
+        source._check_open()  # its size is known once open
+        length = source.size if size is None else min(size, source.size)
+        resolver = source._chunked(
+            base=base, size=length, page_size=page_size, readahead=readahead, wp=wp
         )
     else:
         resolver = CopyFrom(
