@@ -29,8 +29,8 @@ stress: $(STAMP)
 	UFFD_ASYNC_FUZZ_EXAMPLES=300 $(PY) -m pytest tests/test_hostile.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check uffd_async tests examples benchmarks
-	$(PY) -m ruff format --check uffd_async tests examples benchmarks
+	$(PY) -m ruff check uffd_async tests examples benchmarks tools
+	$(PY) -m ruff format --check uffd_async tests examples benchmarks tools
 	$(PY) -m mypy
 
 # Builds benchmarks/c/*.c with cc -O2 into benchmarks/_build/, then measures.
