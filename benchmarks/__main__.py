@@ -12,8 +12,9 @@
 # restore to ready (a separate process touching a boot-like working set, served
 # lazily, with readahead, with a recorded working set prefetched, and copied
 # first; benchmarks/_restore.py), and restore from object storage (the same process
-# served from a snapshot on a loopback HTTP server; benchmarks/_http_restore.py), and
-# live snapshots of memory that C threads keep writing (benchmarks/_live.py).
+# served from a snapshot on a loopback HTTP server; benchmarks/_http_restore.py),
+# live snapshots of memory that C threads keep writing (benchmarks/_live.py), and two
+# tenants on one loop, one faulting without pause (benchmarks/_fairness.py).
 # Each case runs every runner alternately for several rounds; the table shows medians
 # and each runner's speed as a fraction of the C handler's in the same invocation.
 # After every run, every page is checked against the source (or, for write tracking,
@@ -37,6 +38,8 @@ import uffd_async as ua
 
 from ._build import BuildError
 from ._c import native
+from ._fairness import FairnessFailed, fairness_table
+from ._fairness import measure as measure_fairness
 from ._http_restore import http_restore_table
 from ._http_restore import measure as measure_http_restore
 from ._job import Runner
@@ -58,6 +61,7 @@ STANDALONE: dict[str, tuple[Any, Any, tuple[type[Exception], ...]]] = {
     "6": (measure_restore, restore_table, (RestoreFailed,)),
     "7": (measure_http_restore, http_restore_table, (RestoreFailed,)),
     "8": (measure_live, live_table, (LiveFailed,)),
+    "9": (measure_fairness, fairness_table, (FairnessFailed,)),
 }
 
 
@@ -70,7 +74,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3, quick 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
-        "--scenario", action="append", metavar="KEY", help="run only these (1-8; repeatable)"
+        "--scenario", action="append", metavar="KEY", help="run only these (1-9; repeatable)"
     )
     parser.add_argument(
         "--runner", action="append", metavar="NAME", help="run only these (repeatable)"

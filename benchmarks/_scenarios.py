@@ -146,4 +146,14 @@ def scenarios(*, quick: bool) -> tuple[Scenario, ...]:
             ),
             cases=(),
         ),
+        Scenario(
+            key="9",
+            title="Two tenants on one loop",
+            note=(
+                "a peer faulting without pause beside one touching a page every ms, on one "
+                "serve_handoffs: the light one's p99 latency vs alone, and a cancel under the "
+                "storm (benchmarks/_fairness.py)"
+            ),
+            cases=(),
+        ),
     )

@@ -7,13 +7,15 @@
 # same parts are fetched again directly, to check every byte the program read.
 #
 # Run it: python examples/http_restore.py URL [--backend trio] [--chunk-kib 1024]
-# (pip install 'uffd_async[http]').
+# (pip install 'uffd_async[http]'). An object that cannot be read (a 404, a 403) is one
+# line on stderr and exit status 1: FetchError says the URL (never its query) and why.
 from __future__ import annotations
 
 import argparse
 import ctypes
 import hashlib
 import random
+import sys
 import time
 
 import anyio
@@ -68,4 +70,7 @@ if __name__ == "__main__":
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--chunk-kib", type=int, default=1024)
     args = parser.parse_args()
-    anyio.run(main, args.url, args.chunk_kib * 1024, backend=args.backend)
+    try:
+        anyio.run(main, args.url, args.chunk_kib * 1024, backend=args.backend)
+    except (ua.FetchError, ua.InvalidArgument) as exc:  # a 404, a 403, a bad URL: one line
+        sys.exit(f"cannot restore: {exc}")

@@ -7,10 +7,11 @@ controller that starts it and drives the control API is
 ``tests._support.HttpObjectServer``.
 
 ``GET``/``HEAD /o/NAME`` serves the file ``DIR/NAME``: single byte ranges (206),
-416 for unsatisfiable ones, strong ETags and Last-Modified, If-Match,
-If-Unmodified-Since and If-Range. ``/_control/...`` sets a latency, queues
-misbehaviours (see ``ACTIONS``) and reports what was served: a real server, so the
-client's pool, framing and error paths are exercised as in production.
+416 for unsatisfiable ones, strong ETags (or weak ones, or none) and Last-Modified,
+If-Match, If-Unmodified-Since (honoured, or ignored as a lax server would) and
+If-Range. ``/_control/...`` sets a latency, queues misbehaviours (see ``ACTIONS``)
+and reports what was served: a real server, so the client's pool, framing and
+error paths are exercised as in production.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import email.utils
+import gzip
 import json
 import os
 import re
@@ -68,9 +70,27 @@ CHUNK = 1 << 20
 #:   cannot be halved and is answered as usual.
 #: * ``wrong_range``: 206 for another range of the same length (``_other_range``),
 #:   Content-Range saying so, with that range's bytes.
+#: * ``range_end_off``: the bytes asked for, Content-Length to match, but a
+#:   Content-Range that ends one byte earlier (a buggy cache's label).
+#: * ``chunked_short``: no Content-Length (chunked transfer coding), the Content-Range
+#:   asked for, the first half of its bytes (rounded down), then the last chunk: a
+#:   well-framed body, too short for its own Content-Range.
+#: * ``chunked_cut``: no Content-Length, the first half of the body, then the
+#:   connection is closed before the last chunk (httpx: RemoteProtocolError).
+#: * ``gzip``: the bytes asked for, gzip-compressed, with ``Content-Encoding: gzip``
+#:   and the compressed Content-Length (what a server that compresses on the fly
+#:   sends whatever ``Accept-Encoding`` said).
+#: * ``hold``: the request waits, after the delay, until ``POST /_control/release``
+#:   (or a reset, or the client leaving; at most ``HOLD_LIMIT`` seconds), then is
+#:   answered as usual: a test acts while a fetch is surely in flight (``held``
+#:   in the stats counts the requests waiting so).
 ERROR_STATUSES = {"500": 500, "503": 503, "403": 403}
 ACTIONS = frozenset(
-    {*ERROR_STATUSES, "drop", "full", "short", "short_declared", "wrong_range", "replace"}
+    {
+        *ERROR_STATUSES,
+        *("drop", "full", "short", "short_declared", "wrong_range", "range_end_off"),
+        *("chunked_short", "chunked_cut", "gzip", "replace", "hold"),
+    }
 )
 #: Which requests an action is for: ``range`` (the default), a GET with a Range
 #: header; ``any``, any object request (GET or HEAD, with or without Range). An
@@ -83,6 +103,9 @@ LOG_LIMIT = 100_000
 
 #: How long the app waits for a connection it closed to be gone (bounded).
 CLOSE_TIMEOUT = 5.0
+
+#: The longest a ``hold`` keeps a request waiting for its release.
+HOLD_LIMIT = 30.0
 
 
 _RANGE_SPEC = re.compile(r"\s*([0-9]*)\s*-\s*([0-9]*)\s*")
@@ -126,9 +149,17 @@ class ServerState:
         self.root = os.path.realpath(root)
         self.delay_ms = delay_ms
         self.etag = etag
+        #: ETags sent weak (``W/"..."``): If-Match, a strong comparison, then never holds.
+        self.weak = False
+        #: If-Match and If-Unmodified-Since honoured (412); False: a lax server (or a
+        #: cache) that ignores them and serves whatever the object is now.
+        self.preconditions = True
         self.actions: deque[Action] = deque()
         self.stats = Stats()
         self.in_flight = 0
+        #: Requests waiting on ``hold``; ``release`` sets the event (then a new one).
+        self.held = 0
+        self.gate = anyio.Event()
         #: Open connections by the client's (host, port), as uvicorn puts it in the scope.
         self.connections: dict[tuple[str, int], Connection] = {}
         self.port = 0
@@ -139,7 +170,15 @@ class ServerState:
         self.actions.clear()
         self.delay_ms = 0
         self.etag = True
+        self.weak = False
+        self.preconditions = True
+        self.release()
         self.stats = Stats(max_in_flight=self.in_flight)
+
+    def release(self) -> None:
+        """Every request held so far goes on."""
+        self.gate.set()
+        self.gate = anyio.Event()
 
     def take_action(self, path: str, ranged: bool) -> Action | None:
         """The first queued action this request may take, removed from the queue."""
@@ -167,6 +206,7 @@ class ServerState:
             "log_dropped": stats.logged - len(stats.log),
             "bytes_sent": stats.bytes_sent,
             "in_flight": self.in_flight,
+            "held": self.held,
             "max_in_flight": stats.max_in_flight,
             "connections_open": len(connections),
             "connections_total": stats.connections_total,
@@ -175,6 +215,8 @@ class ServerState:
             "actions_pending": [vars(action) for action in self.actions],
             "delay_ms": self.delay_ms,
             "etag": self.etag,
+            "weak": self.weak,
+            "preconditions": self.preconditions,
         }
 
 
@@ -254,7 +296,9 @@ def _etag_matches(value: str, etag: str | None) -> bool:
     """If-Match's strong comparison: ``*`` matches any object, weak tags match nothing."""
     if value.strip() == "*":
         return True
-    return etag is not None and etag in (tag.strip() for tag in value.split(","))
+    if etag is None or etag.startswith("W/"):
+        return False
+    return etag in (tag.strip() for tag in value.split(","))
 
 
 def parse_range(value: str, size: int) -> tuple[int, int] | None:
@@ -341,6 +385,10 @@ class Objects:
             "status": None,
             "action": action.name if action else None,
             "sent": 0,
+            "accept_encoding": headers.get("accept-encoding"),
+            "if_match": headers.get("if-match"),
+            "if_unmodified_since": headers.get("if-unmodified-since"),
+            "authorization": headers.get("authorization"),
         }
         stats = state.stats  # a reset meanwhile starts new ones: this request stays out
         if connection is not None and connection.counted_in is not stats:
@@ -358,6 +406,10 @@ class Objects:
                     await (connection.lost.wait() if connection else anyio.sleep_forever())
                 if connection and connection.lost.is_set():
                     return
+            if action is not None and action.name == "hold":
+                await self._hold(connection)
+                if connection and connection.lost.is_set():
+                    return
             await self._respond(name, headers, action, connection, entry, send)
         finally:
             state.in_flight -= 1
@@ -365,6 +417,25 @@ class Objects:
             stats.bytes_sent += entry["sent"]
             stats.log.append(entry)
             stats.logged += 1
+
+    async def _hold(self, connection: Connection | None) -> None:
+        """Wait for a release (bounded), or the client leaving."""
+        state, gate = self.state, self.state.gate
+        state.held += 1
+        try:
+            with anyio.move_on_after(HOLD_LIMIT):
+                async with anyio.create_task_group() as tg:
+
+                    async def released() -> None:
+                        await gate.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(released)
+                    if connection is not None:
+                        await connection.lost.wait()
+                        tg.cancel_scope.cancel()
+        finally:
+            state.held -= 1
 
     async def _respond(
         self,
@@ -423,6 +494,8 @@ class Objects:
     ) -> None:
         size = info.st_size
         etag, last_modified = _validators(info)
+        if self.state.weak:
+            etag = f"W/{etag}"
         common = [("accept-ranges", "bytes"), ("last-modified", last_modified)]
         if self.state.etag:
             common.append(("etag", etag))
@@ -437,7 +510,7 @@ class Objects:
             failed = date is not None and info.st_mtime_ns // 10**9 > date
         else:
             failed = False
-        if failed:
+        if failed and self.state.preconditions:
             entry["status"] = 412
             await _plain(send, 412, "precondition failed\n", common)
             return
@@ -458,6 +531,8 @@ class Objects:
         start, stop = asked or (0, size)
         partial = asked is not None
         cut: int | None = None  # "short": close after this many body bytes
+        label: tuple[int, int] | None = None  # the Content-Range's [start, stop), if not these
+        chunked = False  # no Content-Length: the body in chunks
         if entry["method"] != "GET":
             pass
         elif what == "full":
@@ -468,13 +543,24 @@ class Objects:
             stop, partial = start + (stop - start) // 2, True
         elif what == "wrong_range":
             (start, stop), partial = _other_range(start, stop, size), True
-        response = [
-            *common,
-            ("content-type", "application/octet-stream"),
-            ("content-length", str(stop - start)),
-        ]
+        elif what == "range_end_off" and partial and stop - start >= 2:
+            label = start, stop - 1
+        elif what in ("chunked_short", "chunked_cut"):
+            chunked = True
+            if what == "chunked_cut":
+                cut = (stop - start) // 2
+            else:  # the Content-Range still says the whole range
+                label, stop = (start, stop), start + (stop - start) // 2
+        elif what == "gzip":
+            body = gzip.compress(os.pread(fd, stop - start, start))
+            await self._gzip(body, common, (start, stop, size) if partial else None, entry, send)
+            return
+        response = [*common, ("content-type", "application/octet-stream")]
+        if not chunked:
+            response.append(("content-length", str(stop - start)))
         if partial:
-            response.append(("content-range", f"bytes {start}-{stop - 1}/{size}"))
+            first, end = label or (start, stop)
+            response.append(("content-range", f"bytes {first}-{end - 1}/{size}"))
         entry["status"] = 206 if partial else 200
         await send(
             {
@@ -503,6 +589,36 @@ class Objects:
             await connection.close_now()
         elif start == stop:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _gzip(
+        self,
+        body: bytes,
+        common: list[tuple[str, str]],
+        span: tuple[int, int, int] | None,
+        entry: dict[str, Any],
+        send: Send,
+    ) -> None:
+        """``body`` (already compressed) as ``Content-Encoding: gzip``; ``span`` is the
+        (start, stop, size) of a 206."""
+        fields = [
+            *common,
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+            ("content-length", str(len(body))),
+        ]
+        if span is not None:
+            start, stop, size = span
+            fields.append(("content-range", f"bytes {start}-{stop - 1}/{size}"))
+        entry["status"] = 206 if span is not None else 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": entry["status"],
+                "headers": [(key.encode(), value.encode()) for key, value in fields],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        entry["sent"] += len(body)
 
 
 def _if_range_holds(value: str | None, etag: str | None, info: os.stat_result) -> bool:
@@ -554,8 +670,14 @@ def make_app(state: ServerState, watch_pid: int | None = None) -> Starlette:
         return JSONResponse({"delay_ms": state.delay_ms})
 
     async def etag(request: Request) -> Response:
-        state.etag = bool((await body(request))["enabled"])
-        return JSONResponse({"etag": state.etag})
+        value = await body(request)
+        state.etag = bool(value["enabled"])
+        state.weak = bool(value.get("weak", False))
+        return JSONResponse({"etag": state.etag, "weak": state.weak})
+
+    async def preconditions(request: Request) -> Response:
+        state.preconditions = bool((await body(request))["honoured"])
+        return JSONResponse({"preconditions": state.preconditions})
 
     async def actions(request: Request) -> Response:
         value = await body(request)
@@ -569,6 +691,11 @@ def make_app(state: ServerState, watch_pid: int | None = None) -> Starlette:
             )
         state.actions.extend(Action(name, path, on) for name in names)
         return JSONResponse({"actions_pending": len(state.actions)})
+
+    async def release(request: Request) -> Response:
+        await body(request)
+        state.release()
+        return JSONResponse({"released": True})
 
     async def stats(request: Request) -> Response:
         state.stats.control_requests += 1
@@ -590,7 +717,9 @@ def make_app(state: ServerState, watch_pid: int | None = None) -> Starlette:
             Route("/o/{name:path}", Objects(state), methods=["GET", "HEAD"]),
             Route("/_control/delay", delay, methods=["POST"]),
             Route("/_control/etag", etag, methods=["POST"]),
+            Route("/_control/preconditions", preconditions, methods=["POST"]),
             Route("/_control/actions", actions, methods=["POST"]),
+            Route("/_control/release", release, methods=["POST"]),
             Route("/_control/stats", stats, methods=["GET"]),
             Route("/_control/reset", reset, methods=["POST"]),
         ],

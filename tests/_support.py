@@ -449,15 +449,32 @@ class HttpObjectServer:
         """Latency before every object response from now on (0: none)."""
         self._control("delay", {"ms": ms})
 
-    def etag(self, enabled: bool) -> None:
-        """Without ETags, responses carry Last-Modified only (HttpSource's fallback)."""
-        self._control("etag", {"enabled": enabled})
+    def etag(self, enabled: bool, *, weak: bool = False) -> None:
+        """Without ETags, responses carry Last-Modified only (HttpSource's fallback);
+        ``weak``: the ETags are weak (``W/"..."``), which If-Match never matches."""
+        self._control("etag", {"enabled": enabled, "weak": weak})
+
+    def preconditions(self, honoured: bool) -> None:
+        """``False``: If-Match and If-Unmodified-Since are ignored (a lax server or
+        cache), so a replaced object is served as it is now, never a 412."""
+        self._control("preconditions", {"honoured": honoured})
 
     def queue(self, *actions: str, path: str | None = None, on: str = "range") -> None:
         """Append misbehaviours (``tests._http_server.ACTIONS``), each taken by the
         next ranged GET (``on="any"``: next object request, HEAD too) of object
         ``path`` (None: of any object)."""
         self._control("actions", {"actions": list(actions), "path": path, "on": on})
+
+    def release(self) -> None:
+        """Every request a ``hold`` action keeps waiting goes on."""
+        self._control("release", {})
+
+    def wait_held(self, count: int = 1, timeout: float = TIMEOUT) -> None:
+        """Until ``count`` requests wait on ``hold`` (fails after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while self.stats(log=False)["held"] < count:
+            assert time.monotonic() < deadline, f"no {count} held requests after {timeout}s"
+            time.sleep(0.005)
 
     def stats(self, *, log: bool = True) -> dict[str, Any]:
         """What was served since the last reset (see ``ServerState.snapshot``);

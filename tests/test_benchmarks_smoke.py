@@ -41,8 +41,11 @@ def test_quick_benchmark_checks_out() -> None:
     assert report["quick"] is True
     assert report["machine"]["kernel"].startswith("Linux")
     scenarios = report["scenarios"]
-    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5", "6", "7", "8"]
+    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5", "6", "7", "8", "9"]
     for scenario in scenarios:
+        if scenario["key"] == "9":  # two tenants: peer processes, the library's loops
+            check_fairness(scenario)
+            continue
         if scenario["key"] == "8":  # live snapshots: in-process writers, the library's loops
             check_live(scenario)
             continue
@@ -142,3 +145,12 @@ def check_live(scenario: dict[str, Any]) -> None:
         assert methods[f"full/{loop}"]["pages"] == scenario["pages"], loop
         assert methods[f"layer/{loop}"]["pages"] == round(scenario["pages"] * 0.05), loop
     assert {t["loop"] for t in scenario["targets"]} == set(LOOPS)
+
+
+def check_fairness(scenario: dict[str, Any]) -> None:
+    # Every loop served the light peer alone and beside the storm (each of its pages
+    # checked by the peer), the heavy one stormed, and each server came back from a cancel.
+    assert {r["loop"] for r in scenario["results"]} == set(LOOPS)
+    for result in scenario["results"]:
+        assert result["light_faults"] == scenario["light_faults"] * scenario["rounds"]
+        assert result["heavy_faults_per_s"] > 0 and result["cancel_ms"] >= 0

@@ -152,7 +152,7 @@ def test_handoff_server_surface() -> None:
     assert [f.name for f in attrs.fields(ua.HandoffStats)] == [
         "connections", "served", "active", "refused", "failed",
         "faults", "resolved", "pages", "errors", "events", "forks", "prefetched", "resident",
-        "populated",
+        "populated", "populated_pages", "mapped_pages",
     ]  # fmt: skip
 
 

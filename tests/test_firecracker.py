@@ -25,7 +25,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import pytest
@@ -36,9 +36,11 @@ from uffd_async._peer_lifetime import SO_PEERPIDFD
 
 from ._firecracker_peer import firecracker_message
 from ._processes import read_until
-from ._seccomp import ALLOW, ARCH, ERRNO, JEQ, LD, MACHINE, NR, RET, arg, installing
+from ._seccomp import ALLOW, ARCH, ERRNO, JEQ, LD, MACHINE, NR, RET, Instruction, arg, installing
 from ._support import TIMEOUT, source_bytes, with_huge_pages
 from .conftest import needs_root
+from .test_handoff_serving import PEER as HANDOFF_PEER
+from .test_handoff_serving import refused_to_start
 
 P = ua.PAGE_SIZE
 PAGES = 8  # of each of the two regions
@@ -339,23 +341,28 @@ needs_filter = pytest.mark.skipif(
 in_new_pid_namespace = ("unshare", "--pid", "--fork", "--kill-child")
 
 
+def without_peer_pidfd(answer: int = errno.ENOPROTOOPT, *, pidfd_open: bool = True) -> str:
+    """A kernel as this process sees it: ``getsockopt(SO_PEERPIDFD)`` says ``answer``
+    (ENOPROTOOPT: before 6.5; EINVAL: 6.5 to 6.15, for a peer already gone), and
+    without ``pidfd_open``: before 5.3."""
+    assert MACHINE is not None
+    rest: list[Instruction] = []
+    if not pidfd_open:
+        rest += [(JEQ, 0, 1, MACHINE["pidfd_open"]), (RET, 0, 0, ERRNO | errno.ENOSYS)]
+    rest += [
+        (JEQ, 0, 3, MACHINE["getsockopt"]),
+        (LD, 0, 0, arg(2)),  # optname
+        (JEQ, 0, 1, SO_PEERPIDFD),
+        (RET, 0, 0, ERRNO | answer),
+        (RET, 0, 0, ALLOW),
+    ]
+    arch = [(LD, 0, 0, ARCH), (JEQ, 0, len(rest), MACHINE["arch"]), (LD, 0, 0, NR)]
+    return installing(arch + rest)
+
+
 def no_pidfds() -> str:
     """A kernel before 5.3, as this process sees it: no SO_PEERPIDFD, no pidfd_open."""
-    assert MACHINE is not None
-    return installing(
-        [
-            (LD, 0, 0, ARCH),
-            (JEQ, 0, 7, MACHINE["arch"]),
-            (LD, 0, 0, NR),
-            (JEQ, 0, 1, MACHINE["pidfd_open"]),
-            (RET, 0, 0, ERRNO | errno.ENOSYS),
-            (JEQ, 0, 3, MACHINE["getsockopt"]),
-            (LD, 0, 0, arg(2)),  # optname
-            (JEQ, 0, 1, SO_PEERPIDFD),
-            (RET, 0, 0, ERRNO | errno.ENOPROTOOPT),
-            (RET, 0, 0, ALLOW),
-        ]
-    )
+    return without_peer_pidfd(pidfd_open=False)
 
 
 def server_inside(unshare: subprocess.Popen[bytes]) -> int:
@@ -415,19 +422,100 @@ def test_no_pidfd_and_a_peer_that_keeps_its_socket(place: Path) -> None:
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 @pytest.mark.parametrize("version", ["1.1", "1.7"])
 def test_no_pidfd_and_a_peer_that_closes_its_socket_at_once(place: Path, version: str) -> None:
-    """No way to see the exit: the handoff is served through the hangup, and ends when
-    the server stops, with everything closed; the log said so from the start."""
+    """No pidfd, and a hangup that says nothing: the handoff is served through the
+    hangup, and its memory tells when the process has exited (the log says so)."""
     snapshot_for(place, P)
     with cli_server(place, prefix=in_new_pid_namespace, code=no_pidfds()) as server:
         assert server.stderr is not None
         log = read_until(server.stderr, b"listening")
         anyio.run(run_peer, config(place, version))  # every byte, after the hangup
-        log += read_until(server.stderr, b"connections 1 (1 active")
+        log += read_until(server.stderr, b"connections 1 (0 active", timeout=ENDS_SOON)
         log += stop(server, server_inside(server))
     text = log.decode()
-    assert "serving ends when an ioctl finds its memory gone (ESRCH) or when this server" in text
+    assert "no pidfd (SO_PEERPIDFD: Protocol not available" in text
+    assert "serving ends when its memory is found gone (asked every" in text
     assert "stopped; connections 1 (0 active, 0 refused, 0 failed)" in text
     assert f"pages copied {pages_copied(P)} " in text.rsplit("stopped;", 1)[1]
+
+
+def line_from(stream: IO[bytes], start: bytes) -> bytes:
+    """What ``stream`` says up to the end of the line where ``start`` shows (bounded)."""
+    seen = read_until(stream, start)
+    if b"\n" not in seen.rsplit(start, 1)[1]:
+        seen += read_until(stream, b"\n")
+    return seen
+
+
+#: Where a pidfd cannot say it, a handoff ends within a few probes of the exit.
+ENDS_SOON = 5.0
+
+
+@needs_filter
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    "answer", [errno.ENOPROTOOPT, errno.EINVAL], ids=["before-6.5", "6.5-to-6.15"]
+)
+def test_no_peer_pidfd_and_a_peer_gone_before_it_is_accepted(
+    place: Path, answer: int, backend: str
+) -> None:
+    """The peer connects, hands over and exits (reaped) while the server is stopped. On a
+    kernel without SO_PEERPIDFD, pidfd_open finds its pid gone (ESRCH); where
+    SO_PEERPIDFD says EINVAL, the peer is gone. Either way: never served forever."""
+    snapshot_for(place, P)
+    code = without_peer_pidfd(answer)
+    with cli_server(place, "--backend", backend, code=code) as server:
+        assert server.stderr is not None
+        log = read_until(server.stderr, b"listening")
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            anyio.run(run_peer, config(place, "1.1", steps=[]), backend=backend)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        log += read_until(server.stderr, b"connections 1 (0 active", timeout=ENDS_SOON)
+        log += stop(server)
+    text = log.decode()
+    assert "it has exited already" in text
+    assert "stopped; connections 1 (0 active, 0 refused, 0 failed)" in text
+
+
+@needs_root
+@needs_filter
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_no_peer_pidfd_and_a_fork_child_that_outlives_the_peer(place: Path, backend: str) -> None:
+    """Without SO_PEERPIDFD (pidfd_open on the SO_PEERCRED pid instead): the peer forks
+    and exits, its child (which closed the socket) reads all of its memory after that, and
+    is served every byte; its exit ends the handoff."""
+    snapshot = snapshot_for(place, P)
+    steps = [["read", 0, 2], ["orphan", [["read", 0, 2 * PAGES]]]]
+    peer_config = {
+        "socket": str(place / "uffd.sock"), "snapshot": str(snapshot), "memory": 2 * PAGES,
+        "page_size": P, "mappings": [[0, 2 * PAGES, 0]], "steps": steps,
+    }  # fmt: skip
+    with cli_server(place, "--backend", backend, code=without_peer_pidfd()) as server:
+        assert server.stderr is not None
+        log = read_until(server.stderr, b"listening")
+        command = [sys.executable, "-c", HANDOFF_PEER, json.dumps(peer_config)]
+        with subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ) as peer:
+            try:
+                assert peer.wait(TIMEOUT) == 0  # the parent, gone at once
+                log += line_from(server.stderr, f"pid {peer.pid}: ".encode())  # it saw that
+                assert f"pid {peer.pid}: gone; its fork children are served" in log.decode()
+                assert peer.stdin is not None and peer.stdout is not None
+                peer.stdin.write(b"go\n")
+                peer.stdin.flush()
+                output = read_until(peer.stdout, b"\n")
+            finally:
+                peer.kill()
+                peer.communicate(timeout=TIMEOUT)
+        assert output == b"ok\n", output
+        log += read_until(server.stderr, b"connections 1 (0 active", timeout=ENDS_SOON)
+        log += stop(server)
+    text = log.decode()
+    assert "until it exits (pidfd from pidfd_open)" in text
+    assert "stopped; connections 1 (0 active, 0 refused, 0 failed)" in text
+    assert f"pages copied {2 * PAGES} " in text.rsplit("stopped;", 1)[1]
 
 
 # -- a jailed Firecracker: another uid, connecting for real ------------------------------
@@ -489,4 +577,4 @@ async def test_a_missing_socket_directory_is_named(place: Path) -> None:
     snapshot = snapshot_for(place, P)
     missing = place / "no" / "such" / "dir" / "uffd.sock"
     with pytest.raises(FileNotFoundError, match=f"its directory {place}/no/such/dir does not"):
-        await ua.serve_handoffs(missing, snapshot)
+        raise await refused_to_start(missing, snapshot)

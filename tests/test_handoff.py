@@ -39,6 +39,7 @@ from uffd_async import (
 from uffd_async._handoff import FIELDS
 from uffd_async._handoff_io import STREAM_MESSAGE_LIMIT
 from uffd_async._open import Method, open_raw
+from uffd_async._peer_lifetime import PeerExit
 
 from ._support import TIMEOUT, Lab, pattern
 
@@ -676,3 +677,31 @@ def test_handoff_owns_its_fds() -> None:
         assert handoff.memfd == memfd
     assert uffd.closed and handoff.memfd is None
     assert str(memfd) not in open_fds()
+
+
+# -- watching the peer ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_closing_a_peer_watch_wakes_its_waiter(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The loop is told before the pidfd is closed: a task waiting on it wakes at once
+    (ClosedResourceError) instead of waiting on a number that no longer means it."""
+    peer = PeerExit(pair[1], os.getpid())  # the peer is this very process: it lives on
+    assert peer.watched
+    woke: list[BaseException] = []
+
+    async def waiting() -> None:
+        try:
+            await peer.wait()
+        except anyio.ClosedResourceError as exc:
+            woke.append(exc)
+
+    with anyio.move_on_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting)
+            await anyio.wait_all_tasks_blocked()
+            peer.close()
+    assert woke, "the waiter was not woken when its pidfd was closed"
+    peer.close()  # idempotent

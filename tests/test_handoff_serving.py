@@ -13,9 +13,11 @@ from __future__ import annotations
 import array
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -29,13 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
+from anyio.abc import ByteReceiveStream
 
 import uffd_async as ua
 from uffd_async._memory import huge_page_size
+from uffd_async._server import _Options, _Server
 
 from ._support import TIMEOUT, Lab, finished, source_bytes, with_huge_pages
 from .conftest import needs_root
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +57,7 @@ U64 = 1 << 64
 #: its uffd over and runs ``steps`` against a model of what its memory must hold.
 PEER = textwrap.dedent(
     """
-    import ctypes, json, os, signal, socket, sys
+    import ctypes, json, os, signal, socket, sys, time
     import uffd_async as ua
 
     config = json.loads(sys.argv[1])
@@ -60,7 +68,7 @@ PEER = textwrap.dedent(
     steps = config["steps"]
     text = json.dumps(steps)
     features = ua.Feature.EVENT_REMOVE
-    if '"fork"' in text:
+    if '"fork"' in text or '"orphan"' in text:
         features |= ua.Feature.EVENT_FORK
     if '"remap"' in text:
         features |= ua.Feature.EVENT_REMAP
@@ -109,6 +117,22 @@ PEER = textwrap.dedent(
                 code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                 if code != 0:
                     fail(f"the fork child exited with {code}")
+            elif kind == "slowly":  # a page at a time, each a fault the handler reads alone
+                for page in range(args[0], args[0] + args[1]):
+                    time.sleep(0.002)
+                    run([["read", page, 1]])
+            elif kind == "orphan":  # the parent exits at once; the child outlives it
+                parent = os.getpid()
+                if os.fork():
+                    os._exit(0)
+                sock.close()  # as Firecracker before 1.12 does: the hangup says nothing
+                while os.getppid() == parent:
+                    time.sleep(0.002)
+                if sys.stdin.readline() != "go\\n":  # the test says when
+                    fail("stdin ended")
+                run(args[0])
+                print("ok", flush=True)
+                os._exit(0)
             elif kind == "touch":  # a page no mapping declares: poisoned, SIGBUS
                 ctypes.string_at(region.address + args[0] * P, 1)
                 fail("read an undeclared page")
@@ -149,7 +173,7 @@ async def running(path: str, source: Any, **options: Any) -> AsyncIterator[ua.Ha
         tg.cancel_scope.cancel()
 
 
-async def peer(
+def peer_argv(
     socket_path: str,
     snapshot_path: str,
     steps: list[Any],
@@ -157,8 +181,8 @@ async def peer(
     mappings: list[list[int]] = SPLIT,
     memory: int = PAGES,
     page_size: int = P,
-) -> subprocess.CompletedProcess[bytes]:
-    """Run a peer process to the end (bounded); its output is in ``.stdout``."""
+) -> list[str]:
+    """The command line of a peer process (see ``PEER``)."""
     config = {
         "socket": socket_path,
         "snapshot": snapshot_path,
@@ -167,10 +191,29 @@ async def peer(
         "mappings": mappings,
         "steps": steps,
     }
+    return [sys.executable, "-c", PEER, json.dumps(config)]
+
+
+async def peer(
+    socket_path: str, snapshot_path: str, steps: list[Any], **options: Any
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a peer process to the end (bounded); its output is in ``.stdout``."""
     with anyio.fail_after(TIMEOUT * 3):
         return await anyio.run_process(
-            [sys.executable, "-c", PEER, json.dumps(config)], check=False, stderr=subprocess.STDOUT
+            peer_argv(socket_path, snapshot_path, steps, **options),
+            check=False,
+            stderr=subprocess.STDOUT,
         )
+
+
+async def received(stream: ByteReceiveStream | None) -> bytes:
+    """Everything a child process writes to ``stream`` until every writer closed it (bounded)."""
+    assert stream is not None
+    data = b""
+    with anyio.fail_after(TIMEOUT * 3):
+        async for chunk in stream:
+            data += chunk
+    return data
 
 
 async def served(socket_path: str, snapshot_path: str, steps: list[Any] | None = None) -> None:
@@ -252,6 +295,84 @@ async def test_a_fork_child_forks_again(socket_path: str, snapshot_path: str) ->
     assert server.stats.resolved == server.stats.pages == 124
 
 
+@needs_root
+async def test_a_fork_child_that_outlives_its_parent_is_served_until_it_exits(
+    socket_path: str, snapshot_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parent forks and exits, the child has closed the socket: the pidfd and the
+    hangup both say the peer is gone, yet the child is served (its uffd kept open: closed,
+    its missing pages would read as zeros) until its memory says it exited too."""
+    caplog.set_level(logging.INFO, logger="uffd_async")
+    steps = [["read", 0, 4], ["orphan", [READ_ALL]]]
+    async with running(socket_path, snapshot_path) as server:
+        command = peer_argv(socket_path, snapshot_path, steps)
+        async with await anyio.open_process(command, stderr=subprocess.STDOUT) as process:
+            with anyio.fail_after(TIMEOUT):
+                assert await process.wait() == 0  # the parent, gone at once
+            await until(lambda: f"pid {process.pid}: " in caplog.text)  # the server saw it
+            assert f"pid {process.pid}: gone; its fork children are served" in caplog.text
+            assert server.stats.active == 1
+            assert process.stdin is not None
+            await process.stdin.send(b"go\n")
+            assert await received(process.stdout) == b"ok\n"  # every byte right
+        await until(lambda: server.stats.active == 0)  # its exit ended the handoff
+    stats = server.stats
+    assert (stats.forks, stats.failed, stats.errors) == (1, 0, 0)
+    assert stats.resolved == PAGES  # 4 by the parent, the 60 others by the child
+
+
+def thread_reads() -> int:
+    """read(2) calls made so far by the calling thread (``syscr``, task I/O accounting)."""
+    with open("/proc/thread-self/io") as io:
+        for line in io:
+            if line.startswith("syscr:"):
+                return int(line.split()[1])
+    raise AssertionError("no syscr in /proc/thread-self/io")
+
+
+async def accepted(listener: socket.socket) -> socket.socket:
+    with anyio.fail_after(TIMEOUT):
+        while True:
+            await anyio.wait_readable(listener)
+            try:
+                return listener.accept()[0]
+            except BlockingIOError:
+                continue
+
+
+@needs_root
+async def test_a_fork_child_is_served_with_the_servers_options(
+    socket_path: str, snapshot_path: str
+) -> None:
+    """``spin=0`` (no busy reading) reaches the fork child's server: each of the child's
+    faults, a few ms apart, costs the event loop's thread about one read(2), where a
+    50 us spin makes dozens of them."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(socket_path)
+        listener.listen()
+        listener.setblocking(False)
+        command = peer_argv(socket_path, snapshot_path, [["fork", [["slowly", 0, PAGES]]]])
+        async with await anyio.open_process(command, stderr=subprocess.STDOUT) as process:
+            conn = await accepted(listener)
+            with conn, await ua.receive_uffd(conn) as handoff:
+                with ua.Snapshot(snapshot_path) as snapshot:
+                    resolver = snapshot.resolver(handoff.mappings)
+                    before = thread_reads()
+                    async with ua.FaultServer(handoff.uffd, resolver, spin=0) as server:
+                        output = await received(process.stdout)
+                        reads = thread_reads() - before
+    assert output == b"ok\n"
+    [child] = server.stats.children
+    assert (server.stats.forks, child.resolved) == (1, PAGES)
+    assert reads < 3 * PAGES, f"{reads} reads for {PAGES} faults: the child's server spins"
+
+
+def test_every_server_option_reaches_a_fork_childs_server() -> None:
+    """A fork child's server is made from ``_Options``: it must hold every option there is."""
+    made_with = [*inspect.signature(_Server.__init__).parameters][3:]  # self, uffd, resolver
+    assert [field.name for field in attrs.fields(_Options)] == made_with
+
+
 async def test_an_undeclared_page_is_poisoned_and_serving_goes_on(
     socket_path: str, snapshot_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -304,6 +425,18 @@ async def test_a_peer_served_in_this_process(
     assert region.read(0, region.length) == SNAPSHOT[16 * P : 24 * P]
     assert server.stats.resolved == server.stats.pages == 8
     assert server.stats.active == 0
+
+
+def registered(lab: Lab, pages: int) -> tuple[ua.Region, ua.Userfaultfd, ua.GuestMapping]:
+    """Memory of this process, registered with a uffd, and its mapping for a handoff (its
+    bytes from the snapshot's start)."""
+    region = lab.anonymous(pages)
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    mapping = ua.GuestMapping(
+        base_host_virt_addr=region.address, size=region.length, offset=0, page_size=P
+    )
+    return region, uffd, mapping
 
 
 # -- hostile peers ----------------------------------------------------------------------
@@ -476,12 +609,7 @@ async def test_a_factory_chooses_each_resolver_or_refuses(
             raise KeyError("a bug in the factory")
         return ua.zero_fill()
 
-    region = lab.anonymous(4)
-    uffd = lab.uffd()
-    uffd.register(region.address, region.length)
-    region_mapping = ua.GuestMapping(
-        base_host_virt_addr=region.address, size=region.length, offset=0, page_size=P
-    )
+    region, uffd, region_mapping = registered(lab, 4)
     async with running(socket_path, factory) as server:
         for attempt in range(3):
             with socket.socket(socket.AF_UNIX) as sock:
@@ -511,17 +639,33 @@ async def test_a_stale_socket_file_is_replaced_and_removed(
     assert not os.path.exists(socket_path)
 
 
+async def refused_to_start(path: str | Path, source: Any, **options: Any) -> BaseException:
+    """The error ``serve_handoffs`` must raise before it listens. Should it listen instead
+    (it took ``path`` over), the test fails at once rather than wait on a server that
+    serves until cancelled."""
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(functools.partial(ua.serve_handoffs, path, source, **options))
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        [error] = group.exceptions
+        return error
+    raise AssertionError(f"serve_handoffs listened on {path}: it should have refused to")
+
+
 async def test_a_live_socket_or_another_file_is_left_alone(
     short_dir: Path, socket_path: str, snapshot_path: str
 ) -> None:
-    async with running(socket_path, snapshot_path):
+    async with running(socket_path, snapshot_path) as server:
         with pytest.raises(FileExistsError, match="another server is listening on"):
-            await ua.serve_handoffs(socket_path, snapshot_path)
-        assert os.path.exists(socket_path)
+            raise await refused_to_start(socket_path, snapshot_path)
+        assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
+        await served(socket_path, snapshot_path)  # the first server still has it
+        assert server.stats.served == 1
     regular = short_dir / "regular"
     regular.write_text("precious")
     with pytest.raises(FileExistsError, match="exists and is not a socket"):
-        await ua.serve_handoffs(regular, snapshot_path)
+        raise await refused_to_start(regular, snapshot_path)
     assert regular.read_text() == "precious"
 
 
@@ -534,16 +678,35 @@ async def test_a_socket_file_replaced_meanwhile_is_not_removed(
     assert Path(socket_path).read_text() == "someone else's"
 
 
+async def test_running_out_of_fds_for_a_moment_is_not_the_end(
+    lab: Lab, socket_path: str, snapshot_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """accept() fails with EMFILE while no fd is free: logged, retried; once fds are
+    free again the waiting peer is accepted and served."""
+    region, uffd, mapping = registered(lab, 4)
+    async with running(socket_path, snapshot_path) as server:
+        with socket.socket(socket.AF_UNIX) as sock:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new fd now
+            try:
+                sock.connect(socket_path)
+                await until(lambda: "retrying shortly" in caplog.text)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            ua.send_uffd(sock, uffd, [mapping])
+            await finished(lab.touch(region.address, region.length, write=False))
+    assert region.read(0, region.length) == SNAPSHOT[: 4 * P]
+    assert (server.stats.connections, server.stats.served, server.stats.failed) == (1, 1, 0)
+    assert "accepting a connection failed ([Errno 24] Too many open files)" in caplog.text
+
+
 async def test_stopping_closes_every_connection(
     lab: Lab, socket_path: str, snapshot_path: str
 ) -> None:
     """Cancelled while a peer is connected and another is mid-handshake: every fd closed."""
-    region = lab.anonymous(4)
-    uffd = lab.uffd()
-    uffd.register(region.address, region.length)
-    mapping = ua.GuestMapping(
-        base_host_virt_addr=region.address, size=region.length, offset=0, page_size=P
-    )
+    _, uffd, mapping = registered(lab, 4)
     with socket.socket(socket.AF_UNIX) as connected, socket.socket(socket.AF_UNIX) as silent:
         async with running(socket_path, snapshot_path) as server:
             connected.connect(socket_path)
@@ -564,7 +727,7 @@ async def test_bad_arguments(socket_path: str, snapshot_path: str) -> None:
     with pytest.raises(TypeError, match="on_error"):
         ua.HandoffServer(socket_path, snapshot_path, on_error="zero")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError):
-        await ua.serve_handoffs(socket_path, snapshot_path + ".missing")
+        raise await refused_to_start(socket_path, snapshot_path + ".missing")
     assert not os.path.exists(socket_path)
 
 

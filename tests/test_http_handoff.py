@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 import uffd_async as ua
@@ -184,3 +186,55 @@ def scrape(url: str) -> dict[str, float]:
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
+
+
+@pytest.mark.anyio
+async def test_a_replay_that_meets_a_changed_object_ends_quietly_and_serving_says_so(
+    place: Path, http_server: HttpObjectServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The object is replaced while the replay's first chunk is in flight: the prefetch
+    ends (logged once, not raised into the handoff), the process gets SIGBUS for what
+    was not fetched (never the new bytes), and ``serve_handoffs`` ends with
+    ``SourceChanged`` once it has exited."""
+    url = publish(place, http_server)
+    socket_path = place / "uffd.sock"
+    ended: list[BaseException] = []
+
+    async def serving(source: ua.HttpSource, *, task_status: anyio.abc.TaskStatus[Any]) -> None:
+        try:
+            await ua.serve_handoffs(socket_path, source, prefetch=ws, task_status=task_status)
+        except ua.SourceChanged as exc:
+            ended.append(exc)
+
+    async with ua.HttpSource(url, chunk_size=CHUNK, concurrency=2) as source:
+        ws = ua.WorkingSet(
+            snapshot_size=source.size, identity=await source.identity(), pages=RECORDED
+        )
+        http_server.reset()
+        http_server.queue("hold")  # the replay's first request waits for our release
+        async with anyio.create_task_group() as tg:
+            server = await tg.start(serving, source)
+            async with await anyio.open_process(
+                [sys.executable, "-c", REPLAY_PEER, peer_config(place, TOUCH, wait=True)],
+                stderr=subprocess.STDOUT,
+            ) as peer:
+                assert peer.stdout is not None and peer.stdin is not None
+                with anyio.fail_after(TIMEOUT * 3):
+                    output = await peer.stdout.receive()
+                    assert output.startswith(b"sent"), output
+                    await anyio.to_thread.run_sync(http_server.wait_held)
+                    http_server.put("guest.mem", bytes(2 * PAGES * P))  # another version
+                    http_server.release()
+                    await source.wait_changed()
+                    await peer.stdin.send(b"go\n")
+                    output += b"".join([chunk async for chunk in peer.stdout])
+                    assert await peer.wait() == -signal.SIGBUS, output
+                    while not ended:
+                        await anyio.sleep(0.005)
+    assert b"holds" not in output  # it never compared a wrong page
+    assert isinstance(ended[0], ua.SourceChanged) and ended[0].status == 412
+    assert server.stats.prefetched == 0 and server.stats.failed == 0
+    stopped = [r for r in caplog.records if r.getMessage().startswith("prefetch stopped")]
+    assert len(stopped) == 1, [r.getMessage() for r in caplog.records]
+    statuses = [entry["status"] for entry in http_server.stats()["log"]]
+    assert statuses == [412], "a request was sent after the change"

@@ -155,7 +155,9 @@ async def test_the_retries_run_out(http_server: HttpObjectServer) -> None:
         ("403", 403, "HTTP 403 Forbidden"),
         ("full", 200, "ignored the Range header"),
         ("wrong_range", 206, "instead"),
+        ("range_end_off", 206, "instead"),
         ("short_declared", 206, ""),
+        ("gzip", 206, "gzip-encoded body"),
     ],
 )
 async def test_answers_that_are_not_the_bytes_asked_for_are_refused(
@@ -167,7 +169,9 @@ async def test_answers_that_are_not_the_bytes_asked_for_are_refused(
         with pytest.raises(ua.FetchError) as caught:
             await source.chunk(5)
         assert caught.value.status == status and words in str(caught.value)
+        assert not isinstance(caught.value, ua.SourceChanged)
         assert source.stats.retries == 0, "not retried: it would fail the same way"
+        assert source.cached(5) is None
         assert await source.chunk(5) == SOURCE[5 * CHUNK : 6 * CHUNK]
 
 

@@ -211,11 +211,14 @@ def _crafted(tmp_path: Path, runs: list[tuple[int, int]], **fields: object) -> P
     ("runs", "fields", "message"),
     [
         ([(0, 4), (2, 2)], {}, "not sorted and disjoint"),
+        ([(0, 4), (3, 2)], {}, "not sorted and disjoint"),  # one page held twice
+        ([(0, 2), (6, 4), (9, 1)], {}, "not sorted and disjoint"),
         ([(5, 1), (0, 2)], {}, "not sorted and disjoint"),
         ([(3, 0)], {}, "is empty"),
         ([(14, 4)], {}, "outside the 65536-byte image"),
         ([(0, 1)], {"flags": 1}, "flags 0x1"),
         ([(0, 1)], {"pages": 2}, "says 2 pages, but its runs hold 1"),
+        ([(0, 2)], {"pages": 1}, "says 1 pages, but its runs hold 2"),
         ([(0, 1)], {"data_offset": 8192}, "its data starts at 8192"),
     ],
 )
@@ -224,6 +227,12 @@ def test_a_well_sealed_but_wrong_index_is_refused(
 ) -> None:
     with pytest.raises(ua.LayerError, match=message):
         ua.Layer.open(_crafted(tmp_path, runs, **fields))
+
+
+def test_touching_runs_are_a_layer(tmp_path: Path) -> None:
+    """Runs that touch (a writer joins them, another might not) hold no page twice."""
+    with ua.Layer.open(_crafted(tmp_path, [(0, 2), (2, 1), (15, 1)])) as layer:
+        assert layer.runs == ((0, 2), (2, 1), (15, 1)) and layer.page_count == 4
 
 
 def test_what_cannot_be_a_layer(tmp_path: Path) -> None:
@@ -436,6 +445,13 @@ def test_a_broken_chain_is_refused(chain: Chain, tmp_path: Path) -> None:
     smaller.write_bytes(bytes(P))
     with pytest.raises(ua.LayerError, match="overlays a 65536-byte image, but the base"):
         ua.LayeredSnapshot(smaller, first, check=False)
+    bigger = tmp_path / "bigger.mem"  # a layer of a smaller image: it would leave a tail
+    bigger.write_bytes(bytes(2 * PAGES * P))
+    with pytest.raises(ua.LayerError, match="overlays a 65536-byte image, but the base"):
+        ua.LayeredSnapshot(bigger, first, check=False)
+    with pytest.raises(ua.LayerError, match="overlays a 65536-byte image, but the base"):
+        ua.squash(bigger, [first], tmp_path / "out.mem", check=False)
+    assert not (tmp_path / "out.mem").exists()
 
 
 # -- serving from the layers: real faults -------------------------------------------------------
@@ -688,5 +704,5 @@ def test_serve_refuses_layers_on_a_url(tmp_path: Path) -> None:
          "--socket", str(tmp_path / "s"), "--layer", str(tmp_path / "1.layer")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert result.returncode == 1
-    assert "cannot serve: --layer needs the base snapshot as a file" in result.stderr
+    assert result.returncode == 2  # a usage error, found before anything is opened
+    assert "argument --layer: needs SNAPSHOT to be a file, not a URL" in result.stderr

@@ -14,21 +14,35 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import random
+import select
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 import anyio
 import pytest
 
 import uffd_async as ua
 from uffd_async._native import libc
+from uffd_async._process_memory import ProcessMemory
 
-from ._support import TIMEOUT, Lab, finished, with_huge_pages
+from ._support import (
+    TIMEOUT,
+    Lab,
+    finished,
+    source_bytes,
+    with_huge_pages,
+)
 
 pytestmark = pytest.mark.anyio
 P = ua.PAGE_SIZE
@@ -389,3 +403,332 @@ async def test_copy_from_a_snapshot_or_its_layers_in_process(
         assert got == (expected if layered else bytes([A]) * region.length)
     with pytest.raises(ua.SnapshotClosed):
         ua.copy_from(source, base=memory.address)
+
+
+# -- the address space changing under the background, deterministically ------------------
+
+
+class HeldRead:
+    """Holds the background's ``n``-th read (the first read by a worker thread is 1)
+    until :meth:`release`, so a test changes the address space while a run is surely
+    being read. The read itself is the real ``process_vm_readv``, made after the hold."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+        self.reached = threading.Event()
+        self._go = threading.Event()
+        self._calls = 0
+        #: Set: every read from then on is of this process (one that is gone, say).
+        self.pid: int | None = None
+        loop_thread = threading.current_thread()
+        real = ProcessMemory.read_into
+
+        def read_into(memory: ProcessMemory, address: int, buffer: Any, page_size: int) -> int:
+            if self.pid is not None:
+                memory.pid = self.pid
+            if threading.current_thread() is not loop_thread:
+                self._calls += 1
+                if self._calls == n:
+                    self.reached.set()
+                    self._go.wait(TIMEOUT)
+            return real(memory, address, buffer, page_size)
+
+        monkeypatch.setattr(ProcessMemory, "read_into", read_into)
+
+    async def wait(self) -> None:
+        assert await anyio.to_thread.run_sync(self.reached.wait, TIMEOUT), "no such read"
+
+    def release(self) -> None:
+        self._go.set()
+
+
+def stamped(lab: Lab, pages: int, features: ua.Feature = FEATURES, shared: bool = False
+            ) -> tuple[ua.Region, ua.Userfaultfd, bytes]:  # fmt: skip
+    """A region of ``pages`` distinct pages, registered WP; and its bytes (the instant)."""
+    region = lab.shared(pages) if shared else lab.anonymous(pages)
+    instant = source_bytes(pages)
+    region.write(0, instant)
+    uffd = lab.uffd(features)
+    if not shared or features & ua.Feature.WP_HUGETLBFS_SHMEM:
+        uffd.register(region.address, region.length, ua.Mode.WP)
+    return region, uffd, instant
+
+
+def mremap(source: int, pages: int, target: int) -> None:
+    moved = libc.mremap(source, pages * P, pages * P, 3, target)  # MAYMOVE|FIXED
+    assert moved == target, f"mremap: errno {ctypes.get_errno()}"
+
+
+async def test_an_mremap_racing_a_background_read_makes_the_run_be_read_again(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first run is moved away while the background reads it (from where it was):
+    those bytes are thrown away and the run is read again where it went."""
+    region, uffd, instant = stamped(lab, 64)
+    target = lab.anonymous(16)
+    hold = HeldRead(monkeypatch, 1)
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                stats = await start(tg, uffd, region, tmp_path / "image", run_bytes=16 * P)
+                await hold.wait()
+                await finished(lab.run(functools.partial(mremap, region.address, 16,
+                                                         target.address)))  # fmt: skip
+                hold.release()
+    finally:
+        hold.release()
+    assert (tmp_path / "image").read_bytes() == instant
+    assert stats.pages == 64 and stats.lost == 0
+
+
+async def test_an_mremap_within_the_range_turns_the_c_save_path_off(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages 32-47 and 64-79 swap places (three mremaps, through a spot outside), then
+    writers hit them all before the background got there: each page is saved into its
+    own slot (where it was at the instant), not into the slot of the address it is at,
+    as the C loop (which knows addresses only) would."""
+    region, uffd, instant = stamped(lab, 128)
+    spot = lab.anonymous(16)
+    a, b = region.address + 32 * P, region.address + 64 * P
+    hold = HeldRead(monkeypatch, 1)
+
+    def swap() -> None:
+        mremap(a, 16, spot.address)
+        mremap(b, 16, a)
+        mremap(spot.address, 16, b)
+
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                stats = await start(tg, uffd, region, tmp_path / "image", run_bytes=16 * P)
+                await hold.wait()  # the background is at the first run: none of these saved
+                await finished(lab.run(swap))
+                pages = [*range(32, 48), *range(64, 80)]
+                await finished(lab.run(functools.partial(write_pages, region.address, pages, B)))
+                hold.release()
+    finally:
+        hold.release()
+    assert (tmp_path / "image").read_bytes() == instant
+    assert stats.early == 32 and stats.lost == 0
+
+
+@pytest.mark.parametrize("loop", ["c", "python"])
+async def test_a_write_fault_on_a_page_already_saved_never_overwrites_it(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """Under a WriteTracker the background leaves saved pages protected, so a write to
+    one faults: the page holds what the image has (the write waits), except where
+    the memory changed through another view of it (the memfd's alias, which no
+    protection covers). The fault must not save the page again: the image keeps the
+    instant's bytes. ``python``: someone awaits ``next_write()``, which turns the C
+    loop off."""
+    if not ua.probe().features & ua.Feature.WP_HUGETLBFS_SHMEM:
+        pytest.skip("the kernel cannot write-protect shmem")
+    features = FEATURES | ua.Feature.WP_HUGETLBFS_SHMEM
+    region, uffd, instant = stamped(lab, 64, features, shared=True)
+    uffd.unregister(region.address, region.length)
+    hold = HeldRead(monkeypatch, 2)  # the first run (pages 0-15) is saved by then
+    assert region.alias is not None
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with ua.WriteTracker(uffd, region.address, region.length) as tracker:
+                async with anyio.create_task_group() as tg:
+                    if loop == "python":
+                        tg.start_soon(drain, tracker)
+                    async with anyio.create_task_group() as inner:
+                        await start(inner, uffd, region, tmp_path / "image", tracker=tracker,
+                                    run_bytes=16 * P)  # fmt: skip
+                        await hold.wait()
+                        region.alias.fill(5 * P, P, 0xEE)  # no fault: not the registered view
+                        await finished(lab.run(functools.partial(write_pages, region.address,
+                                                                 [5], B)))  # fmt: skip
+                        hold.release()
+                    tg.cancel_scope.cancel()  # the drain
+    finally:
+        hold.release()
+    assert (tmp_path / "image").read_bytes() == instant
+
+
+async def drain(tracker: ua.WriteTracker) -> None:
+    async for _ in tracker:
+        pass
+
+
+async def test_a_page_unreadable_at_its_fault_is_saved_as_zeros(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Page 40 is unmapped (no EVENT_UNMAP: nothing tells the server) while a write to
+    it waits in its fault, and another page (60, discarded: saved at once) was saved
+    just before: the image gets zeros for page 40 (counted lost), never the bytes of
+    the page saved before it."""
+    region, uffd, instant = stamped(lab, 64, FEATURES & ~ua.Feature.EVENT_UNMAP)
+    hold = HeldRead(monkeypatch, 1)
+    zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+    page40 = region.address + 40 * P
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                stats = await start(tg, uffd, region, tmp_path / "image", run_bytes=16 * P)
+                await hold.wait()
+                await finished(lab.run(functools.partial(region.discard, 60 * P, P)))
+                # The loop is held here (no await) until the write to page 40 waits in its
+                # fault and the page is gone: the server reads that fault only then. The
+                # write comes from the kernel (read() into it), so it ends in EFAULT.
+                writer = lab.run(lambda: libc.read(zero, ctypes.c_void_p(page40), P))
+                assert select.select([uffd], [], [], TIMEOUT)[0], "the write never faulted"
+                assert libc.munmap(page40, P) == 0
+                assert await finished(writer) == -1
+                hold.release()
+    finally:
+        hold.release()
+        os.close(zero)
+    image = (tmp_path / "image").read_bytes()
+    assert image[40 * P : 41 * P] == bytes(P)
+    assert image[60 * P : 61 * P] in (instant[60 * P : 61 * P], bytes(P))
+    assert (
+        image[: 40 * P] == instant[: 40 * P] and image[41 * P : 60 * P] == instant[41 * P : 60 * P]
+    )
+    assert stats.lost >= 1 and stats.discarded == 1  # (the background counts it again)
+
+
+# -- whose memory it is ------------------------------------------------------------------
+
+
+async def test_a_pid_that_cannot_be_read_is_an_error_never_an_image_of_zeros(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """A process that is gone, or one that does not map the range (the wrong pid): an
+    error before anything is protected or written."""
+    region, uffd, _ = stamped(lab, 16)
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        with pytest.raises(ua.InvalidArgument, match=f"not mapped in process {other.pid}"):
+            await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "image",
+                                   pid=other.pid)  # fmt: skip
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        other.wait(TIMEOUT)
+    with pytest.raises(ProcessLookupError, match=f"no process {other.pid}"):
+        await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "image",
+                               pid=other.pid)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    await finished(lab.run(functools.partial(write_pages, region.address, [0, 15], B)))
+
+
+async def test_a_process_gone_mid_snapshot_fails_it(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process whose memory it is exits while the background reads: ESRCH is an
+    error (the snapshot fails, the old file stays), never pages of zeros."""
+    path = tmp_path / "image"
+    path.write_bytes(b"the old image")
+    region, uffd, _ = stamped(lab, 64)
+    hold = HeldRead(monkeypatch, 2)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(TIMEOUT)
+    try:
+        with anyio.fail_after(TIMEOUT), pytest.raises(BaseExceptionGroup) as caught:
+            async with anyio.create_task_group() as tg:
+                stats = await start(tg, uffd, region, path, run_bytes=16 * P)
+                await hold.wait()
+                hold.pid = child.pid  # from now on every read is of a process that is gone
+                hold.release()
+        assert caught.group_contains(ProcessLookupError, match="No such process")
+    finally:
+        hold.release()
+    assert stats.pages < 64
+    assert path.read_bytes() == b"the old image" and os.listdir(tmp_path) == ["image"]
+    await finished(lab.run(functools.partial(write_pages, region.address, [0, 63], B)))
+
+
+# -- the image file ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+async def test_the_image_is_private_to_its_owner(lab: Lab, tmp_path: Path, umask: int) -> None:
+    """Live process memory: 0600 whatever the umask (bug 3: it was 0755)."""
+    region, uffd, instant = stamped(lab, 16)
+    old = os.umask(umask)
+    try:
+        await ua.snapshot_live(uffd, region.address, region.length, tmp_path / "image")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "image").st_mode & 0o777 == 0o600
+    assert (tmp_path / "image").read_bytes() == instant
+
+
+async def test_cancelled_part_way_leaves_the_old_image(lab: Lab, tmp_path: Path) -> None:
+    path = tmp_path / "image"
+    path.write_bytes(b"the old image")
+    path.chmod(0o640)
+    region, uffd, _ = stamped(lab, PAGES)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            stats = await start(tg, uffd, region, path, run_bytes=4 * P)
+            while stats.pages < 64:
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+    assert path.read_bytes() == b"the old image" and os.listdir(tmp_path) == ["image"]
+    assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+async def test_pages_unmapped_during_a_snapshot_into_an_open_file_are_zeros(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open file is truncated first: a page unmapped before it was saved (never
+    written to the image) reads zeros there, not what the file held before."""
+    region, uffd, instant = stamped(lab, 64)
+    hold = HeldRead(monkeypatch, 1)
+    with open(tmp_path / "image", "wb+") as file:
+        file.write(b"\xff" * (64 * P))
+        try:
+            with anyio.fail_after(TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    stats = await start(tg, uffd, region, file, run_bytes=16 * P)
+                    await hold.wait()
+                    gone = region.address + 40 * P
+                    await finished(lab.run(lambda: libc.munmap(gone, 8 * P)))  # EVENT_UNMAP
+                    hold.release()
+        finally:
+            hold.release()
+    image = (tmp_path / "image").read_bytes()
+    assert image == instant[: 40 * P] + bytes(8 * P) + instant[48 * P :]
+    assert stats.lost == 8
+
+
+NO_PTRACE = textwrap.dedent(
+    """
+    import asyncio, os, sys, tempfile
+    import uffd_async as ua
+    async def main():
+        region = ua.Region.anonymous(16 * ua.PAGE_SIZE)
+        uffd = ua.Userfaultfd.open(ua.Feature.WP_UNPOPULATED, user_mode_only=True)
+        uffd.register(region.address, region.length, ua.Mode.WP)
+        directory = tempfile.mkdtemp()
+        try:
+            await ua.snapshot_live(uffd, region.address, region.length,
+                                   os.path.join(directory, "image"), pid=int(sys.argv[1]))
+        except PermissionError as exc:
+            print("refused:", exc, os.listdir(directory))
+        region.write(0, b"written")  # nothing left protected: no server needed
+        print("wrote")
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_a_process_this_user_may_not_read_is_refused() -> None:
+    """As nobody, a snapshot of a root process's memory (no ptrace access): a
+    PermissionError saying so, and no file."""
+    done = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+         sys.executable, "-c", NO_PTRACE, str(os.getpid())],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "refused: [Errno 1] cannot read the memory of process" in done.stdout, done.stdout
+    assert done.stdout.endswith("(no ptrace access): [Errno 13] Permission denied: "
+                                f"'/proc/{os.getpid()}/maps' []\nwrote\n"), done.stdout  # fmt: skip

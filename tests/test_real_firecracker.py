@@ -229,13 +229,13 @@ def test_record_then_prefetch(firecracker: Binaries, snapshot: Snapshot, place: 
 def test_a_guest_on_huge_pages(firecracker: Binaries, place: Path) -> None:
     """``huge_pages: "2M"``: the snapshot taken from hugetlbfs, served 2 MiB at a time.
 
-    One huge page more than the guest's: a UFFDIO_COPY whose source page is not
-    mapped in the server yet takes the kernel's slow path, which copies into a
-    temporary huge page from the pool before allocating the guest's own. With a pool
-    of exactly the guest's size (Firecracker maps guest memory MAP_NORESERVE, so
-    nothing is reserved), the last page's copy fails with ENOMEM, the server poisons
-    it, and the guest reads wrong bytes there (this test's digest differs)."""
-    with huge_pages_free(MEMORY // HUGE_PAGE + 1):
+    A pool of exactly the guest's size: a UFFDIO_COPY whose source page is not mapped
+    in the server yet takes the kernel's slow path, which copies into a temporary huge
+    page from the pool before allocating the guest's own (Firecracker maps guest memory
+    MAP_NORESERVE, so nothing is reserved). The last page's copy used to fail with
+    ENOMEM, be poisoned, and the guest printed another digest; the server now retries
+    it once (tests/test_hugetlb_copy.py)."""
+    with huge_pages_free(MEMORY // HUGE_PAGE):
         snapshot = take_snapshot(firecracker, place, huge_pages=True)
         sock = place / "uffd.sock"
         with serving(snapshot.memory, sock) as server:

@@ -204,6 +204,9 @@ def test_the_identity_samples_the_snapshot() -> None:
     assert snapshot_identity(ctypes.addressof(big), size) == before
     big[0] = b"x"  # in the first sample
     assert snapshot_identity(ctypes.addressof(big), size) != before
+    before = snapshot_identity(ctypes.addressof(big), size)
+    big[size - 100] = b"x"  # in the last sample, which ends with the snapshot's last block
+    assert snapshot_identity(ctypes.addressof(big), size) != before
 
 
 # -- saving and loading -----------------------------------------------------------------

@@ -4,7 +4,9 @@ for working sets and snapshot layers.
 
 ``probe`` exits with status 0 when a userfaultfd can be opened, 1 when not (the
 output then says exactly what to change). ``serve`` runs until SIGINT or
-SIGTERM, then removes its socket and exits with status 0.
+SIGTERM, then removes its socket and exits with status 0; with 1 when it cannot
+start, or when the object behind its URL changed. Every command exits with 2 on
+a usage error, said in one line that names the flag.
 """
 
 from __future__ import annotations
@@ -13,26 +15,30 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 import anyio
 
 from ._abi import PAGE_SIZE, Feature, Ioctl
-from ._errors import InvalidArgument, LayerError
-from ._handoff_server import HandoffServer, HandoffStats, serve_handoffs
+from ._errors import InvalidArgument, LayerError, SourceChanged
+from ._handoff_server import HandoffServer, HandoffStats, check_record_path, serve_handoffs
 from ._http_source import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
     HttpSource,
     HttpStats,
+    display_url,
     is_url,
 )
-from ._layers import Layer, LayeredSnapshot, squash
+from ._layers import Layer, LayeredSnapshot, check_output, squash
 from ._loops import LOOPS, choose_backend, describe_loop
 from ._metrics import MetricsExporter, parse_address
 from ._open import probe
@@ -89,11 +95,13 @@ def _progress(
         f"({rate:,.0f}/s)  pages copied {stats.pages:,} ({stats.pages * PAGE_SIZE / 2**20:,.1f} "
         f"MiB)  forks {stats.forks}  errors {stats.errors}"
     )
-    if stats.prefetched or stats.resident:
+    if stats.mapped_pages:  # now, of the processes being served: they add up while it runs
         line += (
-            f"  prefetched {stats.prefetched:,}  populated {stats.populated:.0%}"
-            f"  resident {stats.resident}"
+            f"  resident {stats.populated_pages:,} of {stats.mapped_pages:,} pages "
+            f"({stats.populated:.0%})"
         )
+    if stats.prefetched or stats.resident:  # so far (the prefetched are in pages copied)
+        line += f"  prefetched {stats.prefetched:,}  fully resident {stats.resident}"
     if http is not None:
         line += (
             f"  fetched {http.bytes / 2**20:,.1f} MiB in {http.requests:,} requests "
@@ -118,8 +126,6 @@ async def _report(server: HandoffServer, interval: float) -> None:
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
     if args.layer:
-        if is_url(args.snapshot):
-            raise InvalidArgument(22, "--layer needs the base snapshot as a file, not a URL")
         with LayeredSnapshot(args.snapshot, *args.layer) as layered:
             count = len(layered.layers)
             described = f"{args.snapshot} with {count} layer{'s' if count != 1 else ''} on top"
@@ -134,7 +140,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         concurrency=args.concurrency,
         timeout=args.http_timeout,
         retries=args.retries,
-        headers=dict(args.header or ()),
+        headers=dict(args.header),
         cache_bytes=args.cache_size,
         http2=args.http2,
     ) as source:
@@ -168,9 +174,14 @@ async def _serve_source(
             )
             if args.metrics is not None:
                 host, port = args.metrics
-                exporter: MetricsExporter = await tg.start(
-                    MetricsExporter(server, host, port, interval=min(args.interval, 1.0)).run
-                )
+                try:
+                    exporter: MetricsExporter = await tg.start(
+                        MetricsExporter(server, host, port, interval=min(args.interval, 1.0)).run
+                    )
+                except OSError as exc:  # EADDRINUSE above all: say which flag chose it
+                    raise OSError(
+                        exc.errno, f"--metrics {host}:{port}: cannot listen there: {exc.strerror}"
+                    ) from None
                 print(
                     f"metrics: http://{host}:{exporter.port}/metrics", file=sys.stderr, flush=True
                 )
@@ -204,6 +215,9 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
+        if isinstance(exc, SourceChanged):  # the server stopped taking processes at once
+            print(f"the object changed; restart with the new version ({exc})", file=sys.stderr)
+            return 1
         if not isinstance(exc, (OSError, ValueError, ImportError)):
             raise
         print(f"cannot serve: {exc}", file=sys.stderr)  # a bad path, a socket in use, ...
@@ -267,6 +281,10 @@ def _show_layer(args: argparse.Namespace) -> int:
 
 def _squash(args: argparse.Namespace) -> int:
     try:
+        check_output(args.output, args.base, args.layers)
+    except InvalidArgument as exc:
+        return _usage_error(args, f"argument -o/--output: {exc}")
+    try:
         identity = squash(args.base, args.layers, args.output, check=not args.no_check)
     except (OSError, ValueError) as exc:
         print(f"cannot squash: {exc}", file=sys.stderr)
@@ -293,6 +311,32 @@ def _group(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    """A whole number ``>= least``; argparse names the flag in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more, not {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds, > 0: 0 would mean a busy loop or no time at all."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}")
+    return value
+
+
 _SIZE = re.compile(r"^(\d+)\s*(|k|kib|m|mib|g|gib)$", re.IGNORECASE)
 
 
@@ -305,6 +349,13 @@ def _size(text: str) -> int:
     return int(match.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[unit]
 
 
+def _chunk_size(text: str) -> int:
+    size = _size(text)
+    if size <= 0 or size % PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of {PAGE_SIZE}")
+    return size
+
+
 def _metrics_address(text: str) -> tuple[str, int]:
     try:
         return parse_address(text)
@@ -312,15 +363,118 @@ def _metrics_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _header(text: str) -> tuple[str, str]:
-    name, colon, value = text.partition(":")
-    if not colon or not name.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a header such as 'Name: value'")
-    return name.strip(), value.strip()
+def _read_secret(path: str) -> str:
+    """The text of an ``@FILE`` argument (a secret kept out of argv)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read @{path}: {exc}") from None
+
+
+def _headers(text: str) -> list[tuple[str, str]]:
+    """``'Name: value'``, or ``@FILE``: one such header a line (as ``curl -H @FILE``)."""
+    lines = _read_secret(text[1:]).splitlines() if text.startswith("@") else [text]
+    headers = []
+    for line in filter(str.strip, lines):
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            shown = "a line of " + text if text.startswith("@") else repr(text)
+            raise argparse.ArgumentTypeError(f"{shown} is not a header such as 'Name: value'")
+        headers.append((name.strip(), value.strip()))
+    return headers
+
+
+#: SNAPSHOT left out: the URL (or path) is read from this variable, out of argv.
+URL_ENV = "UFFD_ASYNC_URL"
+#: Options of an HTTP source only: given with a file, they are refused, not ignored.
+_HTTP_ONLY = {
+    "chunk_size": DEFAULT_CHUNK_SIZE,
+    "concurrency": DEFAULT_CONCURRENCY,
+    "retries": 5,
+    "http_timeout": 30.0,
+    "header": [],
+    "cache_size": DEFAULT_CACHE_BYTES,
+    "http2": False,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage itself is one ``--help`` away), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    print(f"{args.prog}: error: {message} (see --help)", file=sys.stderr)
+    return 2
+
+
+def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse alone cannot check, before anything is opened: each error names its flag."""
+    if args.snapshot is None:
+        args.snapshot = os.environ.get(URL_ENV, "").strip()
+        if not args.snapshot:
+            parser.error(f"the SNAPSHOT is missing: give it, as @FILE, or in ${URL_ENV}")
+    elif args.snapshot.startswith("@"):
+        try:
+            lines = _read_secret(args.snapshot[1:]).strip().splitlines()
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument SNAPSHOT: {exc}")
+        if not lines:
+            parser.error(f"argument SNAPSHOT: {args.snapshot} is empty")
+        args.snapshot = lines[0].strip()
+    args.header = [header for given in args.header or () for header in given]
+    if is_url(args.snapshot):
+        problem = _url_problem(args.snapshot)
+        if problem:
+            parser.error(f"argument SNAPSHOT: {display_url(args.snapshot)!r} {problem}")
+        if args.layer:
+            parser.error("argument --layer: needs SNAPSHOT to be a file, not a URL")
+        if args.readahead:
+            parser.error(
+                "argument --readahead: does not apply to a URL (a fault brings its whole "
+                "chunk): choose --chunk-size instead"
+            )
+    else:
+        for name in _HTTP_ONLY:
+            if getattr(args, name) not in (None, []):
+                flag = "--" + name.replace("_", "-")
+                parser.error(f"argument {flag}: applies only when SNAPSHOT is an http(s):// URL")
+    for name, default in _HTTP_ONLY.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.record is not None:
+        if args.readahead:
+            parser.error(
+                "argument --record: needs --readahead 0 (pages readahead brings in never "
+                "fault, so they would be missing from the working set)"
+            )
+        try:
+            check_record_path(args.record)
+        except InvalidArgument as exc:
+            parser.error(f"argument --record: {exc}")
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched at all, in words (never the URL's query), or None."""
+    bad = [char for char in url if ord(char) < 32 or ord(char) == 127]
+    if bad:
+        return f"holds a control character ({bad[0]!r}): is it quoted right?"
+    try:
+        import httpx
+    except ImportError:
+        return None  # HttpSource says which extra to install
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"is not a valid URL: {str(exc).replace(url, display_url(url))}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uffd_async", description=__doc__)
+    parser = _Parser(prog="python -m uffd_async", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     probe_parser = commands.add_parser("probe", help="check whether and how userfaultfd works here")
     probe_parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -330,13 +484,21 @@ def main(argv: list[str] | None = None) -> int:
         help="serve a snapshot file to every process that hands its uffd over a Unix socket",
         description="Serve the page faults of every process that connects to SOCKET and sends "
         "its userfaultfd with Firecracker's JSON mappings, from the SNAPSHOT file (the "
-        "mappings' offsets are positions in it). Stops on SIGINT or SIGTERM.",
+        "mappings' offsets are positions in it). Stops on SIGINT or SIGTERM. Secrets stay "
+        "out of the command line, which every local user can read: give a presigned URL "
+        f"as @FILE (the URL is FILE's first line) or in ${URL_ENV} (SNAPSHOT left out), "
+        "and headers as --header @FILE. If the object behind a URL changes, no new process "
+        "is accepted (the socket is removed), those being served are served until they "
+        "exit (a page that still needs fetching gets SIGBUS, never another version's "
+        "bytes), and serve exits with status 1: restart it with the new version.",
     )
     serve_parser.add_argument(
         "snapshot",
         metavar="SNAPSHOT",
+        nargs="?",
         help="the memory snapshot: a file, or an http:// or https:// URL (S3, GCS or MinIO, "
-        "presigned or public) read by Range requests a chunk at a time",
+        "presigned or public) read by Range requests a chunk at a time; @FILE reads it from "
+        f"FILE's first line; left out, it is read from ${URL_ENV}",
     )
     serve_parser.add_argument(
         "--socket", required=True, metavar="PATH", help="the Unix socket path to listen on"
@@ -350,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve_parser.add_argument(
         "--allow-uid",
-        type=int,
+        type=_at_least(0),
         action="append",
         metavar="UID",
         help="a uid peers may run as besides this process's own effective uid (repeatable): "
@@ -370,13 +532,18 @@ def main(argv: list[str] | None = None) -> int:
         help="the socket file's group (a name or a gid), e.g. the jailed Firecracker's",
     )
     serve_parser.add_argument(
-        "--readahead", type=int, default=0, help="pages copied past each fault (default 0)"
+        "--readahead",
+        type=_at_least(0),
+        metavar="PAGES",
+        default=0,
+        help="pages copied past each fault (default 0; snapshot files only)",
     )
     serve_parser.add_argument(
         "--record",
         metavar="WS_FILE",
         help="save the snapshot pages the processes fault on (a working set) to WS_FILE "
-        "(written when a process's handoff ends and on exit; needs --readahead 0)",
+        "(written when a process's handoff ends and on exit; needs --readahead 0; its "
+        "directory must exist; a set recorded for another snapshot is not overwritten)",
     )
     serve_parser.add_argument(
         "--prefetch",
@@ -390,56 +557,63 @@ def main(argv: list[str] | None = None) -> int:
         help="after the working set, copy in every other page too, so that each process "
         "becomes fully resident",
     )
-    http = serve_parser.add_argument_group("snapshots over HTTP (SNAPSHOT is a URL)")
+    http = serve_parser.add_argument_group(
+        "snapshots over HTTP (SNAPSHOT is a URL; refused with a file)"
+    )
     http.add_argument(
         "--chunk-size",
-        type=_size,
-        default=DEFAULT_CHUNK_SIZE,
+        type=_chunk_size,
         metavar="SIZE",
         help="bytes per request; a fault brings its whole chunk (default 1MiB)",
     )
     http.add_argument(
         "--concurrency",
-        type=int,
-        default=DEFAULT_CONCURRENCY,
+        type=_at_least(1),
+        metavar="N",
         help=f"requests at once (default {DEFAULT_CONCURRENCY})",
     )
     http.add_argument(
         "--retries",
-        type=int,
-        default=5,
+        type=_at_least(0),
+        metavar="N",
         help="tries after the first for connection errors, timeouts, 5xx (default 5)",
     )
     http.add_argument(
         "--http-timeout",
-        type=float,
-        default=30.0,
+        type=_seconds,
         metavar="SECONDS",
         help="seconds to connect, and for each read (default 30)",
     )
     http.add_argument(
         "--header",
-        type=_header,
+        type=_headers,
         action="append",
         metavar="'NAME: VALUE'",
-        help="a header sent with every request, e.g. 'Authorization: Bearer ...' (repeatable)",
+        help="a header sent with every request, e.g. 'Authorization: Bearer ...' (repeatable); "
+        "@FILE: one header a line from FILE, which keeps a secret out of the command line",
     )
     http.add_argument(
         "--cache-size",
         type=_size,
-        default=DEFAULT_CACHE_BYTES,
         metavar="SIZE",
         help="recent chunks kept for fork children and other processes (default 64MiB)",
     )
-    http.add_argument("--http2", action="store_true", help="HTTP/2 (needs uffd_async[http2])")
+    http.add_argument(
+        "--http2", action="store_true", default=None, help="HTTP/2 (needs uffd_async[http2])"
+    )
     serve_parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
+        metavar="SECONDS",
         default=5.0,
         help="seconds a connected peer has to send its uffd (default 5)",
     )
     serve_parser.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between progress lines (default 1)"
+        "--interval",
+        type=_seconds,
+        metavar="SECONDS",
+        default=1.0,
+        help="seconds between progress lines, more than 0 (default 1)",
     )
     serve_parser.add_argument(
         "--backend",
@@ -489,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     squash_parser.set_defaults(run=_squash)
     args = parser.parse_args(argv)
+    if args.run is _serve:
+        _check_serve(serve_parser, args)
+    args.prog = {_serve: serve_parser.prog, _squash: squash_parser.prog}.get(args.run, parser.prog)
     result: int = args.run(args)
     return result
 

@@ -11,12 +11,17 @@ the rest of the chunk never faults. Facts this relies on, beyond
   address space may have changed by the time the bytes land: the fault is
   planned again, and the fill skips pages removed or moved since (EAGAIN, an
   event still unread, makes the server retry the fault once it has read it).
+  A faulting page removed meanwhile gets zeros; one moved (or unmapped) away
+  is filled where it went, never at the address it left, and its thread is
+  woken there (``UFFDIO_WAKE`` needs no mapping) to fault again or fail.
 * A fault on a page already populated before the fetch may be stale (it was
   queued while another fault's fill copied the page, which woke the thread),
   or its page may have been zapped without an event: its page is copied
   again, and EEXIST makes the server wake it. Either way no thread is left.
 * A huge page larger than the chunk takes the chunks that cover it, fetched
-  at once.
+  at once; a prefetched chunk fills only the huge pages it holds whole. Bytes
+  that do not hold the faulting page (never, from a checked source) fail the
+  fault (``FetchError``) rather than fetching the same span again forever.
 * While a working set is recorded, a fault copies its own page only: the
   pages a chunk fill brought in would never fault, so the set would name one
   page per chunk, too few for a replay from a file or through smaller chunks.
@@ -32,10 +37,11 @@ from typing import Any, Protocol
 import anyio
 
 from ._abi import PAGE_SIZE
+from ._errors import FetchError
 from ._events import PageFault
 from ._memory import buffer_address
 from ._uffd import Userfaultfd
-from .resolvers import CopyFrom
+from .resolvers import CopyFrom, NoSourcePage
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -105,14 +111,32 @@ class ChunkedCopy(CopyFrom):
     async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
         page, index, _, removed = self._plan(fault)
         was = self._populated[index]
-        while not removed:
+        if not removed:
             lo, data = await self._fetch_span(index)
-            page, index, _, removed = self._plan(fault)  # what changed while we waited
+            try:
+                page, index, _, removed = self._plan(fault)  # what changed while we waited
+            except NoSourcePage:  # its page moved or was unmapped: the rest still lands
+                self._moved_away(uffd, fault, lo, data)
+                return
             start = self._offset + index * self._page_size
             if not removed and lo <= start and start + self._page_size <= lo + len(data):
                 self._serve(uffd, page, index, lo, data, was)
                 return
+            if not removed:  # never again the same fetch, in a loop that starves the others
+                url = str(getattr(self._source, "path", self._source))
+                raise FetchError(
+                    f"{url}: bytes [{lo}, +{len(data)}) do not hold source page {index} "
+                    f"(of {self._page_size} bytes)", url=url, start=lo, end=lo + len(data) - 1,
+                )  # fmt: skip
         self._zero(uffd, page, index)
+
+    def _moved_away(self, uffd: Userfaultfd, fault: PageFault, lo: int, data: bytes) -> None:
+        """Fill the chunk's pages where they are now, then wake the fault's thread at the
+        address it left: it faults again there (or gets SIGSEGV, EFAULT) as the kernel says."""
+        if self._recorder is None:
+            for resolver in self._together:
+                resolver._fill_span(uffd, lo, data)
+        uffd.wake(fault.address & ~(self._page_size - 1), self._page_size)
 
     def _serve(
         self, uffd: Userfaultfd, page: int, index: int, lo: int, data: bytes, was: int

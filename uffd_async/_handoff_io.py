@@ -11,7 +11,9 @@ Protocol and kernel facts this module relies on:
 * On a stream socket the kernel attaches passed fds to the first chunk (skb)
   of a ``sendmsg``, about 36 KiB with default buffers, and a ``recvmsg`` that
   receives fds stops after that chunk. A larger message can never arrive whole
-  with its fds, so :func:`send_uffd` refuses to send one.
+  with its fds, so :func:`send_uffd` refuses to send one; a message received
+  that way, refused, with bytes still queued behind it (``FIONREAD``), was
+  cut there, and is reported as too long rather than as bad JSON.
 * ``SO_PEERCRED`` gives the peer's pid, effective uid and gid as of its
   ``connect()`` (or ``socketpair()``); the pid is 0 when the peer lives in
   another pid namespace. The uid is checked before anything is read: a
@@ -42,12 +44,14 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import functools
 import os
 import select
 import socket
 import stat
 import struct
+import termios
 from collections.abc import Collection, Sequence
 
 import anyio
@@ -233,17 +237,21 @@ async def receive_uffd(
             raise HandoffTimeout(
                 f"pid {pid} connected but sent no uffd within {timeout} seconds"
             ) from None
-        return _accept(
-            data,
-            flags,
-            received,
-            pid=pid,
-            uid=uid,
-            gid=gid,
-            max_message=max_message,
-            backing_size=backing_size,
-            max_regions=max_regions,
-        )
+        try:
+            return _accept(
+                data,
+                flags,
+                received,
+                pid=pid,
+                uid=uid,
+                gid=gid,
+                max_message=max_message,
+                backing_size=backing_size,
+                max_regions=max_regions,
+            )
+        except HandoffError as exc:
+            _refuse_a_cut_message(sock, len(data), max_message, received, exc)
+            raise
     except BaseException:
         for fd in received:
             os.close(fd)
@@ -266,6 +274,32 @@ async def _receive(sock: socket.socket, size: int, received: list[int]) -> tuple
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 received.extend(fds)
         return data, flags
+
+
+def _refuse_a_cut_message(
+    sock: socket.socket, arrived: int, max_message: int, fds: list[int], exc: HandoffError
+) -> None:
+    """A message that arrived with its fds, was refused, and has more bytes queued behind
+    it was cut where the kernel stops a ``recvmsg`` with fds: say it is too long, not that
+    its first part is bad JSON."""
+    if not fds or sock.type != socket.SOCK_STREAM:
+        return
+    queued = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, queued)
+    except OSError:
+        return
+    if not queued[0]:
+        return
+    total = arrived + queued[0]
+    if total > max_message:
+        raise HandoffError(
+            f"the message is longer than max_message={max_message} bytes ({total} or more arrived)"
+        ) from exc
+    raise HandoffError(
+        f"the message is longer than the {arrived} bytes a stream delivers with its fds "
+        f"({total} or more were sent): keep it under {STREAM_MESSAGE_LIMIT} bytes"
+    ) from exc
 
 
 def _accept(

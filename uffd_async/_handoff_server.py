@@ -10,8 +10,12 @@ for the socket file):
   never reports end-of-file either. A handoff is served until its process
   exits (a pidfd), and then until every process holding its end of the
   socket closed it (fork children share it). Without a pidfd the hangup
-  has to do, when the message says the peer keeps its connection; else only
-  ESRCH from an ioctl, or the server stopping, ends it.
+  has to do, when the message says the peer keeps its connection; else its
+  memory tells (a probe ioctl says ESRCH once it is gone, see
+  :func:`~._peer_lifetime.memory_gone`).
+* Fork children (``EVENT_FORK``) may outlive the peer: once it is gone its
+  own uffd is no longer read, and the handoff ends when the last child has
+  exited too (each one's memory tells).
 * The peer keeps its own copy of the uffd. Closing ours then wakes nobody
   and changes nothing for it: a fault of its that was never resolved stays
   blocked until it exits. A uffd the kernel hands *us* for a fork child
@@ -19,8 +23,8 @@ for the socket file):
   the child's memory, whose missing pages then read as zeros. So a
   connection's fds are closed only once its peer has gone as said above (or
   serving ended because its memory is gone: ESRCH), or when the whole server
-  stops. (The fault server closes a fork child's uffd itself when serving
-  the parent's stops.)
+  stops. (The fault server closes a fork child's uffd itself once the child
+  exited, or when serving stops.)
 * On hugetlbfs, ``UFFDIO_POISON`` (what a failed resolution gets) must cover
   a whole huge page: each connection is served with its mappings' page size
   when they all agree.
@@ -35,6 +39,7 @@ for the socket file):
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -47,7 +52,7 @@ import attrs
 from anyio.abc import TaskStatus
 
 from ._abi import PAGE_SIZE, Feature
-from ._errors import HandoffError, InvalidArgument
+from ._errors import HandoffError, InvalidArgument, SourceChanged
 from ._handoff import DEFAULT_MAX_REGIONS
 from ._handoff_io import (
     DEFAULT_MAX_MESSAGE,
@@ -59,7 +64,7 @@ from ._handoff_io import (
 )
 from ._http_source import HttpSource, HttpStats, is_url, refuse_readahead
 from ._listener import Listener, check_socket_access
-from ._peer_lifetime import PeerExit
+from ._peer_lifetime import PROBE_INTERVAL, PeerExit, Watch, memory_gone
 from ._prefetch import PrefetchStats
 from ._replay import Replay
 from ._server import DEFAULT_SPIN, OnError, ServerStats, serve
@@ -71,7 +76,13 @@ from .resolvers import AnyResolver
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["HandoffServer", "HandoffStats", "ResolverFactory", "serve_handoffs"]
+__all__ = [
+    "HandoffServer",
+    "HandoffStats",
+    "ResolverFactory",
+    "check_record_path",
+    "serve_handoffs",
+]
 
 logger = logging.getLogger("uffd_async")
 
@@ -103,12 +114,16 @@ class HandoffStats:
     events: int = 0
     forks: int = 0
     #: Base pages copied in ahead of the faults (a working set, or everything); ``pages``
-    #: counts them too.
+    #: counts them too, so the demand faults' pages are ``pages - prefetched``.
     prefetched: int = 0
-    #: Handoffs whose every page was gone through (``populate``).
+    #: Handoffs whose every page was gone through (``populate``), so far.
     resident: int = 0
-    #: The fraction of the active handoffs' mapped bytes populated now (1.0 with none).
-    populated: float = 1.0
+    #: ``populated_pages / mapped_pages`` (0.0 with no handoff active).
+    populated: float = 0.0
+    #: Now, over the active handoffs served from a snapshot: the base pages their mappings
+    #: hold, and those of them populated (prefetched or faulted in, and not removed since).
+    populated_pages: int = 0
+    mapped_pages: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return attrs.asdict(self)
@@ -189,6 +204,8 @@ class HandoffServer:
             raise TypeError(f"on_error must be an OnError or None, not {type(on_error).__name__}")
         if not timeout > 0:
             raise InvalidArgument(errno.EINVAL, f"timeout must be positive, not {timeout!r}")
+        if record is not None:
+            check_record_path(record)
         self._replay = Replay(record=record, prefetch=prefetch, populate=populate)
         if self._replay.active and callable(source):
             raise InvalidArgument(
@@ -208,7 +225,8 @@ class HandoffServer:
         self._limit = limit
         self._on_error = on_error
         self._totals = HandoffStats()
-        self._live: dict[int, ServerStats] = {}
+        self._live: dict[int, Any] = {}  # id(its stats) -> the server of a live handoff
+        self._resolvers: dict[int, SnapshotResolver] = {}  # id(handoff) -> its resolver
         self._prefetching: dict[int, tuple[PrefetchStats, SnapshotResolver]] = {}
         self._running = False
         self._opened: Snapshot | HttpSource | None = None
@@ -220,7 +238,7 @@ class HandoffServer:
         total = LatencyHistogram()
         total.merge(self._latency)
         for live in self._live.values():
-            total.merge(live.latency_histogram())
+            total.merge(live.stats.latency_histogram())
         return LatencyHistogram.bounds(), list(total.counts), total.total_ns / 1e9
 
     @property
@@ -238,13 +256,16 @@ class HandoffServer:
         """A snapshot of the counters, live connections included."""
         stats = attrs.evolve(self._totals)
         for live in self._live.values():
-            _add(stats, live)
-        done = total = 0
-        for prefetching, resolver in self._prefetching.values():
+            live._count_pages()  # the prefetcher copies through its uffd too: count those now
+            _add(stats, live.stats)
+        for prefetching, _ in self._prefetching.values():
             stats.prefetched += prefetching.prefetched
+        for resolver in self._resolvers.values():
             populated, mapped = resolver._populated()
-            done, total = done + populated, total + mapped
-        stats.populated = done / total if total else 1.0
+            stats.populated_pages += populated // PAGE_SIZE
+            stats.mapped_pages += mapped // PAGE_SIZE
+        if stats.mapped_pages:
+            stats.populated = stats.populated_pages / stats.mapped_pages
         return stats
 
     async def serve(
@@ -263,6 +284,14 @@ class HandoffServer:
         than running out of fds or memory (after which it waits and retries);
         and ``BaseException``\\ s such as ``KeyboardInterrupt``. On the way
         out every connection's fds are closed and the socket file removed.
+
+        An :class:`~uffd_async.HttpSource` whose object changed
+        (:class:`~uffd_async.SourceChanged`) fetches nothing more, so the
+        server stops accepting at once (the socket file is removed: a new
+        process fails to connect rather than hang), serves the processes it
+        has until they exit (a fault that needs a fetch gets what ``on_error``
+        says: SIGBUS by default, never bytes of another version), then raises
+        that ``SourceChanged``. Restart it with a source for the new version.
         """
         if self._running:
             raise RuntimeError("this HandoffServer is already serving")
@@ -293,16 +322,29 @@ class HandoffServer:
                 snapshot.identity if isinstance(snapshot, Snapshot) else await snapshot.identity()
             )
             self._replay.open(snapshot.size, identity)
+        changed: list[SourceChanged] = []
         try:
-            with Listener(self.path, mode=self._socket_mode, gid=self._socket_gid) as listener:
-                async with anyio.create_task_group() as tg:
-                    task_status.started(self)
-                    while True:
-                        conn = await listener.accept()
-                        if conn is not None:
-                            tg.start_soon(self._connection, conn, snapshot)
+            # Bound before the task group: a path that cannot be bound raises as itself.
+            listener = Listener(self.path, mode=self._socket_mode, gid=self._socket_gid)
+            async with anyio.create_task_group() as tg:
+                with listener:
+                    with anyio.CancelScope() as accepting:
+                        if isinstance(snapshot, HttpSource):
+                            tg.start_soon(_stop_on_change, snapshot, accepting, changed)
+                        task_status.started(self)
+                        while True:
+                            conn = await listener.accept()
+                            if conn is not None:
+                                tg.start_soon(self._connection, conn, snapshot)
+                if changed:  # the socket is gone: a new process cannot connect, let alone hang
+                    logger.error(
+                        "%s; no new process is accepted, the %d being served are served "
+                        "until they exit", changed[0], self._totals.active,
+                    )  # fmt: skip
         finally:
             self._replay.save()
+        if changed:
+            raise changed[0]
 
     # -- one connection -------------------------------------------------------
 
@@ -344,6 +386,9 @@ class HandoffServer:
                         totals.refused += 1
                         logger.warning("refused the handoff of pid %d: %s", handoff.pid, exc)
                         return
+                    except SourceChanged as exc:  # it connected as the change was found
+                        # Its faults get what on_error says (SIGBUS by default), never a hang.
+                        resolver = functools.partial(_changed, exc)
                     except Exception as exc:
                         totals.failed += 1
                         logger.error("no resolver for pid %d", handoff.pid, exc_info=exc)
@@ -371,6 +416,8 @@ class HandoffServer:
         totals = self._totals
         totals.served += 1
         totals.active += 1
+        if isinstance(resolver, SnapshotResolver):  # its pages count as mapped from now on
+            self._resolvers[id(handoff)] = resolver
         size = sum(mapping.size for mapping in handoff.mappings)
         logger.info(
             "serving pid %d (uid %d): %d mappings, %d bytes, Firecracker %s's message; %s",
@@ -378,15 +425,19 @@ class HandoffServer:
             _how_it_ends(handoff, peer),
         )  # fmt: skip
         served: list[ServerStats] = []
+        peer_gone = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._run_server, handoff, resolver, served, tg.cancel_scope)
+                tg.start_soon(
+                    self._run_server, handoff, resolver, served, tg.cancel_scope, peer_gone
+                )
                 await _gone(conn, handoff, peer)
-                tg.cancel_scope.cancel()
+                peer_gone.set()  # serving ends once the fork children it serves have exited
         finally:
             totals.active -= 1
+            self._resolvers.pop(id(handoff), None)
             for stats in served:
-                del self._live[id(stats)]
+                self._live.pop(id(stats))._count_pages()
                 _add(totals, stats)
                 self._latency.merge(stats.latency_histogram())
             prefetching = self._prefetching.pop(id(handoff), None)
@@ -407,11 +458,17 @@ class HandoffServer:
         resolver: AnyResolver,
         served: list[ServerStats],
         handoff_scope: anyio.CancelScope,
+        peer_gone: anyio.Event,
     ) -> None:
-        """Serve until cancelled. Serving that ends by itself (the memory is gone: ESRCH)
-        ends the handoff; serving that failed leaves the fds be until the peer is gone."""
+        """Serve until cancelled. Serving that ends by itself (the memory is gone: ESRCH,
+        or the peer gone, and in both cases every fork child exited) ends the handoff;
+        serving that failed leaves the fds be until the peer is gone."""
         try:
             async with anyio.create_task_group() as tg:
+
+                def counted(server: Any) -> None:
+                    served.append(server.stats)
+                    self._live[id(server.stats)] = server
 
                 async def serving(*, task_status: TaskStatus[Any]) -> None:
                     await serve(
@@ -422,13 +479,12 @@ class HandoffServer:
                         page_size=_page_size(handoff),
                         # A busy-reading server would hold the loop the prefetcher needs.
                         spin=0 if self._replay.prefetching else DEFAULT_SPIN,
-                        task_status=task_status,
+                        task_status=_CountedFirst(task_status, counted),
                     )
                     tg.cancel_scope.cancel()  # serving ended by itself: so does any prefetch
 
                 server = await tg.start(serving)
-                served.append(server.stats)
-                self._live[id(server.stats)] = server.stats
+                tg.start_soon(_stop_when, peer_gone, server, handoff.pid)
                 if self._replay.active and isinstance(resolver, SnapshotResolver):
                     prefetching = PrefetchStats()
                     self._prefetching[id(handoff)] = (prefetching, resolver)
@@ -441,9 +497,10 @@ class HandoffServer:
                 exc_info=_single(exc),
             )
         else:
-            # Only ESRCH ends serve() here (we never close the uffd while it runs), and
-            # it returns once the fork children it served have ended too.
-            logger.info("pid %d: its memory is gone (ESRCH)", handoff.pid)
+            # Only ESRCH or the peer's end end serve() here (we never close the uffd while
+            # it runs), and it returns once the fork children it served have exited too.
+            if not peer_gone.is_set():
+                logger.info("pid %d: its memory is gone (ESRCH)", handoff.pid)
             handoff_scope.cancel()
 
 
@@ -489,6 +546,19 @@ async def serve_handoffs(
     await server.serve(task_status=task_status)
 
 
+def check_record_path(path: str | os.PathLike[str]) -> None:
+    """Refuse, before anything is served, a working-set path the recording could never be
+    saved to (its directory missing, or a directory there): else it is lost at the end."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise InvalidArgument(
+            errno.ENOENT, f"cannot record to {path}: {directory} is not an existing directory"
+        )
+    if os.path.isdir(path):
+        raise InvalidArgument(errno.EISDIR, f"cannot record to {path}: it is a directory")
+
+
 def _page_size(handoff: Handoff) -> int:
     """The mappings' page size when they agree (so that a failed huge page is poisoned
     whole: hugetlbfs refuses less), else the base page size."""
@@ -506,14 +576,16 @@ def _add(totals: HandoffStats, stats: ServerStats) -> None:
 
 
 def _how_it_ends(handoff: Handoff, peer: PeerExit) -> str:
+    if peer.watch is Watch.EXITED:
+        return "it has exited already"
     if peer.watched:
         return f"until it exits (pidfd from {peer.watch.value})"
     if handoff.shape.keeps_connection:
         return f"until it hangs up (no pidfd: {peer.why_not})"
     return (
         f"no pidfd ({peer.why_not}) and Firecracker {handoff.shape.value} closes its socket "
-        "right after the handshake: serving ends when an ioctl finds its memory gone (ESRCH) "
-        "or when this server stops"
+        "right after the handshake: serving ends when its memory is found gone (asked every "
+        f"{PROBE_INTERVAL:g} s)"
     )
 
 
@@ -525,7 +597,28 @@ async def _gone(conn: socket.socket, handoff: Handoff, peer: PeerExit) -> None:
     elif handoff.shape.keeps_connection:
         await _hangup(conn)
     else:
-        await anyio.sleep_forever()
+        await memory_gone(handoff.uffd)
+
+
+class _CountedFirst(TaskStatus[Any]):
+    """Hands the started server to ``count`` before passing it on: it may resolve faults
+    before the task that started it runs again, and its stats must add up from the first."""
+
+    def __init__(self, status: TaskStatus[Any], count: Callable[[Any], None]) -> None:
+        self._status, self._count = status, count
+
+    def started(self, value: Any = None) -> None:
+        self._count(value)
+        self._status.started(value)
+
+
+async def _stop_when(peer_gone: anyio.Event, server: Any, pid: int) -> None:
+    """Once the peer is gone, stop serving its uffd (nothing faults there again); the fork
+    children that outlive it are served until they exit (see ``_server._serve_child``)."""
+    await peer_gone.wait()
+    if server.stats.forks:
+        logger.info("pid %d: gone; its fork children are served until they exit", pid)
+    server._process_exited()
 
 
 async def _hangup(conn: socket.socket) -> None:
@@ -540,6 +633,18 @@ async def _hangup(conn: socket.socket) -> None:
             return  # ECONNRESET and the like: gone all the same
         if not data:
             return
+
+
+async def _stop_on_change(
+    source: HttpSource, accepting: anyio.CancelScope, changed: list[SourceChanged]
+) -> None:
+    changed.append(await source.wait_changed())
+    accepting.cancel()
+
+
+async def _changed(exc: SourceChanged, fault: object, uffd: object) -> None:
+    """The resolver of a handoff received once its source had changed: every fault fails."""
+    raise exc
 
 
 def _single(exc: BaseException) -> BaseException:

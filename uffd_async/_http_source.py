@@ -7,10 +7,16 @@ What it checks, and why:
   gives the size and its ``ETag`` (else ``Last-Modified``) the version. Not
   ``HEAD``: a presigned URL is signed for one method, and is usually GET's.
 * Every later request carries ``If-Match`` (a strong ETag) or
-  ``If-Unmodified-Since`` (a weak one, or none): an object replaced during a
-  restore answers 412, and :class:`~uffd_async.SourceChanged` stops every
-  fetch from then on, so a process never holds two versions of a snapshot.
-  A response whose ETag or total size differs is refused the same way.
+  ``If-Unmodified-Since`` (a weak one, or none: If-Match compares strongly, so a
+  weak tag there would never match): an object replaced during a restore
+  answers 412, and :class:`~uffd_async.SourceChanged` stops every fetch from
+  then on, so a process never holds two versions of a snapshot.
+* Preconditions are not enough: a cache or a lax server ignores them, and
+  If-Unmodified-Since passes for an object replaced by an *older* file of the
+  same size (``mv``, ``rsync -a``). So every 206 is also compared with what
+  the open saw: its total size, its ETag (weak or strong), and, where there
+  was no strong ETag, its Last-Modified. Any difference is the same
+  ``SourceChanged``.
 * A response must be 206 with exactly the ``Content-Range`` asked for and
   exactly that many bytes: a 200 (a server ignoring Range), a short body, a
   different range or a compressed body (``Accept-Encoding: identity`` is sent,
@@ -170,8 +176,10 @@ class HttpSource:
         self._opened = False
         self._closed = False
         self._changed: SourceChanged | None = None
+        self._changed_event: anyio.Event | None = None  # made by wait_changed(), in a loop
         self._condition: dict[str, str] = {}
         self._etag: str | None = None
+        self._modified: str | None = None
         self.size = 0
         self._identity: bytes | None = None
 
@@ -210,6 +218,7 @@ class HttpSource:
         etag = response.headers.get("ETag")
         modified = response.headers.get("Last-Modified")
         self._etag = etag
+        self._modified = modified
         if etag and not etag.startswith("W/"):
             self._condition = {"If-Match": etag}
         elif modified:
@@ -292,6 +301,16 @@ class HttpSource:
             self._identity = identity_of(self.size, blocks)
         return self._identity
 
+    async def wait_changed(self) -> SourceChanged:
+        """Return the :class:`~uffd_async.SourceChanged` that stopped this source, once
+        one did (at once if one already has): a server stops taking new processes then."""
+        if self._changed is None:
+            if self._changed_event is None:
+                self._changed_event = anyio.Event()
+            await self._changed_event.wait()
+        assert self._changed is not None
+        return self._changed
+
     # -- resolvers ----------------------------------------------------------------
 
     def resolver(
@@ -356,6 +375,15 @@ class HttpSource:
             raise self._changed_error(
                 f"the object's ETag is now {etag}, not {self._etag}", start, end, response
             )
+        modified = response.headers.get("Last-Modified")
+        strong = "If-Match" in self._condition
+        if not strong and self._modified and modified and modified != self._modified:
+            raise self._changed_error(
+                f"the object's Last-Modified is now {modified}, not {self._modified}",
+                start,
+                end,
+                response,
+            )
         return body
 
     async def _retrying(
@@ -377,6 +405,8 @@ class HttpSource:
                     raise retry.error from None
             except SourceChanged as exc:
                 self._changed = exc
+                if self._changed_event is not None:
+                    self._changed_event.set()
                 raise
             self.stats.retries += 1
             await anyio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF * 2**tries)))
@@ -397,11 +427,6 @@ class HttpSource:
         try:
             async with self._client.stream("GET", self._url, headers=headers) as response:
                 self._check_status(response, start, end)
-                declared = response.headers.get("Content-Length")
-                if declared is not None and declared.strip() != str(expected):
-                    raise self._error(
-                        f"Content-Length {declared} for {expected} bytes asked", start, end, 206
-                    )
                 encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
                 if encoding not in ("", "identity"):
                     raise self._error(
@@ -409,6 +434,11 @@ class HttpSource:
                         start,
                         end,
                         206,
+                    )
+                declared = response.headers.get("Content-Length")
+                if declared is not None and declared.strip() != str(expected):
+                    raise self._error(
+                        f"Content-Length {declared} for {expected} bytes asked", start, end, 206
                     )
                 async for piece in response.aiter_raw():
                     received += len(piece)

@@ -10,10 +10,10 @@ The file format is :mod:`._layer_file`'s. Facts this module relies on:
   not half-way through. A full image reserves nothing: pages never written are
   holes, which read as zeros.
 * Writes go to a temporary file in the target's directory (``.NAME.*.partial``),
-  which commit fsyncs, renames over the target and then fsyncs the directory:
-  a reader sees the old file or the whole new one, never part of one. A crash
-  leaves only the temporary file behind. Files are created 0600: they hold a
-  process's memory.
+  which commit fsyncs, renames over the target and then fsyncs the directory
+  (:mod:`._atomic_file`): a reader sees the old file or the whole new one, never
+  part of one. A crash leaves only the temporary file behind. Files are created
+  0600: they hold a process's memory.
 * Serving: each page of the composed image comes from the newest file that
   holds it, and ``UFFDIO_COPY`` copies it straight from that file's read-only
   mapping, as :class:`~uffd_async.Snapshot` does from one file. One copy reads
@@ -42,12 +42,12 @@ import hashlib
 import mmap
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
 
+from ._atomic_file import AtomicFile
 from ._errors import InvalidArgument, LayerError, SnapshotClosed
 from ._events import PageFault
 from ._handoff import GuestMapping
@@ -78,70 +78,12 @@ _COPY_CHUNK = 8 << 20
 # -- writing --------------------------------------------------------------------------
 
 
-class _AtomicFile:
-    """A file written under a temporary name next to ``path``, renamed over it at commit."""
-
-    def __init__(self, path: str | os.PathLike[str], size: int, *, reserve: bool) -> None:
-        self.path = os.fspath(path)
-        directory, name = os.path.split(os.path.abspath(self.path))
-        self._directory = directory
-        self.fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
-        self._temporary: str | None = temporary
-        try:
-            if reserve and size:
-                try:
-                    os.posix_fallocate(self.fd, 0, size)
-                except OSError as exc:  # a filesystem without it: no reservation, that is all
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
-            os.ftruncate(self.fd, size)
-        except BaseException:
-            self.abort()
-            raise
-
-    @property
-    def closed(self) -> bool:
-        return self._temporary is None
-
-    def pwrite(self, data: Any, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view, offset = view[written:], offset + written
-
-    def commit(self) -> None:
-        """fsync, rename over ``path``, fsync the directory (so the rename is durable too)."""
-        assert self._temporary is not None
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        os.replace(self._temporary, self.path)
-        self._temporary = None
-        directory = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def abort(self) -> None:
-        """Close and remove the temporary file. Idempotent."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        temporary, self._temporary = self._temporary, None
-        if temporary is not None:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
-
-
 class _PageWriter:
     """What both writers share: pages written by slot, what is missing, abort, ``with``."""
 
     page_size: int
     image_size: int
-    _file: _AtomicFile
+    _file: AtomicFile
     _written: bytearray
 
     @property
@@ -263,7 +205,7 @@ class LayerWriter(_PageWriter):
         pages_held = self._slots[-1]
         self._written = bytearray(pages_held)
         self._digests = bytearray(pages_held * 32)
-        self._file = _AtomicFile(path, self._header.file_size, reserve=True)
+        self._file = AtomicFile(path, self._header.file_size, reserve=True)
         try:
             self._file.pwrite(self._header.to_bytes(), 0)
         except BaseException:
@@ -335,7 +277,7 @@ class ImageWriter(_PageWriter):
         self.page_size = page_size
         self.image_size = image_size
         self._written = bytearray(image_size // page_size)
-        self._file = _AtomicFile(path, image_size, reserve=False)
+        self._file = AtomicFile(path, image_size, reserve=False)
 
     def _slot(self, index: int) -> int:
         if not 0 <= index < len(self._written):
@@ -795,6 +737,8 @@ def squash(
     (``copy_file_range``: a reflink where the filesystem can) where it can.
     """
     base = os.fspath(base_path)
+    inputs = [os.fspath(path) for path in layer_paths]
+    check_output(os.fspath(out_path), base, inputs)
     layers: list[Layer] = []
     fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -802,10 +746,10 @@ def squash(
         if not stat.S_ISREG(status.st_mode) or status.st_size == 0:
             raise InvalidArgument(errno.EINVAL, f"the base {base!r} is not a non-empty file")
         size = status.st_size
-        for path in layer_paths:
+        for path in inputs:
             layers.append(Layer(path))
         _check_chain(base, size, identity_of(size, _samples(fd, size)) if check else None, layers)
-        out = _AtomicFile(out_path, size, reserve=False)
+        out = AtomicFile(out_path, size, reserve=False)
         try:
             for start, end, source, at in _compose(size, [layer._header for layer in layers]):
                 if source == 0:
@@ -822,6 +766,21 @@ def squash(
             layer.close()
         os.close(fd)
     return identity
+
+
+def check_output(out: str, base: str, layer_paths: list[str]) -> None:
+    """The output must be none of the inputs (the same file by any name: samefile)."""
+    for role, path in [("the base", base), *(("a layer", p) for p in layer_paths)]:
+        try:
+            same = os.path.samefile(out, path)
+        except OSError:  # one of them does not exist (yet): not the same file
+            continue
+        if same:
+            raise InvalidArgument(
+                errno.EINVAL,
+                f"the output {out!r} is {role} ({path!r}): squashing would replace it; "
+                "write to another file",
+            )
 
 
 def _copy_data(source: int, target: int, start: int, end: int, name: str) -> None:

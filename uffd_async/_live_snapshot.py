@@ -24,10 +24,19 @@ facts this relies on (``man 2 ioctl_userfaultfd``, admin-guide/mm/userfaultfd):
   it is read again. Pages moved by mremap are read where they are now
   (``EVENT_REMAP`` keeps them registered and protected).
 * A page unmapped before it was saved is lost (zeros in the image, counted).
+  Without ``EVENT_UNMAP`` nothing says so: a write fault read after its page
+  was unmapped saves zeros, and its unprotect fails with ENOENT; the writer
+  is then woken, to fault again there as the kernel says (SIGSEGV, EFAULT).
   A page discarded (``MADV_DONTNEED``) before it was saved has lost its
   contents too: the kernel zaps it as soon as the REMOVE event is read. It is
   read at once, which often still finds them, and counted in ``discarded``;
   QEMU refuses discards during a background snapshot for this reason.
+* ``process_vm_readv`` of a page the process does not map fails with EFAULT
+  and reads nothing, which for an unmapped page is right (zeros). For a
+  wrong ``pid`` every page would be so: the range must be mapped in ``pid``
+  (``/proc/PID/maps``) before anything is protected, and ESRCH or EPERM (no
+  ptrace access) are errors, never zeros. The image file is 0600 and written
+  atomically (:mod:`._atomic_file`): it holds a process's memory.
 * Writes that do not go through the page tables of the registered range
   (device DMA, a ``write()`` into it from the kernel of another process) are
   not seen.
@@ -37,7 +46,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import time
 from typing import IO, TYPE_CHECKING, Any
@@ -48,10 +56,11 @@ from anyio.abc import TaskStatus
 
 from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature
 from ._addrspace import AddressMap
-from ._errors import InvalidArgument, MappingChanged, UffdClosed
+from ._atomic_file import MappedFile
+from ._errors import InvalidArgument, MappingChanged, UffdClosed, UffdError
 from ._events import PageFault, Remap, Remove, Unmap
-from ._memory import _MAP_SHARED, _check_int, _mmap
-from ._native import FAST_SAVE, FastPath, libc
+from ._memory import _check_int
+from ._native import FAST_SAVE, FastPath
 from ._process_memory import ProcessMemory
 from ._server import FaultServer, OnError
 from ._uffd import Userfaultfd
@@ -71,7 +80,6 @@ _EAGAIN_PAUSE = 0.0002
 _SAVE_AHEAD = 15
 #: Seconds between two recounts of the saved bitmap (O(pages)) for the live stats.
 _RECOUNT = 0.1
-_MS_SYNC = 4
 
 
 @attrs.define(kw_only=True)
@@ -108,59 +116,21 @@ class _ImageFile:
 
     def __init__(self, dest: str | os.PathLike[str] | IO[bytes], size: int) -> None:
         self.size = size
-        self._final: str | None = None
-        self._temporary: str | None = None
-        if isinstance(dest, (str, os.PathLike)):
-            self._final = os.fspath(dest)
-            directory = os.path.dirname(os.path.abspath(self._final))
-            name = f".{os.path.basename(self._final)}.{os.getpid()}.{id(self):x}.tmp"
-            self._temporary = os.path.join(directory, name)
-            self.fd = os.open(self._temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-            self._own_fd = True
-        else:
-            try:
-                dest.flush()  # what it buffered must not land over the image later
-                self.fd = dest.fileno()
-            except (AttributeError, OSError) as exc:
-                raise InvalidArgument(
-                    errno.EINVAL, f"dest must be a path or a binary file with a fileno: {exc}"
-                ) from None
-            self._own_fd = False
-            os.ftruncate(self.fd, 0)
-        try:
-            os.ftruncate(self.fd, size)
-            self.address = _mmap(size, _MAP_SHARED, self.fd, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            self.abort()
-            raise
+        self._file = MappedFile(dest, size)
+        self.address = self._file.address
 
     def write(self, index: int, source: int, length: int, page_size: int) -> None:
         ctypes.memmove(self.address + index * page_size, source, length)
 
     def commit(self) -> bytes:
         samples = [ctypes.string_at(self.address + at, n) for at, n in identity_samples(self.size)]
-        if libc.msync(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size), _MS_SYNC):
-            raise OSError(ctypes.get_errno(), "msync of the image failed")
-        os.fsync(self.fd)
-        self._unmap()
-        if self._temporary is not None and self._final is not None:
-            os.replace(self._temporary, self._final)
-            self._temporary = None
+        self.address = 0
+        self._file.commit()
         return identity_of(self.size, samples)
 
     def abort(self) -> None:
-        self._unmap()
-        if self._temporary is not None:
-            os.unlink(self._temporary)
-            self._temporary = None
-
-    def _unmap(self) -> None:
-        address, self.address = getattr(self, "address", 0), 0
-        if address:
-            libc.munmap(address, self.size)
-        if self._own_fd and self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
+        self.address = 0
+        self._file.abort()
 
 
 class _LayerFile:
@@ -236,6 +206,7 @@ class _Snapshot:
             return
         if self.memory.read_into(page, self._page, self.page_size):
             self.stats.lost += 1
+            ctypes.memset(self._page, 0, self.page_size)  # not the last page saved: zeros
         self.sink.write(index, ctypes.addressof(self._page), self.page_size, self.page_size)
         self.saved[index] = 1
         if not early:
@@ -417,7 +388,14 @@ class _SaveFirst(Resolver):
         size = self._snapshot.page_size
         page = fault.address & ~(size - 1)
         self._snapshot.before_unprotect(page)
-        uffd._unprotect_nocheck(page, size, True)
+        try:
+            uffd._unprotect_nocheck(page, size, True)
+        except UffdError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # Unmapped while the write waited (no EVENT_UNMAP said so): wake the writer,
+            # which faults again there and gets what the kernel gives (SIGSEGV, EFAULT).
+            uffd.wake(page, size)
         return True
 
     def _fast_path(self) -> FastPath | None:
@@ -501,6 +479,7 @@ async def snapshot_live(
     stats = stats if stats is not None else LiveSnapshotStats()
     started = time.monotonic()
     memory = ProcessMemory(pid)
+    _check_mapped(memory.pid, address, length)
     if not uffd.features & Feature.WP_UNPOPULATED and tracker is None:
         # Protection would skip empty ptes: populate them (reading maps the zero page).
         scratch = ctypes.create_string_buffer(min(length, run_bytes))
@@ -547,6 +526,34 @@ async def snapshot_live(
     finally:
         if tracker is not None and tracker._live is snapshot:
             tracker._live = None
+
+
+def _check_mapped(pid: int, address: int, length: int) -> None:
+    """The range is registered on the uffd, so mapped in the process it belongs to: where
+    process ``pid`` does not map all of it, ``pid`` is the wrong one, and every read of
+    it would fail (an image of zeros). Read from ``/proc/PID/maps``: nothing faults."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            lines = maps.readlines()
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"no process {pid}: whose memory is it?") from None
+    except PermissionError as exc:
+        raise PermissionError(
+            errno.EPERM, f"cannot read the memory of process {pid} (no ptrace access): {exc}"
+        ) from None
+    end, position = address + length, address
+    for line in lines:
+        low, _, high = line.split(" ", 1)[0].partition("-")
+        start, stop = int(low, 16), int(high, 16)
+        if start <= position < stop:
+            position = stop
+            if position >= end:
+                return
+    raise InvalidArgument(
+        errno.EFAULT,
+        f"[{address:#x}, +{length:#x}) is not mapped in process {pid} (from {position:#x}): "
+        "pid must be the process whose memory the uffd serves",
+    )
 
 
 def _under_tracker(

@@ -34,7 +34,7 @@ def choose_backend(loop: str | None = None) -> tuple[str, dict[str, Any]]:
     ``None`` or ``"auto"``: asyncio on uvloop when uvloop is installed, else
     plain asyncio. ``"asyncio"``: the standard library's loop. ``"uvloop"``
     or ``"asyncio+uvloop"``: asyncio on uvloop (``ImportError`` naming the
-    extra when it is not installed). ``"trio"``: trio. Anything else:
+    extra when it is not installed). ``"trio"``: trio (likewise). Anything else:
     ``ValueError``.
     """
     if loop is None or loop == "auto":
@@ -48,6 +48,8 @@ def choose_backend(loop: str | None = None) -> tuple[str, dict[str, Any]]:
             )
         return "asyncio", {"use_uvloop": True}
     if loop == "trio":
+        if importlib.util.find_spec("trio") is None:
+            raise ImportError("loop 'trio' needs trio: pip install 'uffd_async[trio]'", name="trio")
         return "trio", {}
     raise ValueError(f"unknown loop {loop!r}; known: {', '.join(LOOPS)}")
 

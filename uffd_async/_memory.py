@@ -13,16 +13,27 @@ Kernel facts this module relies on:
   the caller until an event loop in this same process resolves it.
 * Hugetlb mappings fail with ENOMEM unless huge pages are reserved
   (``vm.nr_hugepages``).
+* A thread that faults waits for the handler: when that thread is the one
+  running the event loop that serves the fault, nothing ever resolves it.
+  A page faults when its pte is empty (``/proc/self/pagemap``: neither
+  present nor swapped) and its VMA is registered MISSING or MINOR
+  (``um``/``ui`` in ``/proc/self/smaps``); a read never faults on WP. So a
+  Region access on a thread where a fault server runs checks that first,
+  and refuses (EDEADLK) rather than hang silently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 import re
+import struct
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ._abi import PAGE_SIZE
@@ -101,6 +112,70 @@ def buffer_address(data: Any) -> tuple[int, int, object]:
         return buffer_address(bytes(view))
     array = (ctypes.c_char * len(view)).from_buffer(view)
     return ctypes.addressof(array), len(view), array
+
+
+#: Threads where a fault server runs now, and how many (see ``serving_here``).
+_serving: dict[int, int] = {}
+_FAULTING_VMFLAGS = frozenset({"um", "ui"})
+_VMA_HEADER = re.compile(r"([0-9a-f]+)-([0-9a-f]+) ")
+_PAGEMAP_PRESENT_OR_SWAPPED = 3 << 62
+
+
+@contextlib.contextmanager
+def serving_here() -> Iterator[None]:
+    """Mark the calling thread (an event loop's) as serving faults while the block runs."""
+    ident = threading.get_ident()
+    _serving[ident] = _serving.get(ident, 0) + 1
+    try:
+        yield
+    finally:
+        if _serving[ident] == 1:
+            del _serving[ident]
+        else:
+            _serving[ident] -= 1
+
+
+def _would_fault(address: int, n: int) -> bool:
+    """Whether touching ``[address, address + n)`` here would wait on a userfaultfd."""
+    first, last = address // PAGE_SIZE, (address + n - 1) // PAGE_SIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first * 8)
+            entries = pagemap.read((last - first + 1) * 8)
+    except OSError:
+        return False  # cannot tell: let the access go ahead, as before
+    empty = [
+        (first + i) * PAGE_SIZE
+        for i, (entry,) in enumerate(struct.iter_unpack("=Q", entries))
+        if not entry & _PAGEMAP_PRESENT_OR_SWAPPED
+    ]
+    if not empty:
+        return False
+    with open("/proc/self/smaps") as smaps:
+        start = end = 0
+        for line in smaps:
+            if line.startswith("VmFlags:"):
+                if _FAULTING_VMFLAGS & set(line.split()[1:]) and any(
+                    start <= page < end for page in empty
+                ):
+                    return True
+            else:
+                header = _VMA_HEADER.match(line)
+                if header:
+                    start, end = int(header[1], 16), int(header[2], 16)
+    return False
+
+
+def _refuse_on_the_serving_thread(what: str, address: int, n: int) -> None:
+    if n and threading.get_ident() in _serving and _would_fault(address, n):
+        raise UffdError(
+            errno.EDEADLK,
+            f"Region.{what}() of [{address:#x}, {address + n:#x}) would fault on the thread "
+            "of the event loop that serves the faults: it would wait forever, since that "
+            f"loop cannot run while it waits. Call it from a worker thread (await "
+            f"anyio.to_thread.run_sync(region.{what}, ...)) or from native code in another "
+            "thread",
+        )
 
 
 def touch(address: int, length: int, *, write: bool = True) -> None:
@@ -236,17 +311,22 @@ class Region:
         return self.address + offset
 
     def read(self, offset: int, n: int) -> bytes:
-        """Copy ``n`` bytes out, without the GIL (a fault here waits for its handler)."""
+        """Copy ``n`` bytes out, without the GIL (a fault here waits for its handler;
+        on the thread of the event loop that serves it, this raises EDEADLK instead)."""
         source = self._span(offset, n)
+        if _serving:
+            _refuse_on_the_serving_thread("read", source, n)
         out = bytearray(n)
         if n:
             ctypes.memmove((ctypes.c_char * n).from_buffer(out), source, n)
         return bytes(out)
 
     def write(self, offset: int, data: Any) -> None:
-        """Copy ``data`` in, without the GIL."""
+        """Copy ``data`` in, without the GIL (see :meth:`read` on faults)."""
         source, n, keepalive = buffer_address(data)
         target = self._span(offset, n)
+        if _serving:
+            _refuse_on_the_serving_thread("write", target, n)
         if n:
             ctypes.memmove(target, source, n)
         del keepalive
@@ -257,6 +337,8 @@ class Region:
         if not 0 <= byte <= 255:
             raise InvalidArgument(errno.EINVAL, f"byte must be within [0, 255], not {byte}")
         target = self._span(offset, n)
+        if _serving:
+            _refuse_on_the_serving_thread("fill", target, n)
         if n:
             ctypes.memset(target, byte, n)
 

@@ -9,7 +9,11 @@ Built on prometheus-client (the ``metrics`` extra). Facts this relies on:
   sample: a scrape never touches live state, and costs the loop nothing.
 * Counters only grow: a handoff that ends has its counts folded into the
   server's totals (see ``HandoffServer.stats``), and so does its latency
-  histogram, so Prometheus sees no resets while the process lives.
+  histogram, so Prometheus sees no resets while the process lives. What is
+  true of the moment (active handoffs, their populated and mapped pages) is
+  a gauge; every figure of one sample is read at one instant of the loop, so
+  they add up: ``prefetched_pages`` <= ``pages_mapped``, and
+  ``populated_ratio`` is ``populated_pages / mapped_pages`` (0 with none).
 * The latency histogram is the fault-read-to-resolved time of every
   resolution (or C batch), in fixed buckets counted as they happen.
 """
@@ -143,9 +147,15 @@ class MetricsExporter:
         handoffs.add_metric(["failed"], stats.failed)
         yield handoffs
         yield gauge("active_handoffs", "Handoffs being served now.", stats.active)
-        yield gauge("populated_ratio", "Share of the active handoffs' memory populated.",
+        yield gauge("populated_ratio", "populated_pages / mapped_pages (0 with none active).",
                     stats.populated)  # fmt: skip
-        yield gauge("resident_handoffs", "Handoffs made fully resident.", stats.resident)
+        yield gauge("populated_pages", "Base pages populated now in the active handoffs' "
+                    "mappings (prefetched or faulted in, not removed since).",
+                    stats.populated_pages)  # fmt: skip
+        yield gauge("mapped_pages", "Base pages the active handoffs' mappings hold.",
+                    stats.mapped_pages)  # fmt: skip
+        yield counter("resident_handoffs", "Handoffs made fully resident (populate).",
+                      stats.resident)  # fmt: skip
         yield HistogramMetricFamily(
             "uffd_async_resolution_seconds",
             "Fault read to resolved (per resolution, or per batch of the C loop).",

@@ -96,6 +96,7 @@ pid_t ua_fork_touch(uintptr_t addr, size_t len, size_t step, int for_write, int 
  * fault (then nothing in the batch is handled, so non-cooperative events are
  * applied before any fault behind them), a fault outside the range, and any
  * ioctl error but EEXIST (EAGAIN, ESRCH...), which Python retries or reports.
+ * A COPY that fails with ENOMEM is retried once (hugetlbfs: see the COPY below).
  * EEXIST is answered with UFFDIO_WAKE: the kernel does not wake on EEXIST.
  */
 #include <errno.h>
@@ -176,6 +177,13 @@ int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct 
                 .mode = f->mode,
             };
             rc = ioctl(uffd, UFFDIO_COPY, &copy);
+            if (rc != 0 && errno == ENOMEM) {
+                /* hugetlbfs, a source page not mapped here yet: the kernel copied it
+                 * through a temporary huge page (faulting the source in) and then
+                 * found no page for the destination. Once more reads it in place,
+                 * with one page (see "Kernel facts" in _uffd.py). */
+                rc = ioctl(uffd, UFFDIO_COPY, &copy);
+            }
             if (rc != 0 && copy.copy >= (int64_t)f->page_size) {
                 /* Stopped part-way (a page behind was there already): the
                  * faulting page, first, was copied; the readahead is optional. */

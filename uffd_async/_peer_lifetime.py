@@ -21,18 +21,35 @@ Kernel and protocol facts this module relies on:
   race-free enough. A peer gone already is ``ESRCH``: it ended.
 * ``SO_PEERCRED`` gives pid 0 for a peer in a pid namespace we cannot see
   (ours is a child of its namespace): then only ``SO_PEERPIDFD`` helps.
+* Linux 6.16 and later hand out a pidfd even for a peer already reaped (it
+  polls readable at once); 6.5 to 6.15 say EINVAL or ESRCH instead.
+* Without any pidfd, and for the fork children the kernel hands over
+  (``EVENT_FORK``: no pid comes with them), the memory itself tells: every
+  resolving ioctl, once its arguments are checked, makes sure the uffd's mm
+  still has users before looking at any page, and says ESRCH once the
+  process exited (or exec'd). A ``UFFDIO_ZEROPAGE`` of a page no process
+  registers (64 KiB, or ``vm.mmap_min_addr`` if higher: nothing maps there
+  without ``MAP_FIXED``) says ENOENT while it lives, and maps nothing: a
+  probe, :func:`memory_gone`, asked every ``PROBE_INTERVAL`` seconds (EAGAIN,
+  an event unread, also says it lives).
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import fcntl
+import functools
 import os
 import socket
 
 import anyio
 
-__all__ = ["PeerExit", "Watch"]
+from . import _abi
+from ._abi import PAGE_SIZE
+from ._uffd import Userfaultfd
+
+__all__ = ["PeerExit", "Watch", "memory_gone"]
 
 #: ``SO_PEERPIDFD`` from asm-generic/socket.h, where Python's socket module lacks it.
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -42,6 +59,8 @@ _NO_PEERPIDFD = frozenset({errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _PEER_GONE = frozenset({errno.EINVAL, errno.ESRCH})
 #: pidfd_open: ENOSYS before 5.3 (or filtered); ESRCH when the pid is gone.
 _NO_PIDFD_OPEN = frozenset({errno.ENOSYS, errno.EPERM, errno.EINVAL})
+#: How often :func:`memory_gone` asks, in seconds.
+PROBE_INTERVAL = 0.2
 
 
 class Watch(enum.Enum):
@@ -125,3 +144,32 @@ class PeerExit:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@functools.cache
+def _probe_address() -> int:
+    """The lowest page ``mmap`` may hand out: never mapped, let alone registered, in practice."""
+    try:
+        with open("/proc/sys/vm/mmap_min_addr") as file:
+            lowest = int(file.read())
+    except (OSError, ValueError):
+        lowest = 0
+    return max(1 << 16, -(-lowest // PAGE_SIZE) * PAGE_SIZE)
+
+
+def memory_alive(uffd: Userfaultfd) -> bool:
+    """Whether the process whose memory ``uffd`` serves still has it (see the notes)."""
+    if uffd.closed:
+        return False
+    probe = bytearray(_abi.ZEROPAGE.pack(_probe_address(), PAGE_SIZE, 0, 0))
+    try:
+        fcntl.ioctl(uffd.fileno(), _abi.UFFDIO_ZEROPAGE, probe, True)
+    except OSError as exc:
+        return exc.errno != errno.ESRCH  # ENOENT: alive; EAGAIN: alive, an event is unread
+    return True
+
+
+async def memory_gone(uffd: Userfaultfd, interval: float = PROBE_INTERVAL) -> None:
+    """Return once the process whose memory ``uffd`` serves has exited, or ``uffd`` closed."""
+    while memory_alive(uffd):
+        await anyio.sleep(interval)

@@ -12,6 +12,15 @@ After each job the worker runs ``after()`` (the server reads the uffd there):
 the first item that submits is the same worker's next job, so a fault read
 as a resolution ends starts at once, without waking another task.
 
+A job need not await anything (a resolver may answer at once), and under a
+steady stream of faults ``after()`` always finds another: a worker would then
+never give the loop back, starving every other task (other uffds' servers, the
+accept loop) and never seeing a cancellation. So a worker that has run jobs
+for :data:`SLICE_NS` without parking checkpoints before the next one; and
+while it is away, the others park rather than take the jobs it left (else
+every worker would get its own slice in each turn of the loop, and a pool of
+64 would hold the loop 64 times as long): it takes them when it is back.
+
 Cancellation is the task group's: a parked worker is cancelled like any
 task awaiting (the future is cancelled, or trio's abort callback takes the
 task off the idle list), and never woken afterwards.
@@ -21,18 +30,25 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from ._loops import in_trio
 
-__all__ = ["WorkerPool"]
+__all__ = ["SLICE_NS", "WorkerPool"]
 
 T = TypeVar("T")
+
+#: How long (ns) a task of the server may go on with work that keeps coming, without
+#: awaiting anything, before it checkpoints: other tasks (other uffds' servers) wait
+#: about that long at most, and a cancellation is seen within it.
+SLICE_NS = 1_000_000
 
 
 class WorkerPool(Generic[T]):
@@ -55,6 +71,7 @@ class WorkerPool(Generic[T]):
         self._idle: list[Any] = []  # parked workers' wake handles, the last parked first
         self._wake: Callable[[Any], bool] = _set_event
         self._claim = False  # the worker running ``after`` takes the next item itself
+        self._yielding = 0  # workers in a checkpoint, the pool's turn over: the rest park
         self.workers = 0
 
     def submit(self, tg: TaskGroup, item: T) -> None:
@@ -75,13 +92,23 @@ class WorkerPool(Generic[T]):
         """Run pending items, and ``after`` each; the first item ``after`` submits is this
         worker's next (no other worker is woken for it)."""
         pending, work, after = self.pending, self._work, self._after
-        while pending:
+        began = time.perf_counter_ns()
+        while pending and not self._yielding:
             await work(pending.popleft())
             self._claim = True
             try:
                 after()
             finally:
                 self._claim = False
+            if pending and time.perf_counter_ns() - began >= SLICE_NS:
+                # Jobs keep coming: let the other tasks run, and a cancellation in.
+                # The items left wait in ``pending`` for this worker.
+                self._yielding += 1
+                try:
+                    await anyio.lowlevel.checkpoint()
+                finally:
+                    self._yielding -= 1
+                began = time.perf_counter_ns()
 
     async def _worker(self) -> None:
         try:

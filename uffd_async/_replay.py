@@ -6,7 +6,8 @@ its recorder and runs its prefetch beside its ``serve()``. Facts it relies on:
 
 * A working set recorded for another snapshot is not replayed (a warning, and
   serving goes on lazily): prefetch copies from the snapshot being served, so
-  it would only cost time, but that is time the process waits for.
+  it would only cost time, but that is time the process waits for. Recording
+  over that very file is refused before serving: it would lose the set.
 * Recording and replaying at once refines the set: the recorder starts from
   the replayed set and adds the demand faults the replay did not prevent (the
   union, in order of first appearance). Pages only ever join a set.
@@ -48,9 +49,11 @@ class Replay:
             raise TypeError(f"populate must be a bool, not {populate!r}")
         self.record_path = None if record is None else os.fspath(record)
         self.working_set: WorkingSet | None = None
+        self._prefetch_path: str | None = None
         if isinstance(prefetch, WorkingSet) or prefetch is None:
             self.working_set = prefetch
         else:
+            self._prefetch_path = os.fspath(prefetch)
             try:
                 self.working_set = WorkingSet.load(prefetch)
             except OSError as exc:
@@ -74,6 +77,12 @@ class Replay:
         """Check the working set against the snapshot (its size and identity); start
         recording for it."""
         if self.working_set is not None and not self.working_set.matches(size, identity):
+            if self._records_over_the_set():
+                raise InvalidArgument(
+                    errno.EEXIST,
+                    f"{self.record_path} holds a working set recorded for another snapshot: "
+                    "recording there would overwrite it; record to another file",
+                )
             logger.warning(
                 "the working set was recorded for another snapshot (size %d, not %d, or other "
                 "contents): it is not replayed; serving lazily",
@@ -82,6 +91,15 @@ class Replay:
             self.working_set = None
         if self.record_path is not None:
             self.recorder = WorkingSetRecorder(size, identity, base=self.working_set)
+
+    def _records_over_the_set(self) -> bool:
+        """Whether the recording would be saved over the file the set was read from."""
+        if self.record_path is None or self._prefetch_path is None:
+            return False
+        try:
+            return os.path.samefile(self.record_path, self._prefetch_path)
+        except OSError:
+            return False
 
     async def run(
         self, uffd: Userfaultfd, resolver: SnapshotResolver, stats: PrefetchStats

@@ -19,6 +19,11 @@ Kernel facts this module relies on:
   address; the server wakes it there, and it retries its access.
 * With UFFDIO_POISON, an access to a poisoned page raises SIGBUS in the
   thread instead of reading anything: the safe answer when a resolver failed.
+* A fork child's uffd (``EVENT_FORK``) is held by nobody else, and no pid
+  comes with it: its own server serves it, with this one's options, until
+  its memory is gone (the child exited or exec'd: ``_peer_lifetime``), even
+  after the parent exited; closing it sooner would turn the child's missing
+  pages into zeros.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from ._abi import MSG, PAGE_SIZE, Feature
 from ._errors import MappingChanged, PageExists, ProcessExited, UffdClosed, UffdError
 from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from ._memory import serving_here
 from ._native import FastCounts, lib
+from ._peer_lifetime import memory_gone
 from ._pool import WorkerPool
 from ._stats import ServerStats
 from ._uffd import Userfaultfd
@@ -92,6 +99,17 @@ class OnError:
     propagate: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
+@attrs.frozen(kw_only=True)
+class _Options:
+    """Every option a server was made with: a fork child's server gets the same."""
+
+    limit: int
+    batch: int
+    on_error: OnError
+    page_size: int
+    spin: float
+
+
 class _Server:
     def __init__(
         self,
@@ -130,6 +148,9 @@ class _Server:
         self.page_mask = ~(page_size - 1)
         self.page_size = page_size
         self.stats = ServerStats()
+        self.options = _Options(
+            limit=limit, batch=batch, on_error=on_error, page_size=page_size, spin=spin
+        )
         self._spin_ns = int(spin * 1e9)
         self.reader = EventReader(
             uffd, batch=batch, spin=spin, prefilter=self._fast if self.inline else None
@@ -151,6 +172,10 @@ class _Server:
     # -- the loop ----------------------------------------------------------
 
     async def run(self, task_status: TaskStatus[Any]) -> None:
+        with serving_here():  # a Region access on this thread must not wait on us
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[Any]) -> None:
         try:
             # Fork children get a task group of their own: they go on being
             # served when this uffd's process exits, and end with their own.
@@ -513,7 +538,12 @@ class _Server:
             return
         if self.on_error.propagate:
             raise exc
-        logger.error("resolver failed for %s; serving goes on", fault, exc_info=exc)
+        # One line that says what the faulting thread sees; the traceback is for DEBUG.
+        logger.error(
+            "resolver failed for %s: %s: %s; %s",
+            fault, type(exc).__name__, exc, _what_it_sees(self.on_error),
+        )  # fmt: skip
+        logger.debug("resolver failed for %s", fault, exc_info=exc)
 
     # -- wakes -------------------------------------------------------------
 
@@ -539,19 +569,36 @@ class _Server:
     # -- fork children --------------------------------------------------------
 
     async def _serve_child(self, uffd: Userfaultfd, resolver: AnyResolver) -> None:
-        child = _Server(
-            uffd,
-            resolver,
-            limit=self.limit,
-            batch=self.batch,
-            on_error=self.on_error,
-            page_size=self.page_size,
-        )
+        """Serve a fork child's uffd with this server's options until the child exits
+        (no pid comes with it: its memory tells, see ``_peer_lifetime``), or until
+        this server stops. It is nobody else's: closing it unregisters the child's
+        memory, whose missing pages would then read as zeros."""
+        child = _Server(uffd, resolver, **attrs.asdict(self.options, recurse=False))
         self.stats.children.append(child.stats)
+
+        async def until_it_exits() -> None:
+            await memory_gone(uffd)
+            child._process_exited()
+
         try:
-            await child.run(anyio.TASK_STATUS_IGNORED)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(until_it_exits)
+                await child.run(anyio.TASK_STATUS_IGNORED)
+                tg.cancel_scope.cancel()
         finally:
             uffd.close()
+
+
+def _what_it_sees(on_error: OnError) -> str:
+    """What a failed fault's thread gets, in words, for the log."""
+    page = on_error.page
+    if page == "poison":
+        return "its page is poisoned: the access gets SIGBUS"
+    if page == "zero":
+        return "it reads a zero page"
+    if page == "leave":
+        return "it stays blocked"
+    return "the fallback resolver served it"
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

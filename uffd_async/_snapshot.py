@@ -40,6 +40,7 @@ from ._chunked_copy import ChunkedCopy
 from ._errors import InvalidArgument, SnapshotClosed
 from ._events import PageFault, Remap, Remove, Unmap
 from ._handoff import GuestMapping, check_mappings
+from ._layer_file import MAGIC as LAYER_MAGIC
 from ._memory import _MAP_SHARED, Region, _mmap
 from ._native import libc
 from ._uffd import Userfaultfd
@@ -73,6 +74,13 @@ class Snapshot:
             if status.st_size == 0:
                 raise InvalidArgument(
                     errno.EINVAL, f"the snapshot {self.path!r} is empty: there is nothing to serve"
+                )
+            if os.pread(fd, len(LAYER_MAGIC), 0) == LAYER_MAGIC:
+                raise InvalidArgument(
+                    errno.EINVAL,
+                    f"{self.path!r} is a layer file, not a snapshot: serve its base image with "
+                    "the layer on top (LayeredSnapshot(BASE, LAYER); on the command line: "
+                    "serve BASE --layer LAYER)",
                 )
             self.size = status.st_size
             self._address = _mmap(self.size, _MAP_SHARED, fd, prot=mmap.PROT_READ)

@@ -21,6 +21,17 @@ admin-guide/mm/userfaultfd, and the kernel's own handlers):
   which then faults the ordinary way (anonymous memory reads as zeros). The
   fd number is reused at once by the next open, so the handle forgets it
   before closing, and nothing may run an ioctl on it concurrently.
+* COPY into hugetlbfs reads the source with page faults disabled. Where a
+  source page is not mapped in this process yet (a snapshot file's fresh
+  mapping), the kernel copies it into a *temporary* huge page from the pool
+  with faults allowed, then allocates the destination's page while it still
+  holds the temporary one (``mfill_atomic_hugetlb``). Into a MAP_NORESERVE
+  mapping (Firecracker's guest memory) with one free huge page left, that
+  second allocation fails: ENOMEM, and the temporary page goes back. That
+  failed attempt has mapped the source here, so a second one reads it in
+  place and needs one page: a COPY that fails with ENOMEM is retried once
+  (nothing is done before the first try). With the pool empty, Linux 6.18
+  answers a hugetlbfs COPY with EEXIST, older kernels with ENOMEM again.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from ._open import Method, feature_names, handshake, open_fd
 
 _ADDRESS_LIMIT = 1 << 64
 _EAGAIN = errno.EAGAIN
+_ENOMEM = errno.ENOMEM
 _ioctl = fcntl.ioctl
 _pack_copy = _abi.COPY.pack
 _pack_zeropage = _abi.ZEROPAGE.pack
@@ -70,6 +82,8 @@ _HINTS = {
     errno.ENOENT: "the range is not (or no longer) mapped and registered with this userfaultfd",
     errno.EBUSY: "the range is registered with another userfaultfd, or (MOVE) the source page "
     "is shared with another process",
+    errno.EFAULT: "the source bytes could not be read: a snapshot file shorter than its "
+    "mapping (truncated since it was opened?), or a source address that is not mapped",
 }
 
 
@@ -531,6 +545,9 @@ class Userfaultfd:
         if exc.errno == _EAGAIN and result > 0:
             self._fill(request, layout, args, length, what, done=result)
             return
+        if exc.errno == _ENOMEM and request == _UFFDIO_COPY:  # hugetlbfs: see "Kernel facts"
+            self._fill(request, layout, args, length, what, retried=True)
+            return
         if result > 0:
             self._filled += result
         raise _translate(exc, what, 0) from None
@@ -550,8 +567,10 @@ class Userfaultfd:
         length: int,
         what: str,
         done: int = 0,
+        retried: bool = False,
     ) -> int:
-        """Run a result-writing ioctl, continuing after partial progress."""
+        """Run a result-writing ioctl, continuing after partial progress (and retrying
+        a COPY that failed with ENOMEM once: see "Kernel facts")."""
         fd = self._require_open()
         while True:
             buf = bytearray(args(done))
@@ -561,6 +580,9 @@ class Userfaultfd:
                 result = layout.unpack_from(buf)[-1]
                 if exc.errno == _EAGAIN and result > 0:
                     done += result
+                    continue
+                if exc.errno == _ENOMEM and request == _UFFDIO_COPY and not retried:
+                    retried = True
                     continue
                 if what in _FILLING:
                     self._filled += done + max(result, 0)

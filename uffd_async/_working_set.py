@@ -19,9 +19,11 @@ No I/O but the file's own. Facts this module relies on:
   the snapshot's size and of 64 blocks of 4 KiB spread over it (cheap for
   any size; two snapshots that differ only elsewhere pass for the same one,
   which costs time at worst).
-* The file is written to a temporary name in the same directory, flushed,
-  and renamed over the old one: a reader sees the old set or the new one,
-  never half of one. A CRC-32 over the whole file catches corruption.
+* The file is written to a temporary name in the same directory, fsynced,
+  and renamed over the old one, then the directory is fsynced
+  (:mod:`._atomic_file`): a reader sees the old set or the new one, never half
+  of one. It names pages, not their bytes, so it is readable by all (0644).
+  A CRC-32 over the whole file catches corruption.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import errno
 import hashlib
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 
 import attrs
 
 from ._abi import PAGE_SIZE
+from ._atomic_file import write_atomically
 from ._errors import InvalidArgument
 
 __all__ = ["WorkingSet", "WorkingSetError", "WorkingSetRecorder", "snapshot_identity"]
@@ -158,22 +160,7 @@ class WorkingSet:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write it atomically: readers see the old file or this one, never a mix."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, temporary = tempfile.mkstemp(prefix=".ws-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomically(path, self.to_bytes(), mode=0o644)
 
     def matches(self, snapshot_size: int, identity: bytes) -> bool:
         return (self.snapshot_size, self.identity) == (snapshot_size, identity)

@@ -15,6 +15,14 @@ Facts this module relies on:
   ``anyio.notify_closing`` before the fd is closed: a task waiting to read
   wakes with ``ClosedResourceError`` instead of waiting on a dead number.
   Close the handle from the event loop's thread.
+* Faults can come back to back for as long as their threads live: a thread
+  resumed by a resolution faults again within microseconds, often before
+  the uffd was seen empty, and ``spin`` catches the rest. Such a stream
+  never makes a read wait, so the reader checkpoints after
+  :data:`~uffd_async._pool.SLICE_NS` without one (whatever the reads found:
+  faults, events, or records the prefilter handled): other tasks run (other
+  uffds' readers among them) and a cancellation arrives, bounded by time,
+  not by how often the uffd happens to run dry.
 """
 
 from __future__ import annotations
@@ -28,12 +36,11 @@ import anyio.lowlevel
 from ._abi import MSG
 from ._errors import UffdClosed
 from ._events import Event
+from ._pool import SLICE_NS
 from ._uffd import Userfaultfd
 
 __all__ = ["EventReader"]
 
-#: Batches read back to back, without waiting, before letting other tasks run.
-_CHECKPOINT_EVERY = 16
 #: What ``_read_some`` returns when the prefilter handled every record it read.
 _HANDLED: list[Event] = []
 _MSG_SIZE = MSG.size
@@ -72,7 +79,7 @@ class EventReader:
         self._uffd = uffd
         self._batch = batch
         self._spin_ns = int(spin * 1e9)
-        self._eager = 0
+        self._waited = time.perf_counter_ns()  # when this reader last gave the loop back
         self._prefilter = prefilter
         self._buffered: list[Event] = []
         self._busy = False
@@ -96,25 +103,22 @@ class EventReader:
             uffd = self._uffd
             read = self._read_some
             while True:
-                if self._eager >= _CHECKPOINT_EVERY:
+                if time.perf_counter_ns() - self._waited >= SLICE_NS:
                     # Events kept coming without a wait: let other tasks run, and
                     # cancellation arrive, before reading more (never after: events
                     # read and then cancelled would be lost).
-                    self._eager = 0
                     await anyio.lowlevel.checkpoint()
+                    self._waited = time.perf_counter_ns()
                 if self._drained:
                     self._drained = False
                     if not self._spin_ns and not uffd._unhandled:
-                        self._eager = 0
                         await anyio.wait_readable(uffd.fileno())
+                        self._waited = time.perf_counter_ns()
                 events = read()
                 if events is _HANDLED:
-                    self._eager += 1
                     continue
                 if events:
-                    self._eager += 1
                     return events
-                self._eager = 0
                 if self._spin_ns:
                     deadline = time.perf_counter_ns() + self._spin_ns
                     while not events and time.perf_counter_ns() < deadline:
@@ -124,6 +128,7 @@ class EventReader:
                     if events:
                         return events
                 await anyio.wait_readable(uffd.fileno())
+                self._waited = time.perf_counter_ns()
                 self._drained = False  # readable: read, whatever another task's poll found
         except UffdClosed:
             raise anyio.ClosedResourceError from None
