@@ -61,7 +61,8 @@ def write_image(path: Path) -> None:
 
 def write_squashed(path: Path) -> None:
     base = path.parent / "base.for-squash"
-    base.write_bytes(b"B" * 4 * P)
+    if not base.exists():  # written once: under umask 277 it is read-only to its owner too
+        base.write_bytes(b"B" * 4 * P)
     ua.squash(base, [], path)
 
 

@@ -15,6 +15,7 @@ import functools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import pytest
@@ -39,9 +40,14 @@ def page(n: int, source: bytes = SOURCE, size: int = P) -> bytes:
 
 @asynccontextmanager
 async def serving(
-    lab: Lab, source: ua.HttpSource, region: ua.Region, features: ua.Feature, page_size: int = P
+    lab: Lab,
+    source: ua.HttpSource,
+    region: ua.Region,
+    features: ua.Feature,
+    page_size: int = P,
+    **open_options: Any,
 ) -> AsyncIterator[ua.FaultServer]:
-    uffd = lab.uffd(features)
+    uffd = lab.uffd(features, **open_options)
     uffd.register(region.address, region.length, ua.Mode.MISSING)
     resolver = ua.copy_from(source, base=region.address, page_size=page_size)
     async with ua.FaultServer(uffd, resolver) as server:
@@ -95,10 +101,11 @@ async def test_the_faulting_page_moved_while_its_chunk_is_fetched_is_filled_wher
     zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
     try:
         async with ua.HttpSource(http_server.url("snap"), chunk_size=CHUNK) as source:
-            async with serving(lab, source, region, features) as server:
+            # A fault from inside the kernel (read() into the page): once the page is gone
+            # from there, the thread gets EFAULT instead of a SIGSEGV. A user-mode-only
+            # uffd refuses such faults, so this needs a full one (skipped without it).
+            async with serving(lab, source, region, features, user_mode_only=False) as server:
                 hold_next_fetch(http_server)
-                # A fault from inside the kernel (read() into the page): once the page is
-                # gone from there, the thread gets EFAULT instead of a SIGSEGV.
                 stale = region.address + 3 * P
                 reader = lab.run(lambda: libc.read(zero, ctypes.c_void_p(stale), 1))
                 await held(http_server)
