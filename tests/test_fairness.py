@@ -11,9 +11,11 @@ cancellation while the storm still goes on. The resolvers: the snapshot's own
 computes 200 us inline before each answer, and an awaited one that computes as
 long and never awaits (the server's workers run it).
 
-Beside those: a lone thread's stream caught by the reader's spin, the worker
-pool's turn-taking (deterministic, with a zero slice), the ``limit`` under a
-storm, and a reader that stops mid-stream handing back what it read.
+Beside those: a lone thread's stream caught by the reader's spin; a reader whose
+reads always find events, and one whose every batch comes from its spin (both
+deterministic: the same fault handed back); the worker pool's turn-taking
+(deterministic, with a zero slice); the ``limit`` under a storm; and a reader
+that stops mid-stream handing back what it read.
 
 No latency is asserted. The heavy peer storms until told to stop or for
 ``STORM_BOUND`` seconds: a server that never gives the loop back is seen by
@@ -24,9 +26,11 @@ to ``CANCEL_BOUND``, the loop's clock: a bound on a hang, not a measure.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
@@ -43,7 +47,7 @@ from uffd_async._pool import WorkerPool
 from uffd_async.resolvers import AnyResolver
 
 from ._storm_peer import Tenant, tenant
-from ._support import TIMEOUT, Lab, finished, source_bytes
+from ._support import TIMEOUT, Lab, Worker, finished, source_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -337,17 +341,99 @@ async def test_a_storm_queues_behind_limit_and_every_fault_is_served(lab: Lab) -
     assert server.stats.resolved == threads * pages
 
 
+@dataclasses.dataclass
+class OneFault:
+    """One thread blocked on one page, and a reader that has read its fault."""
+
+    region: ua.Region
+    uffd: ua.Userfaultfd
+    worker: Worker
+    reader: ua.EventReader
+    events: list[ua.Event]
+
+    @classmethod
+    async def read(cls, lab: Lab, spin: float = 0.0) -> OneFault:
+        region = lab.anonymous(1)
+        uffd = lab.uffd()
+        uffd.register(region.address, region.length)
+        worker = lab.touch(region.address, write=False)
+        reader = ua.EventReader(uffd, spin=spin)
+        with anyio.fail_after(TIMEOUT):
+            events = await reader.receive_batch()
+        return cls(region, uffd, worker, reader, events)
+
+    async def answer(self) -> None:
+        """Zero the page (its thread goes on) and wait for the thread."""
+        self.uffd._unhandled.clear()
+        self.uffd.zeropage(self.region.address, P)
+        await finished(self.worker)
+
+
 async def test_events_a_reader_did_not_hand_out_go_back_when_it_closes(lab: Lab) -> None:
-    region = lab.anonymous(1)
-    uffd = lab.uffd()
-    uffd.register(region.address, region.length)
-    worker = lab.touch(region.address, write=False)
-    reader = ua.EventReader(uffd)
-    with anyio.fail_after(TIMEOUT):
-        events = await reader.receive_batch()
-    reader.push_back(events)  # received, never handled: as a server cancelled mid-batch
-    reader.close()
+    one = await OneFault.read(lab)
+    one.reader.push_back(one.events)  # received, never handled: as a server cancelled mid-batch
+    one.reader.close()
     async with anyio.create_task_group() as tg:
-        await tg.start(functools.partial(ua.serve, uffd, ua.zero_fill()))
-        await finished(worker)
+        await tg.start(functools.partial(ua.serve, one.uffd, ua.zero_fill()))
+        await finished(one.worker)
         tg.cancel_scope.cancel()
+
+
+async def test_a_reader_that_never_runs_dry_lets_the_others_run(lab: Lab) -> None:
+    """Events that are there at every read (one real fault, handed back to the uffd
+    after each read, as a stopping server does): the reader never waits, so only
+    its slice lets another task run, and it must."""
+    one = await OneFault.read(lab)
+    uffd, reader, events = one.uffd, one.reader, one.events
+    ran = [False]
+
+    async def other() -> None:
+        ran[0] = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        for _ in range(200_000):  # far more than a slice's worth of reads
+            uffd._push_back(events)
+            events = await reader.receive_batch()
+            if ran[0]:
+                break
+        meanwhile = ran[0]  # (leaving the task group would let it run anyway)
+    assert meanwhile, "the reader read 200,000 times without letting another task run"
+    await one.answer()
+
+
+async def test_events_the_spin_catches_do_not_restart_the_slice(lab: Lab) -> None:
+    """The same fault handed back from another thread, which gets the GIL only while the
+    reader spins (every 5 ms, Python's switch interval): each batch is caught by the
+    spin after the uffd read empty, as a lone thread's next fault is. Those catches are
+    no wait: the reader must still let another task run."""
+    one = await OneFault.read(lab, spin=0.01)
+    uffd, reader, events = one.uffd, one.reader, one.events
+    done = threading.Event()
+
+    def hand_back() -> None:
+        while not done.is_set():
+            if not uffd._unhandled:
+                uffd._push_back(events)
+            time.sleep(0)  # (lets the GIL go)
+
+    ran = [False]
+
+    async def other() -> None:
+        ran[0] = True
+
+    helper = threading.Thread(target=hand_back)
+    helper.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            for _ in range(1000):  # each takes up to a spin: far more than a slice's worth
+                await reader.receive_batch()
+                if ran[0]:
+                    break
+            meanwhile = ran[0]
+    finally:
+        done.set()
+        helper.join(TIMEOUT)
+    assert meanwhile, "the reader took 1,000 batches from its spin without letting others run"
+    await one.answer()

@@ -558,9 +558,9 @@ async def test_a_page_unreadable_at_its_fault_is_saved_as_zeros(
     lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Page 40 is unmapped (no EVENT_UNMAP: nothing tells the server) while a write to
-    it waits in its fault, and another page (60, discarded: saved at once) was saved
-    just before: the image gets zeros for page 40 (counted lost), never the bytes of
-    the page saved before it."""
+    it waits in its fault, and other pages (60, discarded: saved at once; then 50,
+    written) were saved just before: the image gets zeros for page 40 (counted lost),
+    never the bytes of the page saved before it."""
     # The write comes from the kernel (read() into the page): a user-mode-only uffd
     # refuses such faults, so this needs a full one (skipped without it).
     region, uffd, instant = stamped(
@@ -575,6 +575,9 @@ async def test_a_page_unreadable_at_its_fault_is_saved_as_zeros(
                 stats = await start(tg, uffd, region, tmp_path / "image", run_bytes=16 * P)
                 await hold.wait()
                 await finished(lab.run(functools.partial(region.discard, 60 * P, P)))
+                # Page 50 written: saved first, through the Python path (an event was
+                # seen), so the page buffer holds its bytes, which page 40 must not get.
+                await finished(lab.run(functools.partial(region.write, 50 * P, b"\xee" * P)))
                 # The loop is held here (no await) until the write to page 40 waits in its
                 # fault and the page is gone: the server reads that fault only then. The
                 # write comes from the kernel (read() into it), so it ends in EFAULT.
