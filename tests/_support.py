@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -568,3 +569,15 @@ def start_http_server(
         server.close()
         raise
     return server
+
+
+@contextlib.contextmanager
+def short_directory(prefix: str = "ua-") -> Iterator[Path]:
+    """A directory with a short path that any user may enter (a socket path holds at most
+    107 bytes, and pytest's tmp_path can be longer), removed after."""
+    name = tempfile.mkdtemp(prefix=prefix)
+    try:
+        os.chmod(name, 0o755)
+        yield Path(name)
+    finally:
+        shutil.rmtree(name)

@@ -22,7 +22,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -37,7 +36,7 @@ from uffd_async._peer_lifetime import SO_PEERPIDFD
 from ._firecracker_peer import firecracker_message
 from ._processes import read_until
 from ._seccomp import ALLOW, ARCH, ERRNO, JEQ, LD, MACHINE, NR, RET, Instruction, arg, installing
-from ._support import TIMEOUT, source_bytes, with_huge_pages
+from ._support import TIMEOUT, short_directory, source_bytes, with_huge_pages
 from .conftest import needs_root
 from .test_handoff_serving import PEER as HANDOFF_PEER
 from .test_handoff_serving import refused_to_start
@@ -123,12 +122,8 @@ def test_a_message_mixing_shapes_is_as_old_as_its_oldest_mapping() -> None:
 @pytest.fixture
 def place() -> Iterator[Path]:
     """A short directory any user may enter (a socket path holds at most 107 bytes)."""
-    name = tempfile.mkdtemp(prefix="ua-fc-")
-    try:
-        os.chmod(name, 0o755)
-        yield Path(name)
-    finally:
-        shutil.rmtree(name)
+    with short_directory("ua-fc-") as path:
+        yield path
 
 
 def snapshot_for(place: Path, page_size: int) -> Path:

@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +55,7 @@ from ._firecracker_vm import (
     jail_root,
     serving,
 )
-from ._support import huge_pages_free
+from ._support import huge_pages_free, short_directory
 from .conftest import needs_root
 
 MEMORY_MIB = 16  # 8 huge pages: CI reserves 16
@@ -94,20 +93,9 @@ def firecracker() -> Binaries:
         pytest.skip(f"no Firecracker {FIRECRACKER_VERSION}: {exc}")
 
 
-@contextlib.contextmanager
-def short_directory() -> Iterator[Path]:
-    """A directory with a short path (a socket path holds at most 107 bytes), removed after."""
-    name = tempfile.mkdtemp(prefix="ua-rfc-")
-    try:
-        os.chmod(name, 0o755)
-        yield Path(name)
-    finally:
-        shutil.rmtree(name)
-
-
 @pytest.fixture
 def place() -> Iterator[Path]:
-    with short_directory() as path:
+    with short_directory("ua-rfc-") as path:
         yield path
 
 
@@ -147,7 +135,7 @@ def hugetlb_pool() -> str:
 @pytest.fixture(scope="module")
 def snapshot(firecracker: Binaries) -> Iterator[Snapshot]:
     """One snapshot of the guest on 4 KiB pages, for the module's restores."""
-    with short_directory() as place:
+    with short_directory("ua-rfc-") as place:
         yield take_snapshot(firecracker, place)
 
 
