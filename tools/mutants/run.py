@@ -9,6 +9,7 @@ so the work tree is never touched and another run can go on beside it.
     .venv/bin/python tools/mutants/run.py                  # every catalog
     .venv/bin/python tools/mutants/run.py --only chunks    # mutants whose id starts so
     .venv/bin/python tools/mutants/run.py --list
+    .venv/bin/python tools/mutants/run.py --rev HEAD       # a commit, not the work tree
     .venv/bin/python tools/mutants/run.py --file uffd_async/_chunks.py \\
         --old 'if x:' --new 'if not x:' tests/test_http_source.py
 
@@ -66,12 +67,27 @@ def apply(tree: pathlib.Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.old, mutant.new))
 
 
-def run_one(mutant: Mutant, python: str, keep: bool = False) -> tuple[str, float, str]:
+def copy_tree(tree: pathlib.Path, revision: str | None) -> None:
+    """The work tree as it is, or (``revision``) a commit's files alone: then edits in
+    progress beside the run cannot change its verdicts."""
+    if revision is None:
+        shutil.copytree(ROOT, tree, ignore=IGNORED)
+        return
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+
+
+def run_one(
+    mutant: Mutant, python: str, keep: bool = False, revision: str | None = None
+) -> tuple[str, float, str]:
     """Returns ("caught" | "hung" | "survived", seconds, pytest's last lines)."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=f"uffd-mutant-{mutant.id}-"))
     tree = scratch / "tree"
     try:
-        shutil.copytree(ROOT, tree, ignore=IGNORED)
+        copy_tree(tree, revision)
         apply(tree, mutant)
         env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
         command = [
@@ -128,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="id prefix (repeatable)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the scratch trees")
+    parser.add_argument(
+        "--rev", help="plant into this commit's files (e.g. HEAD), not the work tree as it is"
+    )
     parser.add_argument("--python", default=str(ROOT / ".venv/bin/python"))
     parser.add_argument("--file")
     parser.add_argument("--old")
@@ -149,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     results = []
     for mutant in mutants:
-        outcome, took, tail = run_one(mutant, args.python, keep=args.keep)
+        outcome, took, tail = run_one(mutant, args.python, keep=args.keep, revision=args.rev)
         print(f"  {outcome:9} {took:6.1f}s {mutant.id}", flush=True)
         results.append((mutant, outcome, took, tail))
     print()
