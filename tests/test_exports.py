@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import attrs
@@ -165,3 +166,20 @@ def test_layers_surface() -> None:
         assert callable(getattr(ua.ImageWriter, name)), name
     for name in ["open", "verify", "close"]:
         assert callable(getattr(ua.Layer, name)), name
+
+
+def test_every_public_exception_is_in_the_tree() -> None:
+    """One tree: ``except UffdError`` catches every exception the public modules offer."""
+    modules = [
+        importlib.import_module(f"uffd_async{m}") for m in ("", ".resolvers", ".reader", ".testing")
+    ]
+    exceptions = {
+        value
+        for module in modules
+        for value in (getattr(module, name) for name in module.__all__)
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    assert {ua.WorkingSetError, ua.NoSourcePage, ua.InvalidArgument} <= exceptions
+    assert {cls for cls in exceptions if not issubclass(cls, ua.UffdError)} == set()
+    assert issubclass(ua.WorkingSetError, ValueError)
+    assert issubclass(ua.NoSourcePage, LookupError)

@@ -314,10 +314,10 @@ def test_the_writer_refuses_what_is_not_its_page(tmp_path: Path) -> None:
             writer.write_page(True, bytes(P))
     refusals: list[tuple[dict[str, object], str]] = [
         ({"pages": [PAGES]}, "outside the 65536-byte image"),
-        ({"pages": [-1]}, "not a page index"),
+        ({"pages": [-1]}, "each of pages must be a page index"),
         ({"parent": b"short"}, "parent must be 32 bytes"),
-        ({"page_size": 1000}, "not a power of two"),
-        ({"image_size": 0}, "image_size must be an int > 0"),
+        ({"page_size": 1000}, "page_size must be a power of two from 4096 to 1 GiB"),
+        ({"image_size": 0}, "image_size must be an int >= 1"),
     ]
     for bad, message in refusals:
         arguments: dict[str, object] = {

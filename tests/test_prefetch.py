@@ -419,7 +419,7 @@ async def test_a_resolver_that_cannot_prefetch(lab: Lab) -> None:
 
     with pytest.raises(TypeError, match="cannot prefetch"):
         await ua.prefetch(uffd, ua.copy_from(fetch, base=1 << 30, size=len(SOURCE)), None)
-    with pytest.raises(ua.InvalidArgument, match="run_bytes must be >= 4096"):
+    with pytest.raises(ua.InvalidArgument, match="run_bytes must be an int >= 4096"):
         await ua.prefetch(uffd, ua.copy_from(SOURCE, base=1 << 30), None, run_bytes=100)
 
 

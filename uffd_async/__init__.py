@@ -14,6 +14,7 @@ from ._errors import HandoffTimeout as HandoffTimeout
 from ._errors import InvalidArgument as InvalidArgument
 from ._errors import LayerError as LayerError
 from ._errors import MappingChanged as MappingChanged
+from ._errors import NoSourcePage as NoSourcePage
 from ._errors import PageExists as PageExists
 from ._errors import ProcessExited as ProcessExited
 from ._errors import SnapshotClosed as SnapshotClosed
@@ -22,6 +23,7 @@ from ._errors import UffdClosed as UffdClosed
 from ._errors import UffdError as UffdError
 from ._errors import UffdPermissionError as UffdPermissionError
 from ._errors import UnsupportedFeature as UnsupportedFeature
+from ._errors import WorkingSetError as WorkingSetError
 from ._events import Event as Event
 from ._events import Fork as Fork
 from ._events import PageFault as PageFault
@@ -65,10 +67,8 @@ from ._snapshot import SnapshotResolver as SnapshotResolver
 from ._tracker import WriteTracker as WriteTracker
 from ._uffd import Userfaultfd as Userfaultfd
 from ._working_set import WorkingSet as WorkingSet
-from ._working_set import WorkingSetError as WorkingSetError
 from ._working_set import WorkingSetRecorder as WorkingSetRecorder
 from .reader import EventReader as EventReader
-from .resolvers import NoSourcePage as NoSourcePage
 from .resolvers import Resolver as Resolver
 from .resolvers import by_kind as by_kind
 from .resolvers import continue_minor as continue_minor

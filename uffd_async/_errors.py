@@ -66,7 +66,18 @@ class ProcessExited(UffdError, ProcessLookupError):
 
 
 class InvalidArgument(UffdError, ValueError):
-    """An argument the kernel would reject (or did reject with EINVAL)."""
+    """An argument the kernel would reject (or did reject with EINVAL), or that the
+    library refuses before any syscall (see ``_checks``); the message names it."""
+
+
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """An argument of the wrong type (a bool or a float where an int belongs, ...).
+
+    Also a :class:`TypeError`, which is what a caller catches for a wrong type.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EINVAL, message)
 
 
 class UffdClosed(UffdError):
@@ -122,6 +133,20 @@ class HandoffTimeout(HandoffError, TimeoutError):
     """The peer did not send its uffd in time (it connected, then said nothing)."""
 
     _ERRNO: ClassVar[int] = _errno.ETIMEDOUT
+
+
+class NoSourcePage(UffdError, LookupError):
+    """The fault is outside what the resolver can serve (past the source, or unmapped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EINVAL, message)
+
+
+class WorkingSetError(UffdError, ValueError):
+    """A working-set file that is not one, is damaged, or is of a version this cannot read."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_errno.EINVAL, message)
 
 
 class SnapshotClosed(UffdError):

@@ -40,7 +40,6 @@ Firecracker    fields of each mapping                               its socket a
 from __future__ import annotations
 
 import enum
-import errno
 import itertools
 import json
 from collections.abc import Iterable, Sequence
@@ -48,7 +47,8 @@ from typing import Any
 
 import attrs
 
-from ._errors import HandoffError, InvalidArgument
+from ._checks import MIN_PAGE_SIZE, check_int, is_page_size
+from ._errors import HandoffError
 
 #: The fields of a :class:`GuestMapping`, in Firecracker's order.
 FIELDS = ("base_host_virt_addr", "size", "offset", "page_size")
@@ -60,7 +60,6 @@ IMPLIED_PAGE_SIZE = 4096
 DEFAULT_MAX_REGIONS = 1024
 
 _U64_LIMIT = 1 << 64
-_MIN_PAGE_SIZE = 4096
 
 
 class MessageShape(enum.Enum):
@@ -171,16 +170,10 @@ def check_mappings(mappings: Iterable[GuestMapping], backing_size: int | None = 
 
 
 def check_limits(backing_size: int | None, max_regions: int) -> None:
-    """Refuse bad limits from our own caller (TypeError, InvalidArgument), not the peer."""
+    """Refuse bad limits from our own caller (:class:`InvalidArgument`), not the peer."""
     if backing_size is not None:
-        if _not_int(backing_size):
-            raise TypeError(f"backing_size must be an int or None, not {backing_size!r}")
-        if backing_size < 0:
-            raise InvalidArgument(errno.EINVAL, f"backing_size {backing_size} is negative")
-    if _not_int(max_regions):
-        raise TypeError(f"max_regions must be an int, not {max_regions!r}")
-    if max_regions < 1:
-        raise InvalidArgument(errno.EINVAL, f"max_regions must be at least 1, not {max_regions}")
+        check_int("backing_size", backing_size, minimum=0)
+    check_int("max_regions", max_regions, minimum=1)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -268,10 +261,10 @@ def _check_one(index: int, mapping: GuestMapping, backing_size: int | None) -> N
     for name in FIELDS:
         _u64(index, name, getattr(mapping, name))
     page_size = mapping.page_size
-    if page_size < _MIN_PAGE_SIZE or page_size & (page_size - 1):
+    if not is_page_size(page_size):
         raise HandoffError(
             f"mapping {index}: 'page_size' {page_size} is not a power of two of at least "
-            f"{_MIN_PAGE_SIZE}",
+            f"{MIN_PAGE_SIZE}",
             mapping=index,
             field="page_size",
         )
@@ -302,10 +295,6 @@ def _check_one(index: int, mapping: GuestMapping, backing_size: int | None) -> N
             mapping=index,
             field="offset",
         )
-
-
-def _not_int(value: object) -> bool:
-    return isinstance(value, bool) or not isinstance(value, int)
 
 
 def _json_type(value: object) -> str:

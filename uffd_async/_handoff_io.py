@@ -58,7 +58,14 @@ import anyio
 import attrs
 
 from ._abi import Feature
-from ._errors import HandoffError, HandoffRefused, HandoffTimeout, InvalidArgument
+from ._checks import check_int, check_seconds
+from ._errors import (
+    HandoffError,
+    HandoffRefused,
+    HandoffTimeout,
+    InvalidArgument,
+    InvalidArgumentType,
+)
 from ._handoff import (
     DEFAULT_MAX_REGIONS,
     GuestMapping,
@@ -166,8 +173,8 @@ def send_uffd(
 def _fd_number(name: str, fd: Userfaultfd | int) -> int:
     if isinstance(fd, Userfaultfd):
         return fd.fileno()
-    if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
-        raise TypeError(f"{name} must be an open fd, not {fd!r}")
+    if check_int(name, fd, expected="an open fd") < 0:
+        raise InvalidArgumentType(f"{name} must be an open fd, not {fd!r}")
     return fd
 
 
@@ -175,8 +182,7 @@ def allowed_uid_set(allowed_uids: Collection[int] | None) -> frozenset[int]:
     """Our own effective uid, plus ``allowed_uids``: who may hand a uffd over."""
     extra = frozenset() if allowed_uids is None else frozenset(allowed_uids)
     for uid in extra:
-        if isinstance(uid, bool) or not isinstance(uid, int) or uid < 0:
-            raise InvalidArgument(errno.EINVAL, f"allowed_uids holds {uid!r}, not a uid")
+        check_int("each of allowed_uids", uid, minimum=0, expected="a uid (an int >= 0)")
     return extra | {os.geteuid()}
 
 
@@ -213,10 +219,8 @@ async def receive_uffd(
     """
     if sock.family != socket.AF_UNIX:
         raise InvalidArgument(errno.EINVAL, f"a handoff needs a Unix socket, not {sock!r}")
-    if isinstance(max_message, bool) or not isinstance(max_message, int) or max_message < 1:
-        raise InvalidArgument(errno.EINVAL, f"max_message must be a positive int: {max_message!r}")
-    if not timeout > 0:
-        raise InvalidArgument(errno.EINVAL, f"timeout must be positive, not {timeout!r}")
+    check_int("max_message", max_message, minimum=1)
+    check_seconds("timeout", timeout)
     check_limits(backing_size, max_regions)
     pid, uid, gid = peer_credentials(sock)
     allowed = allowed_uid_set(allowed_uids)

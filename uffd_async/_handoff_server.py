@@ -52,6 +52,7 @@ import attrs
 from anyio.abc import TaskStatus
 
 from ._abi import PAGE_SIZE, Feature
+from ._checks import check_instance, check_int, check_seconds
 from ._errors import HandoffError, InvalidArgument, SourceChanged
 from ._handoff import DEFAULT_MAX_REGIONS
 from ._handoff_io import (
@@ -194,16 +195,14 @@ class HandoffServer:
             self._source = os.fspath(source)
         if isinstance(self._source, HttpSource) or is_url(self._source):
             refuse_readahead(readahead)  # here, before any peer connects
-        if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
-            raise InvalidArgument(errno.EINVAL, f"readahead must be an int >= 0, not {readahead!r}")
+        check_int("readahead", readahead, minimum=0)
         if callable(source) and readahead:
             raise InvalidArgument(
                 errno.EINVAL, "readahead applies to snapshot sources; a factory sets its own"
             )
-        if on_error is not None and not isinstance(on_error, OnError):
-            raise TypeError(f"on_error must be an OnError or None, not {type(on_error).__name__}")
-        if not timeout > 0:
-            raise InvalidArgument(errno.EINVAL, f"timeout must be positive, not {timeout!r}")
+        if on_error is not None:
+            check_instance("on_error", on_error, OnError)
+        check_seconds("timeout", timeout)
         if record is not None:
             check_record_path(record)
         self._replay = Replay(record=record, prefetch=prefetch, populate=populate)

@@ -42,6 +42,7 @@ import anyio
 import attrs
 
 from ._abi import PAGE_SIZE
+from ._checks import check_int, check_seconds
 from ._chunks import Chunks, ChunkStats
 from ._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
 from ._working_set import WorkingSetRecorder, identity_of, identity_samples
@@ -144,16 +145,15 @@ class HttpSource:
     ) -> None:
         if not is_url(url):
             raise InvalidArgument(errno.EINVAL, f"not an http:// or https:// URL: {url!r}")
-        _check_count("chunk_size", chunk_size, PAGE_SIZE)
+        check_int("chunk_size", chunk_size, minimum=PAGE_SIZE)
         if chunk_size % PAGE_SIZE:
             raise InvalidArgument(
                 errno.EINVAL, f"chunk_size must be a multiple of {PAGE_SIZE}: {chunk_size}"
             )
-        _check_count("concurrency", concurrency, 1)
-        _check_count("retries", retries, 0)
-        _check_count("cache_bytes", cache_bytes, 0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise InvalidArgument(errno.EINVAL, f"timeout must be > 0 seconds: {timeout!r}")
+        check_int("concurrency", concurrency, minimum=1)
+        check_int("retries", retries, minimum=0)
+        check_int("cache_bytes", cache_bytes, minimum=0)
+        check_seconds("timeout", timeout)
         try:
             import httpx
         except ImportError:
@@ -258,8 +258,8 @@ class HttpSource:
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``: one checked, retried Range request (no chunking)."""
         self._check_open()
-        _check_count("offset", offset, 0)
-        _check_count("length", length, 1)
+        check_int("offset", offset, minimum=0)
+        check_int("length", length, minimum=1)
         if offset + length > self.size:
             raise InvalidArgument(
                 errno.EINVAL,
@@ -518,8 +518,3 @@ class HttpSource:
 
 def _opaque(etag: str) -> str:
     return etag.removeprefix("W/").strip()
-
-
-def _check_count(name: str, value: object, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise InvalidArgument(errno.EINVAL, f"{name} must be an int >= {least}, not {value!r}")

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from ._abi import PAGE_SIZE
+from ._checks import is_page_size
 
 __all__ = [
     "HEADER_SIZE",
@@ -73,15 +73,6 @@ class LayerFormatError(ValueError):
 
 def _runs(runs: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple((int(first), int(count)) for first, count in runs)
-
-
-def check_page_size(page_size: int) -> str | None:
-    """What is wrong with ``page_size`` as a layer's, or None."""
-    if isinstance(page_size, bool) or not isinstance(page_size, int):
-        return f"the page size must be an int, not {type(page_size).__name__}"
-    if not PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
-        return f"the page size {page_size} is not a power of two from 4096 to 1 GiB"
-    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -150,9 +141,10 @@ class LayerHeader:
         _, _, flags, page_size, image_size, parent, identity, runs, pages, data_offset = fields
         if flags:
             raise LayerFormatError(f"it has flags {flags:#x} this library does not know")
-        problem = check_page_size(page_size)
-        if problem is not None:
-            raise LayerFormatError(problem)
+        if not is_page_size(page_size, MAX_PAGE_SIZE):
+            raise LayerFormatError(
+                f"the page size {page_size} is not a power of two from 4096 to 1 GiB"
+            )
         if image_size <= 0:
             raise LayerFormatError("it overlays an empty image")
         index = [

@@ -48,15 +48,16 @@ from typing import Any
 import attrs
 
 from ._atomic_file import AtomicFile
+from ._checks import check_int, check_page_size
 from ._errors import InvalidArgument, LayerError, SnapshotClosed
 from ._events import PageFault
 from ._handoff import GuestMapping
 from ._layer_file import (
     HEADER_SIZE,
     IDENTITY_SIZE,
+    MAX_PAGE_SIZE,
     LayerFormatError,
     LayerHeader,
-    check_page_size,
     check_runs,
     layer_identity,
     read_prefix_size,
@@ -110,8 +111,7 @@ class _PageWriter:
     def write_page(self, index: int, data: Any) -> None:
         """Write page ``index`` (``page_size`` bytes of any bytes-like object) at its place."""
         self._check_open()
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"a page index must be an int, not {type(index).__name__}")
+        check_int("index", index)
         slot = self._slot(index)
         page = memoryview(data).cast("B")
         if page.nbytes != self.page_size:
@@ -174,18 +174,15 @@ class LayerWriter(_PageWriter):
         pages: Iterable[int],
         parent: bytes,
     ) -> None:
-        problem = check_page_size(page_size)
-        if problem is not None:
-            raise InvalidArgument(errno.EINVAL, problem)
-        _check_image_size(image_size)
+        check_page_size("page_size", page_size, maximum=MAX_PAGE_SIZE)
+        check_int("image_size", image_size, minimum=1)
         if not isinstance(parent, (bytes, bytearray)) or len(parent) != IDENTITY_SIZE:
             raise InvalidArgument(
                 errno.EINVAL, f"parent must be {IDENTITY_SIZE} bytes (an identity), not {parent!r}"
             )
         indices = list(pages)
         for index in indices:
-            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                raise InvalidArgument(errno.EINVAL, f"{index!r} is not a page index (an int >= 0)")
+            check_int("each of pages", index, minimum=0, expected="a page index (an int >= 0)")
         runs = runs_of(indices)
         try:
             check_runs(runs, page_size, image_size)
@@ -266,10 +263,8 @@ class ImageWriter(_PageWriter):
     :class:`LayerWriter` does a layer. Pages never written are holes (zeros)."""
 
     def __init__(self, path: str | os.PathLike[str], image_size: int, page_size: int) -> None:
-        problem = check_page_size(page_size)
-        if problem is not None:
-            raise InvalidArgument(errno.EINVAL, problem)
-        _check_image_size(image_size)
+        check_page_size("page_size", page_size, maximum=MAX_PAGE_SIZE)
+        check_int("image_size", image_size, minimum=1)
         if image_size % page_size:
             raise InvalidArgument(
                 errno.EINVAL, f"image_size {image_size} is not a multiple of {page_size}"
@@ -312,11 +307,6 @@ class ImageWriter(_PageWriter):
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
         return f"<ImageWriter{state} {self.path!r}: {len(self._written)} pages>"
-
-
-def _check_image_size(image_size: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise InvalidArgument(errno.EINVAL, f"image_size must be an int > 0, not {image_size!r}")
 
 
 # -- reading --------------------------------------------------------------------------

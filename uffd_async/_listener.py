@@ -29,6 +29,7 @@ import stat
 
 import anyio
 
+from ._checks import check_int
 from ._errors import InvalidArgument
 
 __all__ = ["Listener"]
@@ -42,10 +43,9 @@ _RESOURCE_BACKOFF = 0.1
 def check_socket_access(path: str, mode: int | None, group: int | str | None) -> int | None:
     """Refuse a bad ``mode``/``group`` before anything is created; the group's gid."""
     if mode is not None:
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-            raise InvalidArgument(
-                errno.EINVAL, f"socket_mode must be permission bits (0 to 0o777), not {mode!r}"
-            )
+        check_int(
+            "socket_mode", mode, minimum=0, maximum=0o777, expected="permission bits (0 to 0o777)"
+        )
     if (mode is not None or group is not None) and _abstract(path):
         raise InvalidArgument(
             errno.EINVAL,
@@ -59,9 +59,7 @@ def check_socket_access(path: str, mode: int | None, group: int | str | None) ->
             return grp.getgrnam(group).gr_gid
         except KeyError:
             raise InvalidArgument(errno.EINVAL, f"no group named {group!r}") from None
-    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
-        raise InvalidArgument(errno.EINVAL, f"socket_group must be a name or a gid, not {group!r}")
-    return group
+    return check_int("socket_group", group, minimum=0, expected="a name or a gid")
 
 
 class Listener:

@@ -57,9 +57,9 @@ from anyio.abc import TaskStatus
 from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature
 from ._addrspace import AddressMap
 from ._atomic_file import MappedFile
+from ._checks import check_instance, check_int, check_page_size
 from ._errors import InvalidArgument, MappingChanged, UffdClosed, UffdError
 from ._events import PageFault, Remap, Remove, Unmap
-from ._memory import _check_int
 from ._native import FAST_SAVE, FastPath
 from ._process_memory import ProcessMemory
 from ._server import FaultServer, OnError
@@ -442,19 +442,15 @@ async def snapshot_live(
     protected for the next one. Returns the :class:`LiveSnapshotStats`.
     Cancelling it unprotects everything (without a tracker) and writes nothing.
     """
-    _check_int("address", address)
-    _check_int("length", length)
-    if not isinstance(uffd, Userfaultfd):
-        raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
-    _check_int("page_size", page_size)
-    if page_size < PAGE_SIZE or page_size & (page_size - 1):
-        raise InvalidArgument(errno.EINVAL, f"page_size {page_size} is not a page size")
+    check_int("address", address)
+    check_int("length", length)
+    check_instance("uffd", uffd, Userfaultfd)
+    check_page_size("page_size", page_size)
     if address % page_size or length <= 0 or length % page_size:
         raise InvalidArgument(
             errno.EINVAL, f"[{address:#x}, +{length:#x}) is not aligned to {page_size}-byte pages"
         )
-    if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < page_size:
-        raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {page_size}: {run_bytes!r}")
+    check_int("run_bytes", run_bytes, minimum=page_size)
     if uffd.features & Feature.WP_ASYNC:
         raise InvalidArgument(
             errno.EINVAL,

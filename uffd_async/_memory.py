@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._abi import PAGE_SIZE
+from ._checks import check_int
 from ._errors import InvalidArgument, UffdError
 from ._native import lib, libc
 
@@ -63,12 +64,6 @@ def huge_page_size() -> int:
     except OSError:
         match = None
     return int(match.group(1)) * 1024 if match else 2 * 1024 * 1024
-
-
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    return value
 
 
 def _mmap(length: int, flags: int, fd: int = -1, prot: int = _PROT_RW, addr: int = 0) -> int:
@@ -185,8 +180,8 @@ def touch(address: int, length: int, *, write: bool = True) -> None:
     atomic ``or 0``). Call it from a thread: it blocks until each fault on a
     registered page is resolved.
     """
-    _check_int("address", address)
-    _check_int("length", length)
+    check_int("address", address)
+    check_int("length", length)
     if address <= 0 or length <= 0 or address + length > 1 << 64:
         raise InvalidArgument(
             errno.EINVAL, f"cannot touch {length} bytes at {address:#x}: not a valid range"
@@ -218,8 +213,7 @@ class Region:
         memfd: int | None = None,
     ) -> None:
         for name, value in (("address", address), ("length", length), ("page_size", page_size)):
-            if _check_int(name, value) <= 0:
-                raise InvalidArgument(errno.EINVAL, f"{name} must be positive, not {value}")
+            check_int(name, value, minimum=1)
         if address % page_size or length % page_size:
             raise InvalidArgument(
                 errno.EINVAL,
@@ -286,7 +280,7 @@ class Region:
 
     @staticmethod
     def _checked_length(length: int, page_size: int) -> int:
-        _check_int("length", length)
+        check_int("length", length)
         if length <= 0 or length % page_size or length >= 1 << 63:
             raise InvalidArgument(
                 errno.EINVAL,
@@ -299,8 +293,8 @@ class Region:
         return not self._mapped
 
     def _span(self, offset: int, n: int) -> int:
-        _check_int("offset", offset)
-        _check_int("n", n)
+        check_int("offset", offset)
+        check_int("n", n)
         if not self._mapped:
             raise InvalidArgument(errno.EBADF, "the region is closed (unmapped)")
         if offset < 0 or n < 0 or offset + n > self.length:
@@ -333,9 +327,7 @@ class Region:
 
     def fill(self, offset: int, n: int, byte: int) -> None:
         """Set ``n`` bytes to ``byte``, without the GIL."""
-        _check_int("byte", byte)
-        if not 0 <= byte <= 255:
-            raise InvalidArgument(errno.EINVAL, f"byte must be within [0, 255], not {byte}")
+        check_int("byte", byte, minimum=0, maximum=255)
         target = self._span(offset, n)
         if _serving:
             _refuse_on_the_serving_thread("fill", target, n)

@@ -30,7 +30,6 @@ or a snapshot's resolver). Kernel and loop facts it relies on:
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import select
@@ -43,9 +42,9 @@ import attrs
 from anyio.abc import TaskStatus
 
 from ._abi import PAGE_SIZE
+from ._checks import check_int
 from ._errors import (
     FetchError,
-    InvalidArgument,
     MappingChanged,
     ProcessExited,
     SnapshotClosed,
@@ -115,8 +114,7 @@ async def prefetch(
             f"{type(resolver).__name__} cannot prefetch: use copy_from from memory or from an "
             "HttpSource (not from a callable), or a snapshot's resolver"
         )
-    if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < PAGE_SIZE:
-        raise InvalidArgument(errno.EINVAL, f"run_bytes must be >= {PAGE_SIZE}: {run_bytes!r}")
+    check_int("run_bytes", run_bytes, minimum=PAGE_SIZE)
     stats = stats if stats is not None else PrefetchStats()
     task_status.started(stats)
     run_pages = run_bytes // PAGE_SIZE

@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 
+from ._checks import check_instance
 from ._errors import InvalidArgument
 from ._prefetch import DEFAULT_RUN_BYTES, PrefetchStats, prefetch
 from ._snapshot import SnapshotResolver
@@ -45,8 +46,7 @@ class Replay:
         populate: bool = False,
         run_bytes: int = DEFAULT_RUN_BYTES,
     ) -> None:
-        if not isinstance(populate, bool):
-            raise TypeError(f"populate must be a bool, not {populate!r}")
+        check_instance("populate", populate, bool)
         self.record_path = None if record is None else os.fspath(record)
         self.working_set: WorkingSet | None = None
         self._prefetch_path: str | None = None
@@ -56,6 +56,8 @@ class Replay:
             self._prefetch_path = os.fspath(prefetch)
             try:
                 self.working_set = WorkingSet.load(prefetch)
+            except WorkingSetError:
+                raise  # it names the file and what is wrong (an OSError too, as a UffdError)
             except OSError as exc:
                 raise InvalidArgument(
                     exc.errno or errno.EINVAL, f"cannot read the working set: {exc}"

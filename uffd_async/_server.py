@@ -29,6 +29,7 @@ Kernel facts this module relies on:
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import sys
 import time
@@ -40,7 +41,16 @@ import attrs
 from anyio.abc import TaskGroup, TaskStatus
 
 from ._abi import MSG, PAGE_SIZE, Feature
-from ._errors import MappingChanged, PageExists, ProcessExited, UffdClosed, UffdError
+from ._checks import check_instance, check_int, check_page_size
+from ._errors import (
+    InvalidArgument,
+    InvalidArgumentType,
+    MappingChanged,
+    PageExists,
+    ProcessExited,
+    UffdClosed,
+    UffdError,
+)
 from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from ._memory import serving_here
 from ._native import FastCounts, lib
@@ -72,9 +82,10 @@ def _fallback(page: object) -> Literal["poison", "zero", "leave"] | Resolver:
     if page in ("poison", "zero", "leave"):
         return page
     if isinstance(page, str) or not callable(page):
-        raise ValueError(
+        raise InvalidArgument(
+            errno.EINVAL,
             f"page must be 'poison', 'zero', 'leave' or a resolver (an async callable), "
-            f"not {page!r}"
+            f"not {page!r}",
         )
     return as_resolver(page)
 
@@ -122,21 +133,14 @@ class _Server:
         page_size: int,
         spin: float = DEFAULT_SPIN,
     ) -> None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive int, not {limit!r}")
-        if not isinstance(on_error, OnError):
-            raise TypeError(f"on_error must be an OnError, not {type(on_error).__name__}")
-        if not isinstance(uffd, Userfaultfd):
-            raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
+        check_int("limit", limit, minimum=1)
+        check_instance("on_error", on_error, OnError)
+        check_instance("uffd", uffd, Userfaultfd)
         if not callable(resolver):
-            raise TypeError(f"resolver must be an async callable, not {type(resolver).__name__}")
-        if (
-            isinstance(page_size, bool)
-            or not isinstance(page_size, int)
-            or page_size < PAGE_SIZE
-            or page_size & (page_size - 1)
-        ):
-            raise ValueError(f"page_size must be a power of two >= {PAGE_SIZE}, not {page_size!r}")
+            raise InvalidArgumentType(
+                f"resolver must be an async callable, not {type(resolver).__name__}"
+            )
+        check_page_size("page_size", page_size)
         self.uffd = uffd
         self.resolver = resolver
         self.inline = resolver if isinstance(resolver, Resolver) else None

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature, Mode
+from ._checks import check_instance, check_int
 from ._errors import InvalidArgument, UnsupportedFeature
 from ._events import PageFault, Remap, Remove, Unmap
-from ._memory import _check_int
 from ._native import FAST_UNPROTECT, FastPath
 from ._pagemap import scan_written
 from ._server import FaultServer, OnError
@@ -121,10 +121,9 @@ class WriteTracker:
         limit: int = 64,
         wake: bool = True,
     ) -> None:
-        if not isinstance(uffd, Userfaultfd):
-            raise TypeError(f"uffd must be a Userfaultfd, not {type(uffd).__name__}")
-        _check_int("start", start)
-        _check_int("length", length)
+        check_instance("uffd", uffd, Userfaultfd)
+        check_int("start", start)
+        check_int("length", length)
         if mode not in ("fault", "async"):
             raise InvalidArgument(22, f"mode must be 'fault' or 'async', not {mode!r}")
         if mode == "async":

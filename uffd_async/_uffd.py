@@ -45,8 +45,10 @@ from typing import Any
 
 from . import _abi
 from ._abi import PAGE_SIZE, Feature, Ioctl, Mode
+from ._checks import check_int
 from ._errors import (
     InvalidArgument,
+    InvalidArgumentType,
     MappingChanged,
     PageExists,
     ProcessExited,
@@ -55,7 +57,7 @@ from ._errors import (
     UnsupportedFeature,
 )
 from ._events import Event, decode, fork_fds
-from ._memory import _BYTES_DATA, _check_int, buffer_address
+from ._memory import _BYTES_DATA, buffer_address
 from ._open import Method, feature_names, handshake, open_fd
 
 _ADDRESS_LIMIT = 1 << 64
@@ -92,8 +94,8 @@ _FILLING = frozenset({"COPY", "ZEROPAGE", "CONTINUE", "MOVE"})
 
 
 def _check_range(start: int, length: int, what: str = "start") -> None:
-    _check_int(what, start)
-    _check_int("length", length)
+    check_int(what, start)
+    check_int("length", length)
     if start < 0 or start % PAGE_SIZE:
         raise InvalidArgument(
             errno.EINVAL, f"{what} {start:#x} is not aligned to the page size ({PAGE_SIZE})"
@@ -175,7 +177,7 @@ class Userfaultfd:
         naming what the kernel lacks, :class:`UffdPermissionError` with the
         remedy when no way in is allowed.
         """
-        requested = int(_check_int("features", features))
+        requested = int(check_int("features", features))
         if requested < 0 or requested >= 1 << 64:
             raise InvalidArgument(errno.EINVAL, f"features {requested:#x} is not a 64-bit mask")
         fd, method = open_fd(user_mode_only)
@@ -288,7 +290,7 @@ class Userfaultfd:
     def register(self, start: int, length: int, mode: Mode | int = Mode.MISSING) -> Ioctl:
         """Report faults in ``[start, start + length)``; returns the ioctls valid there."""
         _check_range(start, length)
-        mode_bits = int(_check_int("mode", mode))
+        mode_bits = int(check_int("mode", mode))
         if mode_bits <= 0 or mode_bits & ~_abi.ALL_MODES:
             raise InvalidArgument(
                 errno.EINVAL, f"mode must be a non-empty combination of Mode flags, not {mode!r}"
@@ -358,8 +360,8 @@ class Userfaultfd:
                 return self._copy_from(dst, id(src) + _BYTES_DATA, length, wake)
         if isinstance(src, int) and not isinstance(src, bool):
             if length is None:
-                raise TypeError("copy() from an address needs a length")
-            _check_int("length", length)
+                raise InvalidArgumentType("copy() from an address needs a length")
+            check_int("length", length)
             if src < 0 or src + max(length, 0) > _ADDRESS_LIMIT:
                 raise InvalidArgument(
                     errno.EINVAL, f"src {src:#x} + length {length:#x} is not a valid address range"
@@ -369,7 +371,7 @@ class Userfaultfd:
             source, size, keepalive = buffer_address(src)
             if length is None:
                 length = size
-            elif _check_int("length", length) > size:
+            elif check_int("length", length) > size:
                 raise InvalidArgument(
                     errno.EINVAL, f"length {length} exceeds the {size} bytes of src"
                 )
@@ -595,11 +597,7 @@ class Userfaultfd:
 
     def read_events(self, max_events: int = 64) -> list[Event]:
         """Read and decode pending events without blocking; ``[]`` when none are pending."""
-        _check_int("max_events", max_events)
-        if not 1 <= max_events <= _MAX_EVENTS:
-            raise InvalidArgument(
-                errno.EINVAL, f"max_events must be within [1, {_MAX_EVENTS}], not {max_events}"
-            )
+        check_int("max_events", max_events, minimum=1, maximum=_MAX_EVENTS)
         return self._read(max_events)
 
     def _read_raw(self, max_events: int) -> bytes:

@@ -28,7 +28,6 @@ No I/O but the file's own. Facts this module relies on:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import struct
@@ -39,7 +38,8 @@ import attrs
 
 from ._abi import PAGE_SIZE
 from ._atomic_file import write_atomically
-from ._errors import InvalidArgument
+from ._checks import is_page_size
+from ._errors import WorkingSetError
 
 __all__ = ["WorkingSet", "WorkingSetError", "WorkingSetRecorder", "snapshot_identity"]
 
@@ -50,10 +50,6 @@ _HEADER = struct.Struct("<8sHHIQ32sQQ")
 _CRC = struct.Struct("<I")
 _SAMPLES = 64
 _SAMPLE = 4096
-
-
-class WorkingSetError(ValueError):
-    """A working-set file that is not one, is damaged, or is of a version this cannot read."""
 
 
 def _int_tuple(pages: Iterable[int]) -> tuple[int, ...]:
@@ -114,7 +110,7 @@ class WorkingSet:
         (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
         if zlib.crc32(data[: -_CRC.size]) != crc:
             raise WorkingSetError("the working-set file is damaged or truncated (CRC mismatch)")
-        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+        if not is_page_size(page_size):
             raise WorkingSetError(f"its page size {page_size} is not a power of two >= 4096")
         position = _HEADER.size
         end_of_body = len(data) - _CRC.size
@@ -234,12 +230,6 @@ def snapshot_identity(address: int, size: int) -> bytes:
         size,
         (ctypes.string_at(address + offset, length) for offset, length in identity_samples(size)),
     )
-
-
-def check_page_count(max_pages: int) -> int:
-    if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1:
-        raise InvalidArgument(errno.EINVAL, f"a run must be at least 1 page, not {max_pages!r}")
-    return max_pages
 
 
 def _zigzag(value: int) -> int:

@@ -34,6 +34,7 @@ import anyio
 import anyio.lowlevel
 
 from ._abi import MSG
+from ._checks import check_int, check_seconds
 from ._errors import UffdClosed
 from ._events import Event
 from ._pool import SLICE_NS
@@ -72,10 +73,8 @@ class EventReader:
         spin: float = 0.0,
         prefilter: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, not {batch!r}")
-        if not 0 <= spin <= 0.01:
-            raise ValueError(f"spin must be within [0, 0.01] seconds, not {spin!r}")
+        check_int("batch", batch, minimum=1)
+        check_seconds("spin", spin, maximum=0.01, zero=True)
         self._uffd = uffd
         self._batch = batch
         self._spin_ns = int(spin * 1e9)

@@ -25,16 +25,18 @@ from typing import Any
 
 from ._abi import PAGE_SIZE, FaultFlags
 from ._addrspace import AddressMap
+from ._checks import check_int, check_page_size
 from ._errors import (
     InvalidArgument,
     MappingChanged,
+    NoSourcePage,
     PageExists,
     ProcessExited,
     UffdClosed,
     UffdError,
 )
 from ._events import PageFault, Remap, Remove, Unmap
-from ._memory import Region, _check_int, buffer_address
+from ._memory import Region, buffer_address
 from ._native import FAST_COPY, FAST_UNPROTECT, FAST_ZEROPAGE, FastPath
 from ._uffd import Userfaultfd
 from ._working_set import WorkingSetRecorder
@@ -52,13 +54,6 @@ __all__ = [
 
 #: What ``serve()`` accepts: an async ``(fault, uffd) -> None`` callable.
 ResolverFunction = Callable[[PageFault, Userfaultfd], Awaitable[None]]
-
-
-class NoSourcePage(UffdError, LookupError):
-    """The fault is outside what the resolver can serve (past the source, or unmapped)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(22, message)
 
 
 class Resolver:
@@ -136,14 +131,11 @@ class CopyFrom(Resolver):
         wp: bool,
         page_size: int,
     ) -> None:
-        _check_int("base", base)
-        _check_int("page_size", page_size)
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise InvalidArgument(22, f"size must be an int >= 0, not {size!r}")
-        if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
-            raise InvalidArgument(22, f"readahead must be an int >= 0, not {readahead!r}")
-        if page_size <= 0 or page_size & (page_size - 1) or page_size % PAGE_SIZE:
-            raise InvalidArgument(22, f"page_size {page_size} is not a power-of-two page size")
+        check_int("base", base)
+        check_page_size("page_size", page_size)
+        if size is not None:
+            check_int("size", size, minimum=0)
+        check_int("readahead", readahead, minimum=0)
         if base % page_size:
             raise InvalidArgument(22, f"base {base:#x} is not aligned to {page_size}")
         self._page_size = page_size

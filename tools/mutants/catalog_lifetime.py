@@ -175,8 +175,8 @@ MUTANTS = [
     Mutant(
         id="listener-mode-bound",
         file=LISTENER,
-        old="not isinstance(mode, int) or not 0 <= mode <= 0o777:",
-        new="not isinstance(mode, int) or not 0 <= mode <= 0o7777:",
+        old='"socket_mode", mode, minimum=0, maximum=0o777,',
+        new='"socket_mode", mode, minimum=0, maximum=0o7777,',
         tests=[f"{FC}::test_socket_mode_and_group_in_the_api"],
         why="a setuid/sticky socket mode is accepted",
     ),

@@ -13,9 +13,9 @@ so the work tree is never touched and another run can go on beside it.
     .venv/bin/python tools/mutants/run.py --file uffd_async/_chunks.py \\
         --old 'if x:' --new 'if not x:' tests/test_http_source.py
 
-A mutant is *caught* when pytest exits non-zero (a failing test, or the per-mutant
-timeout: a hang is a failure too, but the summary counts it apart, since a test that
-fails only by hanging should learn to fail by assertion).
+A mutant is *caught* when pytest exits non-zero. A hang (the per-mutant timeout, or the
+suite's own per-test watchdog) is a failure too, but the summary counts it apart, since
+a test that fails only by hanging should learn to fail by assertion.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from mutant import Mutant
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
+#: What faulthandler prints when tests/conftest.py's per-test watchdog ends a hung run.
+WATCHDOG_FIRED = "Timeout ("
 #: What the copy leaves out: built and cached things, and the history.
 IGNORED = shutil.ignore_patterns(
     ".venv", ".git", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "*.so"
@@ -111,6 +113,8 @@ def run_one(
             return "hung", time.monotonic() - started, text[-400:]
         took = time.monotonic() - started
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        if WATCHDOG_FIRED in done.stderr or WATCHDOG_FIRED in done.stdout:
+            return "hung", took, tail  # the suite's per-test watchdog ended the run
         if done.returncode == 0:
             return "survived", took, tail
         if done.returncode in (4, 5):  # usage error, or no test collected: the catalog is wrong
