@@ -433,3 +433,13 @@ async def test_copy_from_an_http_source_refuses_readahead(
             ua.copy_from(source, base=1 << 30, readahead=4)
     with pytest.raises(ua.SnapshotClosed):
         ua.copy_from(source, base=1 << 30)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://host:notaport/x?X-Amz-Signature=secret", "http://[::1/x?sig=secret"]
+)
+def test_a_malformed_url_is_an_invalid_argument_without_its_query(url: str) -> None:
+    """Not httpx's own InvalidURL (outside the error tree), and never the query."""
+    with pytest.raises(ua.InvalidArgument, match="is not a valid URL") as caught:
+        ua.HttpSource(url)
+    assert "secret" not in str(caught.value)

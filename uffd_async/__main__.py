@@ -37,6 +37,7 @@ from ._http_source import (
     HttpStats,
     display_url,
     is_url,
+    url_problem,
 )
 from ._layers import Layer, LayeredSnapshot, check_output, squash
 from ._loops import LOOPS, choose_backend, describe_loop
@@ -427,7 +428,7 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         args.snapshot = lines[0].strip()
     args.header = [header for given in args.header or () for header in given]
     if is_url(args.snapshot):
-        problem = _url_problem(args.snapshot)
+        problem = url_problem(args.snapshot)
         if problem:
             parser.error(f"argument SNAPSHOT: {display_url(args.snapshot)!r} {problem}")
         if args.layer:
@@ -455,22 +456,6 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             check_record_path(args.record)
         except InvalidArgument as exc:
             parser.error(f"argument --record: {exc}")
-
-
-def _url_problem(url: str) -> str | None:
-    """Why ``url`` cannot be fetched at all, in words (never the URL's query), or None."""
-    bad = [char for char in url if ord(char) < 32 or ord(char) == 127]
-    if bad:
-        return f"holds a control character ({bad[0]!r}): is it quoted right?"
-    try:
-        import httpx
-    except ImportError:
-        return None  # HttpSource says which extra to install
-    try:
-        httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        return f"is not a valid URL: {str(exc).replace(url, display_url(url))}"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from ._handoff import GuestMapping
     from ._snapshot import SnapshotResolver
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "HttpSource", "HttpStats", "display_url", "is_url"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "HttpSource", "HttpStats", "display_url", "is_url", "url_problem"]
 
 #: The default chunk: one request per MiB (see the README's HTTP benchmark for the choice).
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -90,6 +90,22 @@ def display_url(url: str) -> str:
     host, slash, path = rest.partition("/")
     host = host.rpartition("@")[2]
     return f"{scheme}://{host}{slash}{path}"
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched at all, in words (never the URL's query), or None."""
+    bad = [char for char in url if ord(char) < 32 or ord(char) == 127]
+    if bad:
+        return f"holds a control character ({bad[0]!r}): is it quoted right?"
+    try:
+        import httpx
+    except ImportError:
+        return None  # HttpSource says which extra to install
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"is not a valid URL: {str(exc).replace(url, display_url(url))}"
+    return None
 
 
 @attrs.define(kw_only=True)
@@ -158,6 +174,9 @@ class HttpSource:
             import httpx
         except ImportError:
             raise ImportError("HttpSource needs httpx: pip install 'uffd_async[http]'") from None
+        problem = url_problem(url)
+        if problem:  # httpx would raise its own InvalidURL, outside the error tree
+            raise InvalidArgument(errno.EINVAL, f"url {display_url(url)!r} {problem}")
         self._url = url
         self.url = display_url(url)
         self.chunk_size = chunk_size

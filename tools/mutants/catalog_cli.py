@@ -73,10 +73,10 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-invalid-url-uncaught",
-        file=F,
+        file="uffd_async/_http_source.py",
         old="    except httpx.InvalidURL as exc:",
         new="    except ValueError as exc:",
-        tests=ERRORS,
+        tests=[*ERRORS, "tests/test_http_source.py"],
         why="http://host:notaport/x ends in a traceback",
     ),
     Mutant(
