@@ -152,7 +152,7 @@ class Held(ua.Resolver):
 @pytest.mark.anyio
 async def test_a_dead_parent_stops_serving_its_live_fork_child(tmp_path: Path) -> None:
     """Was broken: a fault of the parent was in flight when it died; resolving it failed
-    with ESRCH and ``_process_exited`` cancelled the whole server, fork children included;
+    with ESRCH and ``process_exited`` cancelled the whole server, fork children included;
     ``_serve_child`` then closed the child's uffd, so the child, alive and well, read zeros
     for every page not served yet instead of its contents. Now the children are served on."""
     source = source_bytes(4)

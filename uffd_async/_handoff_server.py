@@ -255,7 +255,7 @@ class HandoffServer:
         """A snapshot of the counters, live connections included."""
         stats = attrs.evolve(self._totals)
         for live in self._live.values():
-            live._count_pages()  # the prefetcher copies through its uffd too: count those now
+            live.count_pages()  # the prefetcher copies through its uffd too: count those now
             _add(stats, live.stats)
         for prefetching, _ in self._prefetching.values():
             stats.prefetched += prefetching.prefetched
@@ -436,7 +436,7 @@ class HandoffServer:
             totals.active -= 1
             self._resolvers.pop(id(handoff), None)
             for stats in served:
-                self._live.pop(id(stats))._count_pages()
+                self._live.pop(id(stats)).count_pages()
                 _add(totals, stats)
                 self._latency.merge(stats.latency_histogram())
             prefetching = self._prefetching.pop(id(handoff), None)
@@ -617,7 +617,7 @@ async def _stop_when(peer_gone: anyio.Event, server: Any, pid: int) -> None:
     await peer_gone.wait()
     if server.stats.forks:
         logger.info("pid %d: gone; its fork children are served until they exit", pid)
-    server._process_exited()
+    server.process_exited()
 
 
 async def _hangup(conn: socket.socket) -> None:

@@ -60,6 +60,8 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "HttpSource", "HttpStats", "display_url", "is_u
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_CONCURRENCY = 16
 DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRIES = 5
 _BACKOFF = 0.05  # seconds before the first retry, doubled at each one
 _BACKOFF_CAP = 2.0
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
@@ -152,8 +154,8 @@ class HttpSource:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
-        timeout: float = 30.0,
-        retries: int = 5,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
         headers: Mapping[str, str] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         http2: bool = False,

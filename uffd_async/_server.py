@@ -225,7 +225,7 @@ class _Server:
         stats.resolved += counts.resolved
         stats.eexist += counts.eexist
         self.uffd._filled += counts.filled
-        self._count_pages()
+        self.count_pages()
         if done == count:
             return b""
         view = memoryview(data)
@@ -233,12 +233,12 @@ class _Server:
             view[i * _MSG_SIZE : (i + 1) * _MSG_SIZE] for i in range(count) if not handled[i]
         )
 
-    def _count_pages(self) -> None:
+    def count_pages(self) -> None:
         self.stats.pages = (self.uffd._filled - self._filled_before) // PAGE_SIZE
 
     def _hand_back(self) -> None:
         """Give every fault read but not resolved back to the uffd."""
-        self._count_pages()
+        self.count_pages()
         unresolved = (
             self._left
             + self._undisposed
@@ -283,7 +283,7 @@ class _Server:
         finally:
             if wakes:
                 self._wake_pages(wakes)
-            self._count_pages()
+            self.count_pages()
 
     def _apply(self, event: Fork | Remap | Remove | Unmap) -> None:
         stats = self.stats
@@ -331,7 +331,7 @@ class _Server:
                 self._defer(fault)
                 return
             except ProcessExited:
-                self._process_exited()
+                self.process_exited()
                 return
             except UffdClosed:
                 return  # closing the uffd woke every waiting thread: nothing to answer
@@ -385,7 +385,7 @@ class _Server:
                 self.stats.eexist += 1
                 self._wake(page, self.page_size)
             elif isinstance(exc, ProcessExited):
-                self._process_exited()
+                self.process_exited()
             # (UffdClosed: closing the uffd woke every waiting thread.)
             self._finish(page)
         elif isinstance(exc, Exception):  # the resolver failed
@@ -393,12 +393,12 @@ class _Server:
             self._finish(page)
             self._report(fault, exc)
         else:  # cancelled: _hand_back returns the fault to the uffd
-            self._count_pages()
+            self.count_pages()
             raise exc
 
     def _finish(self, page: int) -> None:
         """``page``'s resolution is over: make room for the faults queued behind it."""
-        self._count_pages()
+        self.count_pages()
         in_flight = self._in_flight
         del in_flight[page]
         self.stats.in_flight = len(in_flight)
@@ -459,7 +459,7 @@ class _Server:
         finally:
             self._retrying = False
 
-    def _process_exited(self) -> None:
+    def process_exited(self) -> None:
         """The process whose memory this uffd serves is gone: nothing will fault again.
 
         Stops serving this uffd; its fork children, if any, are served until they end.
@@ -582,7 +582,7 @@ class _Server:
 
         async def until_it_exits() -> None:
             await memory_gone(uffd)
-            child._process_exited()
+            child.process_exited()
 
         try:
             async with anyio.create_task_group() as tg:

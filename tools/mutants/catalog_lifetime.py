@@ -218,7 +218,7 @@ MUTANTS = [
     Mutant(
         id="figures-stale-pages",
         file="uffd_async/_handoff_server.py",
-        old="            live._count_pages()  # the prefetcher copies",
+        old="            live.count_pages()  # the prefetcher copies",
         new="            pass  # the prefetcher copies",
         tests=["tests/test_metrics_progress.py::test_the_figures_add_up_while_a_replay_runs"],
         why="pages copied lags far behind prefetched while a replay runs",
