@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: probe demo test stress lint bench clean
 
-$(STAMP): pyproject.toml setup.py uffd_async/_native_lib.c
+$(STAMP): pyproject.toml setup.py uffd_async/_core/_native_lib.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -38,4 +38,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info uffd_async/*.so
+	rm -rf $(VENV) build *.egg-info uffd_async/_core/*.so

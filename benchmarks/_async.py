@@ -16,7 +16,7 @@ import os
 import anyio
 
 import uffd_async as ua
-from uffd_async._loops import choose_backend, uvloop_available
+from uffd_async._core._loops import choose_backend, uvloop_available
 
 from ._job import Job, Runner, Served
 
@@ -85,7 +85,7 @@ def _runner(loop: str) -> Runner:
     return run
 
 
-#: The loops the library is measured on: name in the report -> loop (see uffd_async._loops).
+#: The loops the library is measured on: name in the report -> loop (see uffd_async._core._loops).
 LOOPS = {"asyncio": "asyncio", "uvloop": "asyncio+uvloop", "trio": "trio"}
 
 UFFD_ASYNC_RUNNERS: dict[str, Runner] = {

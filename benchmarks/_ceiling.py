@@ -17,7 +17,7 @@ import time
 
 import anyio
 
-from uffd_async._loops import run
+from uffd_async._core._loops import run
 
 from ._async import loops_here
 from ._scenarios import ASYNC_LIMIT, SLOW_THREADS, SLOW_US

@@ -63,8 +63,8 @@ import attrs
 from anyio.abc import Process
 
 import uffd_async as ua
-from uffd_async._http_source import DEFAULT_CHUNK_SIZE
-from uffd_async._loops import choose_backend, uvloop_available
+from uffd_async._core._loops import choose_backend, uvloop_available
+from uffd_async._remote._http_source import DEFAULT_CHUNK_SIZE
 
 from ._restore import (
     RestoreFailed,

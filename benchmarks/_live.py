@@ -66,7 +66,7 @@ from typing import Any
 import anyio
 
 import uffd_async as ua
-from uffd_async._loops import choose_backend, uvloop_available
+from uffd_async._core._loops import choose_backend, uvloop_available
 
 from . import _build
 

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 
 import uffd_async as ua
-from uffd_async._loops import choose_backend
+from uffd_async._core._loops import choose_backend
 
 from ._async import loops_here
 from ._c import native

@@ -58,7 +58,7 @@ import anyio
 import attrs
 
 import uffd_async as ua
-from uffd_async._native import FastPath, lib
+from uffd_async._core._native import FastPath, lib
 from uffd_async.resolvers import CopyFrom, SyncSource
 
 from ._support import TIMEOUT, Lab, Worker, finished

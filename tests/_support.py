@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pytest
 
 import uffd_async as ua
-from uffd_async._memory import huge_page_size
+from uffd_async._core._memory import huge_page_size
 
 #: Upper bound for any single wait on the kernel in these tests.
 TIMEOUT = 10.0

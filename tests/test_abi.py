@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from uffd_async import _abi
+from uffd_async._core import _abi
 
 HEADER_NAMES = [
     "UFFDIO_API", "UFFDIO_REGISTER", "UFFDIO_UNREGISTER", "UFFDIO_WAKE", "UFFDIO_COPY",

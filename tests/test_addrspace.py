@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import uffd_async as ua
-from uffd_async._addrspace import AddressMap, IntervalSet
+from uffd_async._core._addrspace import AddressMap, IntervalSet
 
 P = ua.PAGE_SIZE
 BASE = 0x10000000

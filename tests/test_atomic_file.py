@@ -1,4 +1,4 @@
-"""The one atomic-file writer (``uffd_async._atomic_file``) and the four writers built on it:
+"""The one atomic-file writer (``uffd_async._core._atomic_file``) and the four writers built on it:
 live images, layers and squashed images (``LayerWriter``, ``ImageWriter``, ``squash``), and
 working sets.
 
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 import uffd_async as ua
-from uffd_async import _atomic_file
-from uffd_async._atomic_file import AtomicFile, MappedFile, write_atomically
+from uffd_async._core import _atomic_file
+from uffd_async._core._atomic_file import AtomicFile, MappedFile, write_atomically
 
 P = ua.PAGE_SIZE
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from uffd_async._loops import uvloop_available
+from uffd_async._core._loops import uvloop_available
 
 ROOT = Path(__file__).parent.parent
 BASELINES = {"c", "plain-python"}

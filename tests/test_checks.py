@@ -1,4 +1,4 @@
-"""The argument checks (uffd_async/_checks.py): one wording and one error everywhere.
+"""The argument checks (uffd_async/_core/_checks.py): one wording and one error everywhere.
 
 A value of the wrong type is an ``InvalidArgumentType``: an :class:`InvalidArgument`
 (errno EINVAL, a ValueError, a UffdError) that is also the TypeError a caller
@@ -21,14 +21,14 @@ import pytest
 
 import uffd_async as ua
 import uffd_async.resolvers
-from uffd_async._checks import (
+from uffd_async._core._checks import (
     check_instance,
     check_int,
     check_page_size,
     check_seconds,
     is_page_size,
 )
-from uffd_async._errors import InvalidArgumentType
+from uffd_async._core._errors import InvalidArgumentType
 
 from ._support import Lab
 
@@ -229,7 +229,7 @@ def test_no_source_page_is_in_the_tree_and_still_a_lookup_error() -> None:
 
 
 def test_both_are_importable_from_where_they_were() -> None:
-    from uffd_async._working_set import WorkingSetError
+    from uffd_async._restore._working_set import WorkingSetError
 
     assert WorkingSetError is ua.WorkingSetError
     assert uffd_async.resolvers.NoSourcePage is ua.NoSourcePage

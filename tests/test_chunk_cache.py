@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async._chunks import ChunkStats, _Slots, _Waiter
+from uffd_async._remote._chunks import ChunkStats, _Slots, _Waiter
 
 from ._support import TIMEOUT, HttpObjectServer, Lab, finished
 from .test_http_source import CHUNK, SOURCE, read_pages, restoring, served_chunks

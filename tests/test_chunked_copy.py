@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async._native import libc
+from uffd_async._core._native import libc
 
 from ._stress import fnv1a, fork_and_hash, fork_features
 from ._support import HttpObjectServer, Lab, finished, source_bytes, with_huge_pages

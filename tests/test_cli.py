@@ -49,7 +49,7 @@ def test_unusable_probe_exits_1_with_the_remedy() -> None:
     """Every way in refused: exit status 1 and what to change."""
     code = (
         "import errno, os, sys\n"
-        "from uffd_async import _open\n"
+        "from uffd_async._core import _open\n"
         "def refuse(method):\n"
         "    raise OSError(errno.EPERM, os.strerror(errno.EPERM))\n"
         "_open.open_raw = refuse\n"

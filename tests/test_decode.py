@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import uffd_async as ua
-from uffd_async import _abi
-from uffd_async._events import encode
+from uffd_async._core import _abi
+from uffd_async._core._events import encode
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
 u32 = st.integers(min_value=0, max_value=2**32 - 1)

@@ -42,8 +42,8 @@ import anyio.lowlevel
 import pytest
 
 import uffd_async as ua
-from uffd_async import _pool
-from uffd_async._pool import WorkerPool
+from uffd_async._serve import _pool
+from uffd_async._serve._pool import WorkerPool
 from uffd_async.resolvers import AnyResolver
 
 from ._storm_peer import Tenant, tenant

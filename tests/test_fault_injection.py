@@ -339,7 +339,7 @@ async def test_uffd_closed_just_before_a_resolvers_ioctl(lab: Lab) -> None:
 HANDLER = textwrap.dedent(
     """
     import anyio, socket, sys, uffd_async as ua
-    from uffd_async._handoff_io import receive_uffd
+    from uffd_async._handoff._transfer import receive_uffd
     P = ua.PAGE_SIZE
 
     async def main():
@@ -369,8 +369,8 @@ async def test_the_handler_process_killed_mid_run(lab: Lab) -> None:
     with SIGKILL while threads here wait on faults: closing its last reference wakes
     them, and they fault the ordinary way. Pages it served keep their bytes, the
     others read as zeros; nothing else, and no thread stays blocked."""
-    from uffd_async._handoff import GuestMapping
-    from uffd_async._handoff_io import send_uffd
+    from uffd_async._handoff._transfer import send_uffd
+    from uffd_async._handoff._wire import GuestMapping
 
     pages, served = 16, 8
     uffd = lab.uffd()
@@ -410,8 +410,8 @@ async def test_the_handler_process_killed_mid_run(lab: Lab) -> None:
 FAULTER = textwrap.dedent(
     """
     import socket, sys, threading, time, uffd_async as ua
-    from uffd_async._handoff import GuestMapping
-    from uffd_async._handoff_io import send_uffd
+    from uffd_async._handoff._wire import GuestMapping
+    from uffd_async._handoff._transfer import send_uffd
     P = ua.PAGE_SIZE
     sock = socket.socket(fileno=int(sys.argv[1]))
     uffd = ua.Userfaultfd.open()
@@ -431,7 +431,7 @@ FAULTER = textwrap.dedent(
 async def test_the_served_process_killed_mid_run(lab: Lab) -> None:
     """The process whose memory is served dies while its faults are being resolved:
     the resolutions meet ESRCH, and serve() returns without an error."""
-    from uffd_async._handoff_io import receive_uffd
+    from uffd_async._handoff._transfer import receive_uffd
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours:

@@ -1,7 +1,7 @@
 """Every released Firecracker's handshake, byte for byte, served for the life of the process.
 
 The peer (``_firecracker_peer.py``, standard library only) sends what each release
-sends (see its docstring and :mod:`uffd_async._handoff`) and does with its socket
+sends (see its docstring and :mod:`uffd_async._handoff._wire`) and does with its socket
 what that release does: closed at once before 1.12, kept until exit since. It
 reads all of its memory from plain Python, discards a range (a balloon) and reads
 zeros there, then exits. For each shape, on both event loops and from the
@@ -30,8 +30,8 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async._handoff import parse_message
-from uffd_async._peer_lifetime import SO_PEERPIDFD
+from uffd_async._handoff._wire import parse_message
+from uffd_async._serve._peer_lifetime import SO_PEERPIDFD
 
 from ._firecracker_peer import firecracker_message
 from ._processes import read_until

@@ -36,10 +36,10 @@ from uffd_async import (
     receive_uffd,
     send_uffd,
 )
-from uffd_async._handoff import FIELDS
-from uffd_async._handoff_io import STREAM_MESSAGE_LIMIT
-from uffd_async._open import Method, open_raw
-from uffd_async._peer_lifetime import PeerExit
+from uffd_async._core._open import Method, open_raw
+from uffd_async._handoff._transfer import STREAM_MESSAGE_LIMIT
+from uffd_async._handoff._wire import FIELDS
+from uffd_async._serve._peer_lifetime import PeerExit
 
 from ._support import TIMEOUT, Lab, pattern
 

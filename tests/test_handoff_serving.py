@@ -36,8 +36,8 @@ import pytest
 from anyio.abc import ByteReceiveStream
 
 import uffd_async as ua
-from uffd_async._memory import huge_page_size
-from uffd_async._server import _Options, _Server
+from uffd_async._core._memory import huge_page_size
+from uffd_async._serve._server import _Options, _Server
 
 from ._support import TIMEOUT, Lab, finished, source_bytes, with_huge_pages
 from .conftest import needs_root

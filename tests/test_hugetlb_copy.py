@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import uffd_async as ua
-from uffd_async._memory import (
+from uffd_async._core._memory import (
     _MAP_ANONYMOUS,
     _MAP_HUGETLB,
     _MAP_NORESERVE,

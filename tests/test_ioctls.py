@@ -185,7 +185,7 @@ def test_fork_event_serves_the_child(lab: Lab) -> None:
     import os
     import struct
 
-    from uffd_async._native import lib
+    from uffd_async._core._native import lib
 
     uffd = lab.uffd(ua.Feature.EVENT_FORK)
     region = lab.anonymous(2)

@@ -25,8 +25,8 @@ import pytest
 
 import uffd_async as ua
 from uffd_async.__main__ import main
-from uffd_async._layer_file import HEADER_SIZE, LayerHeader
-from uffd_async._layers import _compose
+from uffd_async._capture._layer_file import HEADER_SIZE, LayerHeader
+from uffd_async._capture._layers import _compose
 
 from ._processes import read_until
 from ._support import TIMEOUT, Lab, finished

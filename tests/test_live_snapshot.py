@@ -33,8 +33,8 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async._native import libc
-from uffd_async._process_memory import ProcessMemory
+from uffd_async._core._native import libc
+from uffd_async._core._process_memory import ProcessMemory
 
 from ._support import (
     TIMEOUT,

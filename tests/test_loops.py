@@ -1,4 +1,4 @@
-"""Choosing the event loop (uffd_async._loops), and real faults served on asyncio + uvloop.
+"""Choosing the event loop (uffd_async._core._loops), and real faults served on asyncio + uvloop.
 
 The suite's async tests run on asyncio and trio (conftest's ``anyio_backend``); the
 tests here start their own loops, uvloop among them, through ``_loops.run``.
@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async import _loops
+from uffd_async._core import _loops
 
 from ._support import TIMEOUT, Lab, finished, pattern, source_bytes
 from .test_reader import close_wakes_reader
@@ -68,14 +68,14 @@ def test_the_core_needs_no_uvloop() -> None:
     with it, choosing a loop does not import it."""
     code = (
         "import sys; sys.modules['uvloop'] = None\n"  # `import uvloop` fails from here on
-        "import uffd_async, uffd_async.__main__, uffd_async._loops as loops\n"
+        "import uffd_async, uffd_async.__main__, uffd_async._core._loops as loops\n"
         "assert loops.choose_backend() == ('asyncio', {}), loops.choose_backend()\n"
         "async def describe(): return loops.describe_loop()\n"
         "assert loops.run(describe) == 'asyncio'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
     code = (
-        "import sys, uffd_async, uffd_async._loops as loops\n"
+        "import sys, uffd_async, uffd_async._core._loops as loops\n"
         "loops.uvloop_available(); loops.choose_backend(); loops.choose_backend('trio')\n"
         "assert 'uvloop' not in sys.modules\n"
     )
@@ -174,7 +174,7 @@ def test_resolver_errors_are_disposed_of_on_uvloop(lab: Lab) -> None:
 
 
 def test_bytes_address_is_what_ctypes_sees() -> None:
-    from uffd_async._memory import buffer_address
+    from uffd_async._core._memory import buffer_address
 
     data = bytes(range(256)) * 16
     address, length, keep = buffer_address(data)

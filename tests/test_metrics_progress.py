@@ -21,8 +21,8 @@ import anyio.lowlevel
 import pytest
 
 import uffd_async as ua
-from uffd_async._http_source import HttpStats
-from uffd_async._metrics import MetricsExporter, _Sample
+from uffd_async._handoff._metrics import MetricsExporter, _Sample
+from uffd_async._remote._http_source import HttpStats
 
 from . import test_handoff_serving as serving
 from ._support import TIMEOUT, source_bytes

@@ -15,8 +15,8 @@ import attrs
 import pytest
 
 import uffd_async as ua
-from uffd_async import _open
-from uffd_async._native import libc
+from uffd_async._core import _open
+from uffd_async._core._native import libc
 
 from ._support import TIMEOUT, Lab
 

@@ -1,6 +1,6 @@
 """``ua.prefetch`` beside a server in this process, on real faults, on both event loops.
 
-Each test pins one promise of :mod:`uffd_async._prefetch`: every byte right, demand
+Each test pins one promise of :mod:`uffd_async._restore._prefetch`: every byte right, demand
 faults only outside the working set (none at all after ``populate``), demand faults
 first, pages removed (``MADV_DONTNEED``) or moved (``mremap``) since never filled with
 source bytes at a stale place, EEXIST skipped, a closed uffd or cancelled serving ends
@@ -26,7 +26,7 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async._native import libc
+from uffd_async._core._native import libc
 
 from ._support import TIMEOUT, Lab, finished, pattern, source_bytes, with_huge_pages
 

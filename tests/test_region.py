@@ -7,7 +7,7 @@ import os
 import pytest
 
 import uffd_async as ua
-from uffd_async._memory import huge_page_size
+from uffd_async._core._memory import huge_page_size
 
 from ._support import NR_HUGEPAGES, Lab, free_huge_pages, pattern, wait_fault
 

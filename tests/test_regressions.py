@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async._memory import huge_page_size
+from uffd_async._core._memory import huge_page_size
 
 from ._support import TIMEOUT, Lab, finished, source_bytes, with_huge_pages
 from .conftest import needs_root

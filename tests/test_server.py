@@ -262,7 +262,7 @@ async def test_eagain_defers_reads_events_and_retries(lab: Lab) -> None:
 
 
 async def test_fork_children_are_served(lab: Lab) -> None:
-    from uffd_async._native import lib
+    from uffd_async._core._native import lib
 
     pages = 4
     uffd = lab.uffd(ua.Feature.EVENT_FORK)

@@ -32,8 +32,8 @@ import anyio
 import pytest
 
 import uffd_async as ua
-from uffd_async import _abi
-from uffd_async._open import DEVICE_PATH, SYSCTL_PATH
+from uffd_async._core import _abi
+from uffd_async._core._open import DEVICE_PATH, SYSCTL_PATH
 
 from ._seccomp import (
     ALLOW,
@@ -104,7 +104,7 @@ def test_the_filter_refuses_every_way_in(denied: int) -> None:
     result = run_filtered(
         """
         import errno
-        from uffd_async import _open
+        from uffd_async._core import _open
         for method in _open.Method:
             try:
                 _open.open_raw(method)

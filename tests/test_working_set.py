@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import uffd_async as ua
-from uffd_async._working_set import _HEADER, MAGIC, VERSION, snapshot_identity
+from uffd_async._restore._working_set import _HEADER, MAGIC, VERSION, snapshot_identity
 
 P = ua.PAGE_SIZE
 IDENTITY = bytes(range(32))

@@ -26,10 +26,14 @@ from typing import NoReturn
 
 import anyio
 
-from ._abi import PAGE_SIZE, Feature, Ioctl
-from ._errors import InvalidArgument, LayerError, SourceChanged
-from ._handoff_server import HandoffServer, HandoffStats, check_record_path, serve_handoffs
-from ._http_source import (
+from ._capture._layers import Layer, LayeredSnapshot, check_output, squash
+from ._core._abi import PAGE_SIZE, Feature, Ioctl
+from ._core._errors import InvalidArgument, LayerError, SourceChanged
+from ._core._loops import LOOPS, choose_backend, describe_loop
+from ._core._open import probe
+from ._handoff._metrics import MetricsExporter, parse_address
+from ._handoff._server import HandoffServer, HandoffStats, check_record_path, serve_handoffs
+from ._remote._http_source import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
@@ -41,11 +45,7 @@ from ._http_source import (
     is_url,
     url_problem,
 )
-from ._layers import Layer, LayeredSnapshot, check_output, squash
-from ._loops import LOOPS, choose_backend, describe_loop
-from ._metrics import MetricsExporter, parse_address
-from ._open import probe
-from ._working_set import WorkingSet, WorkingSetError
+from ._restore._working_set import WorkingSet, WorkingSetError
 
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from ._abi import PAGE_SIZE
-from ._memory import Region
-from ._uffd import Userfaultfd
+from ._core._abi import PAGE_SIZE
+from ._core._memory import Region
+from ._core._uffd import Userfaultfd
 from .testing import FaultGate
 
 #: Size of the ``region`` fixture.

@@ -18,12 +18,12 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._abi import PAGE_SIZE, FaultFlags, Feature, Mode
-from ._errors import PageExists
-from ._events import PageFault
-from ._server import FaultServer
-from ._uffd import Userfaultfd
-from .resolvers import AnyResolver, Resolver
+from ._core._abi import PAGE_SIZE, FaultFlags, Feature, Mode
+from ._core._errors import PageExists
+from ._core._events import PageFault
+from ._core._uffd import Userfaultfd
+from ._serve._resolvers import AnyResolver, Resolver
+from ._serve._server import FaultServer
 
 __all__ = ["FaultGate"]
 

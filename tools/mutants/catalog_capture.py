@@ -3,12 +3,12 @@ path), layers and their format, working sets, and the one atomic-file writer."""
 
 from mutant import Mutant
 
-LIVE = "uffd_async/_live_snapshot.py"
-C = "uffd_async/_native_lib.c"
-LAYERS = "uffd_async/_layers.py"
-FORMAT = "uffd_async/_layer_file.py"
-WS = "uffd_async/_working_set.py"
-ATOMIC = "uffd_async/_atomic_file.py"
+LIVE = "uffd_async/_capture/_live_snapshot.py"
+C = "uffd_async/_core/_native_lib.c"
+LAYERS = "uffd_async/_capture/_layers.py"
+FORMAT = "uffd_async/_capture/_layer_file.py"
+WS = "uffd_async/_restore/_working_set.py"
+ATOMIC = "uffd_async/_core/_atomic_file.py"
 T_LIVE = ["tests/test_live_snapshot.py"]
 T_LAYERS = ["tests/test_layers.py"]
 T_WS = ["tests/test_working_set.py"]
@@ -80,7 +80,7 @@ MUTANTS = [
     ),
     Mutant(
         id="capture-live-efault-esrch",
-        file="uffd_async/_process_memory.py",
+        file="uffd_async/_core/_process_memory.py",
         old="        if err == errno.EFAULT:",
         new="        if err in (errno.EFAULT, errno.ESRCH, errno.EPERM):",
         tests=T_LIVE,

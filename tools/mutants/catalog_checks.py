@@ -1,10 +1,10 @@
-"""Mutants of the argument checks (uffd_async/_checks.py), the error tree's new members
-(uffd_async/_errors.py) and a few of the call sites that now use the checks."""
+"""Mutants of the argument checks (uffd_async/_core/_checks.py), the error tree's new members
+(uffd_async/_core/_errors.py) and a few of the call sites that now use the checks."""
 
 from mutant import Mutant
 
-C = "uffd_async/_checks.py"
-E = "uffd_async/_errors.py"
+C = "uffd_async/_core/_checks.py"
+E = "uffd_async/_core/_errors.py"
 CHECKS = ["tests/test_checks.py"]
 
 MUTANTS = [
@@ -196,7 +196,7 @@ MUTANTS = [
     # -- call sites -------------------------------------------------------------------------------
     Mutant(
         id="checks-site-server-limit",
-        file="uffd_async/_server.py",
+        file="uffd_async/_serve/_server.py",
         old='        check_int("limit", limit, minimum=1)',
         new='        check_int("limit", limit, minimum=0)',
         tests=CHECKS,  # test_server.py::test_bad_arguments would hang in serve(limit=0)
@@ -204,7 +204,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-server-page-size",
-        file="uffd_async/_server.py",
+        file="uffd_async/_serve/_server.py",
         old='        check_page_size("page_size", page_size)',
         new='        check_int("page_size", page_size, minimum=1)',
         tests=["tests/test_hostile.py", *CHECKS],
@@ -212,7 +212,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-reader-batch",
-        file="uffd_async/reader.py",
+        file="uffd_async/_core/_reader.py",
         old='        check_int("batch", batch, minimum=1)',
         new='        check_int("batch", batch)',
         tests=CHECKS,
@@ -220,7 +220,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-listener-mode",
-        file="uffd_async/_listener.py",
+        file="uffd_async/_handoff/_listener.py",
         old="minimum=0, maximum=0o777,",
         new="minimum=0, maximum=0o7777,",
         tests=CHECKS,
@@ -228,7 +228,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-copy-from-page-size",
-        file="uffd_async/resolvers.py",
+        file="uffd_async/_serve/_resolvers.py",
         old='        check_page_size("page_size", page_size)',
         new='        check_int("page_size", page_size, minimum=1)',
         tests=["tests/test_hostile.py", *CHECKS],
@@ -236,7 +236,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-http-timeout",
-        file="uffd_async/_http_source.py",
+        file="uffd_async/_remote/_http_source.py",
         old='        check_seconds("timeout", timeout)',
         new="",
         tests=["tests/test_http_source.py::test_bad_arguments_are_refused_before_any_request"],
@@ -244,7 +244,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-handoff-uid",
-        file="uffd_async/_handoff_io.py",
+        file="uffd_async/_handoff/_transfer.py",
         old='check_int("each of allowed_uids", uid, minimum=0, expected="a uid (an int >= 0)")',
         new='check_int("each of allowed_uids", uid, expected="a uid (an int >= 0)")',
         tests=CHECKS,
@@ -252,7 +252,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-fd-off-by-one",
-        file="uffd_async/_handoff_io.py",
+        file="uffd_async/_handoff/_transfer.py",
         old='    if check_int(name, fd, expected="an open fd") < 0:',
         new='    if check_int(name, fd, expected="an open fd") < -1:',
         tests=CHECKS,
@@ -260,7 +260,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-fd-zero-refused",
-        file="uffd_async/_handoff_io.py",
+        file="uffd_async/_handoff/_transfer.py",
         old='    if check_int(name, fd, expected="an open fd") < 0:',
         new='    if check_int(name, fd, expected="an open fd") <= 0:',
         tests=CHECKS,

@@ -1,8 +1,8 @@
-"""Mutants of uffd_async/_chunked_copy.py: HttpSource's chunk-at-a-time copy."""
+"""Mutants of uffd_async/_remote/_chunked_copy.py: HttpSource's chunk-at-a-time copy."""
 
 from mutant import Mutant
 
-F = "uffd_async/_chunked_copy.py"
+F = "uffd_async/_remote/_chunked_copy.py"
 CHUNKED = ["tests/test_chunked_copy.py"]
 
 MUTANTS = [

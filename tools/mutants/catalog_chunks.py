@@ -1,8 +1,8 @@
-"""Mutants of uffd_async/_chunks.py (each catalog: one list named MUTANTS)."""
+"""Mutants of uffd_async/_remote/_chunks.py (each catalog: one list named MUTANTS)."""
 
 from mutant import Mutant
 
-F = "uffd_async/_chunks.py"
+F = "uffd_async/_remote/_chunks.py"
 CACHE = ["tests/test_chunk_cache.py"]
 
 MUTANTS = [

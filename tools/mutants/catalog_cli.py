@@ -73,7 +73,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-invalid-url-uncaught",
-        file="uffd_async/_http_source.py",
+        file="uffd_async/_remote/_http_source.py",
         old="    except httpx.InvalidURL as exc:",
         new="    except ValueError as exc:",
         tests=[*ERRORS, "tests/test_http_source.py"],
@@ -124,7 +124,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-handoff-keeps-accepting",
-        file="uffd_async/_handoff_server.py",
+        file="uffd_async/_handoff/_server.py",
         old="    accepting.cancel()",
         new="    pass",
         tests=ERRORS,
@@ -132,7 +132,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-replay-string-compare",
-        file="uffd_async/_replay.py",
+        file="uffd_async/_restore/_replay.py",
         old="            return os.path.samefile(self.record_path, self._prefetch_path)",
         new="            return self.record_path == self._prefetch_path",
         tests=ERRORS,
@@ -140,7 +140,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-squash-string-compare",
-        file="uffd_async/_layers.py",
+        file="uffd_async/_capture/_layers.py",
         old="            same = os.path.samefile(out, path)",
         new="            same = out == path",
         tests=ERRORS,
@@ -148,7 +148,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-cut-message-arrived-only",
-        file="uffd_async/_handoff_io.py",
+        file="uffd_async/_handoff/_transfer.py",
         old="    if total > max_message:",
         new="    if arrived > max_message:",
         tests=ERRORS,
@@ -156,7 +156,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-failed-fault-said-wrong",
-        file="uffd_async/_server.py",
+        file="uffd_async/_serve/_server.py",
         old='        return "its page is poisoned: the access gets SIGBUS"',
         new='        return "it stays blocked"',
         tests=ERRORS,
@@ -164,7 +164,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-changed-handshake-dropped",
-        file="uffd_async/_handoff_server.py",
+        file="uffd_async/_handoff/_server.py",
         old="                        resolver = functools.partial(_changed, exc)",
         new="                        return",
         tests=ERRORS,
@@ -173,7 +173,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-debug-traceback-dropped",
-        file="uffd_async/_server.py",
+        file="uffd_async/_serve/_server.py",
         old='        logger.debug("resolver failed for %s", fault, exc_info=exc)',
         new="        pass",
         tests=ERRORS,
@@ -182,7 +182,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-library-record-unchecked",
-        file="uffd_async/_handoff_server.py",
+        file="uffd_async/_handoff/_server.py",
         old="            check_record_path(record)",
         new="            pass",
         tests=ERRORS,

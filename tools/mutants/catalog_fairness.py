@@ -2,9 +2,10 @@
 
 from mutant import Mutant
 
-POOL = "uffd_async/_pool.py"
-READER = "uffd_async/reader.py"
-SERVER = "uffd_async/_server.py"
+POOL = "uffd_async/_serve/_pool.py"
+LOOPS = "uffd_async/_core/_loops.py"
+READER = "uffd_async/_core/_reader.py"
+SERVER = "uffd_async/_serve/_server.py"
 FAIR = ["tests/test_fairness.py"]
 
 MUTANTS = [
@@ -42,7 +43,7 @@ MUTANTS = [
     ),
     Mutant(
         id="fairness-slice-too-long",
-        file=POOL,
+        file=LOOPS,
         old="SLICE_NS = 1_000_000",
         new="SLICE_NS = 1_000_000_000",
         tests=FAIR,

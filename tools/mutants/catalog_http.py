@@ -1,8 +1,8 @@
-"""Mutants of uffd_async/_http_source.py (each catalog: one list named MUTANTS)."""
+"""Mutants of uffd_async/_remote/_http_source.py (each catalog: one list named MUTANTS)."""
 
 from mutant import Mutant
 
-F = "uffd_async/_http_source.py"
+F = "uffd_async/_remote/_http_source.py"
 MISBEHAVING = ["tests/test_http_misbehaving.py"]
 SOURCE = ["tests/test_http_source.py"]
 

@@ -1,5 +1,5 @@
-"""Mutants of the COPY paths: Userfaultfd.copy and its helpers (uffd_async/_uffd.py) and
-the UFFDIO_COPY of the C resolve loop (uffd_async/_native_lib.c), chiefly the retry of a
+"""Mutants of the COPY paths: Userfaultfd.copy and its helpers (uffd_async/_core/_uffd.py) and
+the UFFDIO_COPY of the C resolve loop (uffd_async/_core/_native_lib.c), chiefly the retry of a
 COPY into hugetlbfs that fails with ENOMEM because its source was not mapped yet.
 
 Left out as equivalent on Linux 6.18: dropping ``retried = True`` in ``_fill`` (a retry
@@ -12,8 +12,8 @@ kernel writes a positive count only with EAGAIN, handled above it)."""
 
 from mutant import Mutant
 
-PY = "uffd_async/_uffd.py"
-C = "uffd_async/_native_lib.c"
+PY = "uffd_async/_core/_uffd.py"
+C = "uffd_async/_core/_native_lib.c"
 HUGE = ["tests/test_hugetlb_copy.py"]
 FAST = ["tests/test_fast_path.py"]
 IOCTLS = ["tests/test_ioctls.py"]

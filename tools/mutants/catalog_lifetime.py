@@ -8,8 +8,8 @@ SERVING = "tests/test_handoff_serving.py"
 GONE_BEFORE = f"{FC}::test_no_peer_pidfd_and_a_peer_gone_before_it_is_accepted"
 FC_FORK = f"{FC}::test_no_peer_pidfd_and_a_fork_child_that_outlives_the_peer"
 ORPHAN = f"{SERVING}::test_a_fork_child_that_outlives_its_parent_is_served_until_it_exits"
-LIFETIME = "uffd_async/_peer_lifetime.py"
-LISTENER = "uffd_async/_listener.py"
+LIFETIME = "uffd_async/_serve/_peer_lifetime.py"
+LISTENER = "uffd_async/_handoff/_listener.py"
 
 MUTANTS = [
     # -- _peer_lifetime.py ------------------------------------------------------------
@@ -183,7 +183,7 @@ MUTANTS = [
     # -- fork children (_server.py, _handoff_server.py) ---------------------------------
     Mutant(
         id="lifetime-child-options",
-        file="uffd_async/_server.py",
+        file="uffd_async/_serve/_server.py",
         old="        child = _Server(uffd, resolver, **attrs.asdict(self.options, recurse=False))",
         new="        child = _Server(uffd, resolver, limit=self.limit, batch=self.batch, "
         "on_error=self.on_error, page_size=self.page_size)",
@@ -192,7 +192,7 @@ MUTANTS = [
     ),
     Mutant(
         id="lifetime-child-never-ends",
-        file="uffd_async/_server.py",
+        file="uffd_async/_serve/_server.py",
         old="                tg.start_soon(until_it_exits)",
         new="                pass",
         tests=[FC_FORK],
@@ -200,7 +200,7 @@ MUTANTS = [
     ),
     Mutant(
         id="lifetime-children-cut-off",
-        file="uffd_async/_handoff_server.py",
+        file="uffd_async/_handoff/_server.py",
         old="                peer_gone.set()  # serving ends once the fork children",
         new="                tg.cancel_scope.cancel()  # serving ends once the fork children",
         tests=[ORPHAN],
@@ -208,7 +208,7 @@ MUTANTS = [
     ),
     Mutant(
         id="lifetime-no-pidfd-forever",
-        file="uffd_async/_handoff_server.py",
+        file="uffd_async/_handoff/_server.py",
         old="        await memory_gone(handoff.uffd)",
         new="        await anyio.sleep_forever()",
         tests=[f"{FC}::test_no_pidfd_and_a_peer_that_closes_its_socket_at_once"],
@@ -217,7 +217,7 @@ MUTANTS = [
     # -- figures (bug 10) -----------------------------------------------------------------
     Mutant(
         id="figures-stale-pages",
-        file="uffd_async/_handoff_server.py",
+        file="uffd_async/_handoff/_server.py",
         old="            live.count_pages()  # the prefetcher copies",
         new="            pass  # the prefetcher copies",
         tests=["tests/test_metrics_progress.py::test_the_figures_add_up_while_a_replay_runs"],
@@ -225,7 +225,7 @@ MUTANTS = [
     ),
     Mutant(
         id="figures-populated-when-idle",
-        file="uffd_async/_handoff_server.py",
+        file="uffd_async/_handoff/_server.py",
         old="    populated: float = 0.0",
         new="    populated: float = 1.0",
         tests=["tests/test_metrics_progress.py::test_the_figures_add_up_while_a_replay_runs"],
@@ -233,7 +233,7 @@ MUTANTS = [
     ),
     Mutant(
         id="figures-resident-gauge",
-        file="uffd_async/_metrics.py",
+        file="uffd_async/_handoff/_metrics.py",
         old='        yield counter("resident_handoffs",',
         new='        yield gauge("resident_handoffs",',
         tests=["tests/test_metrics_progress.py::test_the_exporter_says_the_same"],
@@ -242,7 +242,7 @@ MUTANTS = [
     # -- Region on the serving loop's thread (bug 13) -------------------------------------
     Mutant(
         id="loop-thread-no-check",
-        file="uffd_async/_memory.py",
+        file="uffd_async/_core/_memory.py",
         old="    if n and threading.get_ident() in _serving and _would_fault(address, n):",
         new="    if n and threading.get_ident() not in _serving and _would_fault(address, n):",
         tests=["tests/test_loop_thread.py"],
@@ -250,7 +250,7 @@ MUTANTS = [
     ),
     Mutant(
         id="loop-thread-wrong-flag",
-        file="uffd_async/_memory.py",
+        file="uffd_async/_core/_memory.py",
         old='_FAULTING_VMFLAGS = frozenset({"um", "ui"})',
         new='_FAULTING_VMFLAGS = frozenset({"uw", "ui"})',
         tests=["tests/test_loop_thread.py"],

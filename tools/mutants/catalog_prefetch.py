@@ -1,8 +1,8 @@
-"""Mutants of uffd_async/_prefetch.py, its HTTP part (each catalog: one list named MUTANTS)."""
+"""Mutants of the prefetcher (uffd_async/_restore/_prefetch.py), its HTTP part (one list: MUTANTS)."""
 
 from mutant import Mutant
 
-F = "uffd_async/_prefetch.py"
+F = "uffd_async/_restore/_prefetch.py"
 HTTP = ["tests/test_http_prefetch.py"]
 
 MUTANTS = [

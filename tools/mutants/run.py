@@ -10,7 +10,7 @@ so the work tree is never touched and another run can go on beside it.
     .venv/bin/python tools/mutants/run.py --only chunks    # mutants whose id starts so
     .venv/bin/python tools/mutants/run.py --list
     .venv/bin/python tools/mutants/run.py --rev HEAD       # a commit, not the work tree
-    .venv/bin/python tools/mutants/run.py --file uffd_async/_chunks.py \\
+    .venv/bin/python tools/mutants/run.py --file uffd_async/_remote/_chunks.py \\
         --old 'if x:' --new 'if not x:' tests/test_http_source.py
 
 A mutant is *caught* when pytest exits non-zero. A hang (the per-mutant timeout, or the

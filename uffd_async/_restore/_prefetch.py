@@ -41,9 +41,9 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
-from ._abi import PAGE_SIZE
-from ._checks import check_int
-from ._errors import (
+from .._core._abi import PAGE_SIZE
+from .._core._checks import check_int
+from .._core._errors import (
     FetchError,
     MappingChanged,
     ProcessExited,
@@ -51,7 +51,7 @@ from ._errors import (
     SourceChanged,
     UffdClosed,
 )
-from ._uffd import Userfaultfd
+from .._core._uffd import Userfaultfd
 from ._working_set import WorkingSet
 
 __all__ = ["PrefetchStats", "prefetch"]

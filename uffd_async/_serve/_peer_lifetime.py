@@ -45,9 +45,9 @@ import socket
 
 import anyio
 
-from . import _abi
-from ._abi import PAGE_SIZE
-from ._uffd import Userfaultfd
+from .._core import _abi
+from .._core._abi import PAGE_SIZE
+from .._core._uffd import Userfaultfd
 
 __all__ = ["PeerExit", "Watch", "memory_gone"]
 

@@ -29,8 +29,8 @@ import stat
 
 import anyio
 
-from ._checks import check_int
-from ._errors import InvalidArgument
+from .._core._checks import check_int
+from .._core._errors import InvalidArgument
 
 __all__ = ["Listener"]
 

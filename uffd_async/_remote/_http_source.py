@@ -41,18 +41,18 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 
-from ._abi import PAGE_SIZE
-from ._checks import check_int, check_seconds
+from .._core._abi import PAGE_SIZE
+from .._core._checks import check_int, check_seconds
+from .._core._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
+from .._restore._working_set import WorkingSetRecorder, identity_of, identity_samples
 from ._chunks import Chunks, ChunkStats
-from ._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
-from ._working_set import WorkingSetRecorder, identity_of, identity_samples
 
 if TYPE_CHECKING:
     import httpx
 
+    from .._handoff._wire import GuestMapping
+    from .._restore._snapshot import SnapshotResolver
     from ._chunked_copy import ChunkedCopy
-    from ._handoff import GuestMapping
-    from ._snapshot import SnapshotResolver
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "HttpSource", "HttpStats", "display_url", "is_url", "url_problem"]
 
@@ -343,7 +343,7 @@ class HttpSource:
     ) -> SnapshotResolver:
         """A resolver for a process that maps ``mappings`` of this object (as a snapshot
         file's; see :class:`~uffd_async.SnapshotResolver`)."""
-        from ._snapshot import SnapshotResolver
+        from .._restore._snapshot import SnapshotResolver
 
         self._check_open()
         return SnapshotResolver(self, mappings, readahead=readahead, recorder=recorder)

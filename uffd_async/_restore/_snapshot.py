@@ -3,7 +3,7 @@
 Kernel and protocol facts this module relies on:
 
 * A snapshot file holds the guest's memory regions laid end to end; a mapping
-  (:class:`~uffd_async._handoff.GuestMapping`) says where its bytes start in
+  (:class:`~uffd_async._handoff._wire.GuestMapping`) says where its bytes start in
   the file (``offset``) and where the sender maps them
   (``base_host_virt_addr``). A fault at ``base + n`` gets byte ``offset + n``.
 * The file is mapped read-only, once: ``UFFDIO_COPY`` then copies straight
@@ -12,7 +12,7 @@ Kernel and protocol facts this module relies on:
   EFAULT; nothing here ever touches the bytes itself.
 * Remap, Remove and Unmap events name current addresses, which may span
   several mappings. Each mapping applies every event to its own bookkeeping
-  (an :class:`~uffd_async._addrspace.AddressMap` ignores what does not
+  (an :class:`~uffd_async._core._addrspace.AddressMap` ignores what does not
   concern it), and faults are routed by where the pages are *now*.
 * A REMOVE (a balloon inflating, or MADV_DONTNEED in the sender) makes the
   range fault as missing again, and the right contents are then zeros, not
@@ -34,21 +34,21 @@ import stat
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from ._abi import PAGE_SIZE
-from ._addrspace import AddressMap
-from ._chunked_copy import ChunkedCopy
-from ._errors import InvalidArgument, SnapshotClosed
-from ._events import PageFault, Remap, Remove, Unmap
-from ._handoff import GuestMapping, check_mappings
-from ._layer_file import MAGIC as LAYER_MAGIC
-from ._memory import _MAP_SHARED, Region, _mmap
-from ._native import libc
-from ._uffd import Userfaultfd
+from .._capture._layer_file import MAGIC as LAYER_MAGIC
+from .._core._abi import PAGE_SIZE
+from .._core._addrspace import AddressMap
+from .._core._errors import InvalidArgument, SnapshotClosed
+from .._core._events import PageFault, Remap, Remove, Unmap
+from .._core._memory import _MAP_SHARED, Region, _mmap
+from .._core._native import libc
+from .._core._uffd import Userfaultfd
+from .._handoff._wire import GuestMapping, check_mappings
+from .._remote._chunked_copy import ChunkedCopy
+from .._serve._resolvers import CopyFrom, NoSourcePage, Resolver
 from ._working_set import WorkingSetRecorder, snapshot_identity
-from .resolvers import CopyFrom, NoSourcePage, Resolver
 
 if TYPE_CHECKING:
-    from ._http_source import HttpSource
+    from .._remote._http_source import HttpSource
 
 __all__ = ["Snapshot", "SnapshotResolver"]
 

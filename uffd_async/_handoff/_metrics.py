@@ -29,8 +29,8 @@ import attrs
 from anyio.abc import TaskStatus
 
 if TYPE_CHECKING:
-    from ._handoff_server import HandoffServer, HandoffStats
-    from ._http_source import HttpStats
+    from .._remote._http_source import HttpStats
+    from ._server import HandoffServer, HandoffStats
 
 __all__ = ["MetricsExporter", "parse_address"]
 

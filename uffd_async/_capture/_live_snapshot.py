@@ -54,18 +54,18 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
-from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature
-from ._addrspace import AddressMap
-from ._atomic_file import MappedFile
-from ._checks import check_instance, check_int, check_page_size
-from ._errors import InvalidArgument, MappingChanged, UffdClosed, UffdError
-from ._events import PageFault, Remap, Remove, Unmap
-from ._native import FAST_SAVE, FastPath
-from ._process_memory import ProcessMemory
-from ._server import FaultServer, OnError
-from ._uffd import Userfaultfd
-from ._working_set import identity_of, identity_samples
-from .resolvers import AnyResolver, Resolver, by_kind
+from .._core._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature
+from .._core._addrspace import AddressMap
+from .._core._atomic_file import MappedFile
+from .._core._checks import check_instance, check_int, check_page_size
+from .._core._errors import InvalidArgument, MappingChanged, UffdClosed, UffdError
+from .._core._events import PageFault, Remap, Remove, Unmap
+from .._core._native import FAST_SAVE, FastPath
+from .._core._process_memory import ProcessMemory
+from .._core._uffd import Userfaultfd
+from .._restore._working_set import identity_of, identity_samples
+from .._serve._resolvers import AnyResolver, Resolver, by_kind
+from .._serve._server import FaultServer, OnError
 
 if TYPE_CHECKING:
     from ._tracker import WriteTracker

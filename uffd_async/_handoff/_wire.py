@@ -47,8 +47,8 @@ from typing import Any
 
 import attrs
 
-from ._checks import MIN_PAGE_SIZE, check_int, is_page_size
-from ._errors import HandoffError
+from .._core._checks import MIN_PAGE_SIZE, check_int, is_page_size
+from .._core._errors import HandoffError
 
 #: The fields of a :class:`GuestMapping`, in Firecracker's order.
 FIELDS = ("base_host_virt_addr", "size", "offset", "page_size")

@@ -51,11 +51,20 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
-from ._abi import PAGE_SIZE, Feature
-from ._checks import check_instance, check_int, check_seconds
-from ._errors import HandoffError, InvalidArgument, SourceChanged
-from ._handoff import DEFAULT_MAX_REGIONS
-from ._handoff_io import (
+from .._core._abi import PAGE_SIZE, Feature
+from .._core._checks import check_instance, check_int, check_seconds
+from .._core._errors import HandoffError, InvalidArgument, SourceChanged
+from .._remote._http_source import HttpSource, HttpStats, is_url, refuse_readahead
+from .._restore._prefetch import PrefetchStats
+from .._restore._replay import Replay
+from .._restore._snapshot import Snapshot, SnapshotResolver
+from .._restore._working_set import WorkingSet
+from .._serve._peer_lifetime import PROBE_INTERVAL, PeerExit, Watch, memory_gone
+from .._serve._resolvers import AnyResolver
+from .._serve._server import DEFAULT_SPIN, OnError, ServerStats, serve
+from .._serve._stats import LatencyHistogram
+from ._listener import Listener, check_socket_access
+from ._transfer import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_TIMEOUT,
     Handoff,
@@ -63,16 +72,7 @@ from ._handoff_io import (
     peer_credentials,
     receive_uffd,
 )
-from ._http_source import HttpSource, HttpStats, is_url, refuse_readahead
-from ._listener import Listener, check_socket_access
-from ._peer_lifetime import PROBE_INTERVAL, PeerExit, Watch, memory_gone
-from ._prefetch import PrefetchStats
-from ._replay import Replay
-from ._server import DEFAULT_SPIN, OnError, ServerStats, serve
-from ._snapshot import Snapshot, SnapshotResolver
-from ._stats import LatencyHistogram
-from ._working_set import WorkingSet
-from .resolvers import AnyResolver
+from ._wire import DEFAULT_MAX_REGIONS
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -40,9 +40,9 @@ import anyio
 import attrs
 from anyio.abc import TaskGroup, TaskStatus
 
-from ._abi import MSG, PAGE_SIZE, Feature
-from ._checks import check_instance, check_int, check_page_size
-from ._errors import (
+from .._core._abi import MSG, PAGE_SIZE, Feature
+from .._core._checks import check_instance, check_int, check_page_size
+from .._core._errors import (
     InvalidArgument,
     InvalidArgumentType,
     MappingChanged,
@@ -51,15 +51,15 @@ from ._errors import (
     UffdClosed,
     UffdError,
 )
-from ._events import Event, Fork, PageFault, Remap, Remove, Unmap
-from ._memory import serving_here
-from ._native import FastCounts, lib
+from .._core._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from .._core._memory import serving_here
+from .._core._native import FastCounts, lib
+from .._core._reader import EventReader
+from .._core._uffd import Userfaultfd
 from ._peer_lifetime import memory_gone
 from ._pool import WorkerPool
+from ._resolvers import AnyResolver, Resolver, as_resolver, zero_page
 from ._stats import ServerStats
-from ._uffd import Userfaultfd
-from .reader import EventReader
-from .resolvers import AnyResolver, Resolver, as_resolver, zero_page
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -39,16 +39,11 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from ._loops import in_trio
+from .._core._loops import SLICE_NS, in_trio
 
 __all__ = ["SLICE_NS", "WorkerPool"]
 
 T = TypeVar("T")
-
-#: How long (ns) a task of the server may go on with work that keeps coming, without
-#: awaiting anything, before it checkpoints: other tasks (other uffds' servers) wait
-#: about that long at most, and a cancellation is seen within it.
-SLICE_NS = 1_000_000
 
 
 class WorkerPool(Generic[T]):

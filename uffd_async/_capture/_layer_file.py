@@ -40,7 +40,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from ._checks import is_page_size
+from .._core._checks import is_page_size
 
 __all__ = [
     "HEADER_SIZE",

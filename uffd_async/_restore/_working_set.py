@@ -36,10 +36,10 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-from ._abi import PAGE_SIZE
-from ._atomic_file import write_atomically
-from ._checks import is_page_size
-from ._errors import WorkingSetError
+from .._core._abi import PAGE_SIZE
+from .._core._atomic_file import write_atomically
+from .._core._checks import is_page_size
+from .._core._errors import WorkingSetError
 
 __all__ = ["WorkingSet", "WorkingSetError", "WorkingSetRecorder", "snapshot_identity"]
 

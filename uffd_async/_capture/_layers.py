@@ -27,7 +27,7 @@ The file format is :mod:`._layer_file`'s. Facts this module relies on:
   its huge page size. A mapping whose huge page mixes files is refused when its
   resolver is made.
 * The composed image's identity is what a full image with the same bytes has
-  (:func:`~uffd_async._working_set.snapshot_identity`, its samples read through
+  (:func:`~uffd_async._restore._working_set.snapshot_identity`, its samples read through
   the layers): a working set recorded on the layers replays on the squashed
   file, and back.
 """
@@ -47,11 +47,17 @@ from typing import Any
 
 import attrs
 
-from ._atomic_file import AtomicFile
-from ._checks import check_int, check_page_size
-from ._errors import InvalidArgument, LayerError, SnapshotClosed
-from ._events import PageFault
-from ._handoff import GuestMapping
+from .._core._atomic_file import AtomicFile
+from .._core._checks import check_int, check_page_size
+from .._core._errors import InvalidArgument, LayerError, SnapshotClosed
+from .._core._events import PageFault
+from .._core._memory import _MAP_SHARED, Region, _mmap
+from .._core._native import libc
+from .._core._uffd import Userfaultfd
+from .._handoff._wire import GuestMapping
+from .._restore._snapshot import Snapshot
+from .._restore._working_set import identity_of, identity_samples, snapshot_identity
+from .._serve._resolvers import CopyFrom
 from ._layer_file import (
     HEADER_SIZE,
     IDENTITY_SIZE,
@@ -63,12 +69,6 @@ from ._layer_file import (
     read_prefix_size,
     runs_of,
 )
-from ._memory import _MAP_SHARED, Region, _mmap
-from ._native import libc
-from ._snapshot import Snapshot
-from ._uffd import Userfaultfd
-from ._working_set import identity_of, identity_samples, snapshot_identity
-from .resolvers import CopyFrom
 
 __all__ = ["ImageWriter", "Layer", "LayerWriter", "LayeredSnapshot", "squash"]
 

@@ -36,12 +36,12 @@ from typing import Any, Protocol
 
 import anyio
 
-from ._abi import PAGE_SIZE
-from ._errors import FetchError
-from ._events import PageFault
-from ._memory import buffer_address
-from ._uffd import Userfaultfd
-from .resolvers import CopyFrom, NoSourcePage
+from .._core._abi import PAGE_SIZE
+from .._core._errors import FetchError
+from .._core._events import PageFault
+from .._core._memory import buffer_address
+from .._core._uffd import Userfaultfd
+from .._serve._resolvers import CopyFrom, NoSourcePage
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -15,9 +15,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["LOOPS", "choose_backend", "describe_loop", "run", "uvloop_available"]
+__all__ = ["LOOPS", "SLICE_NS", "choose_backend", "describe_loop", "run", "uvloop_available"]
 
 T = TypeVar("T")
+
+#: How long (ns) a task of the server may go on with work that keeps coming, without
+#: awaiting anything, before it checkpoints: other tasks (other uffds' servers) wait
+#: about that long at most, and a cancellation is seen within it.
+SLICE_NS = 1_000_000
 
 #: Loop names :func:`choose_backend` accepts ("auto" is what ``None`` means).
 LOOPS = ("auto", "asyncio", "asyncio+uvloop", "uvloop", "trio")

@@ -57,16 +57,18 @@ from collections.abc import Collection, Sequence
 import anyio
 import attrs
 
-from ._abi import Feature
-from ._checks import check_int, check_seconds
-from ._errors import (
+from .._core._abi import Feature
+from .._core._checks import check_int, check_seconds
+from .._core._errors import (
     HandoffError,
     HandoffRefused,
     HandoffTimeout,
     InvalidArgument,
     InvalidArgumentType,
 )
-from ._handoff import (
+from .._core._open import available_features, methods_for
+from .._core._uffd import Userfaultfd
+from ._wire import (
     DEFAULT_MAX_REGIONS,
     GuestMapping,
     MessageShape,
@@ -74,8 +76,6 @@ from ._handoff import (
     encode_mappings,
     parse_message,
 )
-from ._open import available_features, methods_for
-from ._uffd import Userfaultfd
 
 #: Bound on the mappings message a receiver reads; Firecracker's fits in 1 KiB.
 DEFAULT_MAX_MESSAGE = 64 * 1024

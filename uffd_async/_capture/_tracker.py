@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from ._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature, Mode
-from ._checks import check_instance, check_int
-from ._errors import InvalidArgument, UnsupportedFeature
-from ._events import PageFault, Remap, Remove, Unmap
-from ._native import FAST_UNPROTECT, FastPath
-from ._pagemap import scan_written
-from ._server import FaultServer, OnError
-from ._uffd import Userfaultfd
-from .resolvers import AnyResolver, NoSourcePage, Resolver, by_kind
+from .._core._abi import PAGE_SIZE, WRITEPROTECT_MODE_DONTWAKE, Feature, Mode
+from .._core._checks import check_instance, check_int
+from .._core._errors import InvalidArgument, UnsupportedFeature
+from .._core._events import PageFault, Remap, Remove, Unmap
+from .._core._native import FAST_UNPROTECT, FastPath
+from .._core._pagemap import scan_written
+from .._core._uffd import Userfaultfd
+from .._serve._resolvers import AnyResolver, NoSourcePage, Resolver, by_kind
+from .._serve._server import FaultServer, OnError
 
 if TYPE_CHECKING:
     from ._live_snapshot import _Snapshot

@@ -23,11 +23,11 @@ import errno
 import logging
 import os
 
-from ._checks import check_instance
-from ._errors import InvalidArgument
+from .._core._checks import check_instance
+from .._core._errors import InvalidArgument
+from .._core._uffd import Userfaultfd
 from ._prefetch import DEFAULT_RUN_BYTES, PrefetchStats, prefetch
 from ._snapshot import SnapshotResolver
-from ._uffd import Userfaultfd
 from ._working_set import WorkingSet, WorkingSetError, WorkingSetRecorder
 
 __all__ = ["Replay"]

@@ -1,0 +1,1 @@
+"""Snapshots fetched over the network: the HTTP source, chunk scheduling, chunked copies."""

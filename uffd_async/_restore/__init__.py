@@ -1,0 +1,1 @@
+"""Restoring from snapshots: the source interface, file and layered snapshots, working sets."""
