@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check uffd_async tests examples benchmarks tools
 	$(PY) -m ruff format --check uffd_async tests examples benchmarks tools
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 # Builds benchmarks/c/*.c with cc -O2 into benchmarks/_build/, then measures.
 bench: $(STAMP)

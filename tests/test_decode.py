@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import uffd_async as ua
-from uffd_async._core import _abi
+from uffd_async._core import _abi, _events
 from uffd_async._core._events import encode
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)
@@ -75,6 +78,58 @@ def test_fork_record_adopts_the_fd() -> None:
     assert isinstance(event, ua.Fork)
     assert adopted == [17]
     event.uffd.close()
+
+
+def test_the_public_decode_adopts_a_fork_fd_as_a_featureless_handle() -> None:
+    """``ua.decode`` without ``adopt`` does what it always did: the fd becomes a
+    :class:`Userfaultfd` of its own, with no features (use ``uffd.decode`` for a read)."""
+    fd = os.dup(0)
+    [event] = ua.decode(record(_abi.EVENT_FORK, fd))
+    assert isinstance(event, ua.Fork) and isinstance(event.uffd, ua.Userfaultfd)
+    assert event.uffd.fileno() == fd and event.uffd.features == ua.Feature(0)
+    event.uffd.close()
+
+
+def test_the_sans_io_decoder_takes_its_adopt_from_the_caller() -> None:
+    """The decoder knows nothing of the handle: whoever owns the fd says how to adopt it."""
+    with pytest.raises(TypeError, match="adopt"):
+        _events.decode(record(_abi.EVENT_FORK, 17))  # type: ignore[call-arg]
+    adopted: list[int] = []
+
+    def adopt(fd: int) -> ua.Userfaultfd:
+        adopted.append(fd)
+        return ua.Userfaultfd._adopt(os.dup(0))
+
+    [event] = _events.decode(record(_abi.EVENT_FORK, 17), adopt=adopt)
+    assert adopted == [17] and isinstance(event, ua.Fork)
+    event.uffd.close()
+
+
+def test_the_decoder_loads_without_the_handle_module() -> None:
+    """``_events`` never imports ``_uffd``, not even lazily (no import circle): loaded on
+    its own (the packages' ``__init__`` would import everything), it decodes a fork with
+    an adopt that is not a handle at all, and ``_uffd`` is still not loaded."""
+    package = Path(ua.__file__).parent
+    stubs = [("uffd_async", str(package)), ("uffd_async._core", str(package / "_core"))]
+    script = f"""
+import importlib, sys, types
+for name, path in {stubs!r}:
+    stub = types.ModuleType(name)
+    stub.__path__ = [path]
+    sys.modules[name] = stub
+events = importlib.import_module("uffd_async._core._events")
+record = bytes([{_abi.EVENT_FORK}]) + bytes(7) + (33).to_bytes(8, sys.byteorder) + bytes(16)
+[fork] = events.decode(record, adopt=lambda fd: ("adopted", fd))
+assert fork.uffd == ("adopted", 33), fork
+loaded = sorted(name for name in sys.modules if name.startswith("uffd_async"))
+assert "uffd_async._core._uffd" not in loaded, loaded
+print(" ".join(loaded))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "uffd_async._core._events" in done.stdout.split()
 
 
 def test_empty_buffer_is_no_events() -> None:

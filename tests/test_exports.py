@@ -45,16 +45,20 @@ EXPECTED = {
     "OnError",
     "PageExists",
     "PageFault",
+    "PeerPolicy",
     "PrefetchStats",
     "ProcessExited",
     "Region",
     "Remap",
     "Remove",
+    "ReplayOptions",
     "Resolver",
+    "ServeOptions",
     "ServerStats",
     "Snapshot",
     "SnapshotClosed",
     "SnapshotResolver",
+    "SnapshotSource",
     "SourceChanged",
     "Support",
     "UffdClosed",
@@ -161,6 +165,8 @@ def test_layers_surface() -> None:
     assert issubclass(ua.LayerError, ua.UffdError)
     assert issubclass(ua.LayerError, ValueError)
     assert issubclass(ua.LayeredSnapshot, ua.Snapshot)  # serves wherever a Snapshot does
+    for source in [ua.Snapshot, ua.LayeredSnapshot, ua.HttpSource]:
+        assert issubclass(source, ua.SnapshotSource), source
     for name in ["write_page", "missing", "commit", "abort"]:
         assert callable(getattr(ua.LayerWriter, name)), name
         assert callable(getattr(ua.ImageWriter, name)), name
@@ -183,3 +189,37 @@ def test_every_public_exception_is_in_the_tree() -> None:
     assert {cls for cls in exceptions if not issubclass(cls, ua.UffdError)} == set()
     assert issubclass(ua.WorkingSetError, ValueError)
     assert issubclass(ua.NoSourcePage, LookupError)
+
+
+LOWLEVEL = {
+    "PAGE_SIZE", "Event", "EventReader", "FaultFlags", "Feature", "Fork", "GuestMapping",
+    "Handoff", "Ioctl", "MessageShape", "Method", "Mode", "PageFault", "Remap", "Remove",
+    "Support", "Unmap", "Userfaultfd", "decode", "encode_mappings", "parse_mappings", "probe",
+    "receive_uffd", "send_uffd",
+}  # fmt: skip
+
+
+def test_lowlevel_holds_the_wire_level_names() -> None:
+    """``uffd_async.lowlevel`` names the level; each name is the same object at the top."""
+    import uffd_async.lowlevel as lowlevel
+
+    assert set(lowlevel.__all__) == LOWLEVEL
+    assert ua.lowlevel is lowlevel
+    for name in lowlevel.__all__:
+        assert getattr(lowlevel, name) is getattr(ua, name), name
+
+
+def test_public_modules_keep_their_names() -> None:
+    """``uffd_async.resolvers`` and ``uffd_async.reader`` still offer what they always did."""
+    import uffd_async.reader
+    import uffd_async.resolvers
+
+    assert uffd_async.reader.EventReader is ua.EventReader
+    for name in [
+        "AnyResolver", "AsyncSource", "ByKind", "ContinueMinor", "CopyFrom", "NoSourcePage",
+        "Resolver", "ResolverFunction", "SyncSource", "Unprotect", "ZeroFill", "as_resolver",
+        "by_kind", "continue_minor", "copy_from", "unprotect", "zero_fill", "zero_page",
+    ]:  # fmt: skip
+        assert hasattr(uffd_async.resolvers, name), name
+    for name in ["Resolver", "by_kind", "continue_minor", "copy_from", "unprotect", "zero_fill"]:
+        assert getattr(uffd_async.resolvers, name) is getattr(ua, name), name

@@ -370,7 +370,7 @@ async def test_the_handler_process_killed_mid_run(lab: Lab) -> None:
     them, and they fault the ordinary way. Pages it served keep their bytes, the
     others read as zeros; nothing else, and no thread stays blocked."""
     from uffd_async._handoff._transfer import send_uffd
-    from uffd_async._handoff._wire import GuestMapping
+    from uffd_async._restore._guest_mapping import GuestMapping
 
     pages, served = 16, 8
     uffd = lab.uffd()
@@ -410,7 +410,7 @@ async def test_the_handler_process_killed_mid_run(lab: Lab) -> None:
 FAULTER = textwrap.dedent(
     """
     import socket, sys, threading, time, uffd_async as ua
-    from uffd_async._handoff._wire import GuestMapping
+    from uffd_async._restore._guest_mapping import GuestMapping
     from uffd_async._handoff._transfer import send_uffd
     P = ua.PAGE_SIZE
     sock = socket.socket(fileno=int(sys.argv[1]))

@@ -37,7 +37,8 @@ from anyio.abc import ByteReceiveStream
 
 import uffd_async as ua
 from uffd_async._core._memory import huge_page_size
-from uffd_async._serve._server import _Options, _Server
+from uffd_async._serve import _server
+from uffd_async._serve._server import _Server
 
 from ._support import TIMEOUT, Lab, finished, source_bytes, with_huge_pages
 from .conftest import needs_root
@@ -367,10 +368,86 @@ async def test_a_fork_child_is_served_with_the_servers_options(
     assert reads < 3 * PAGES, f"{reads} reads for {PAGES} faults: the child's server spins"
 
 
-def test_every_server_option_reaches_a_fork_childs_server() -> None:
-    """A fork child's server is made from ``_Options``: it must hold every option there is."""
-    made_with = [*inspect.signature(_Server.__init__).parameters][3:]  # self, uffd, resolver
-    assert [field.name for field in attrs.fields(_Options)] == made_with
+@pytest.fixture
+def made_servers(monkeypatch: pytest.MonkeyPatch) -> list[_Server]:
+    """Every fault server made from now on (fork children's included), in order."""
+    made: list[_Server] = []
+
+    class Recorded(_Server):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(_server, "_Server", Recorded)
+    return made
+
+
+#: A value other than the default for every serving option there is.
+NOT_DEFAULT = ua.ServeOptions(
+    limit=3, batch=7, on_error=ua.OnError(page="zero", propagate=False), page_size=P, spin=0.001
+)
+
+
+def test_not_default_sets_every_serving_option() -> None:
+    made_with = {name for name in inspect.signature(_Server.__init__).parameters}
+    assert made_with == {"self", "uffd", "resolver", "options"}  # nothing beside the object
+    for field in attrs.fields(ua.ServeOptions):
+        assert getattr(NOT_DEFAULT, field.name) != field.default, field.name
+
+
+@needs_root
+async def test_every_serving_option_reaches_a_fork_childs_server(
+    socket_path: str, snapshot_path: str, made_servers: list[_Server]
+) -> None:
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(socket_path)
+        listener.listen()
+        listener.setblocking(False)
+        command = peer_argv(socket_path, snapshot_path, [["fork", [READ_ALL]]])
+        async with await anyio.open_process(command, stderr=subprocess.STDOUT) as process:
+            conn = await accepted(listener)
+            with conn, await ua.receive_uffd(conn) as handoff:
+                with ua.Snapshot(snapshot_path) as snapshot:
+                    resolver = snapshot.resolver(handoff.mappings)
+                    async with ua.FaultServer(
+                        handoff.uffd, resolver, options=NOT_DEFAULT
+                    ) as server:
+                        output = await received(process.stdout)
+    assert output == b"ok\n"
+    assert (server.stats.forks, server.stats.children[0].resolved) == (1, PAGES)
+    parent, child = made_servers
+    assert parent.options is NOT_DEFAULT and child.options is NOT_DEFAULT
+    assert (child.page_size, child.on_error) == (P, NOT_DEFAULT.on_error)
+
+
+@needs_root
+async def test_every_option_reaches_a_handoff_peers_server(
+    socket_path: str, snapshot_path: str, made_servers: list[_Server]
+) -> None:
+    """The serving options reach each peer's server and its fork child's (with the
+    mappings' page size), the peer policy the handshake, the replay options the resolver."""
+    serving = attrs.evolve(NOT_DEFAULT, page_size=None)  # a handoff's is its mappings'
+    policy = ua.PeerPolicy(
+        allowed_uids={4242}, socket_mode=0o600, socket_group=os.getegid(), timeout=3.0,
+        max_message=4096, max_regions=2,
+    )  # fmt: skip
+    replay = ua.ReplayOptions(readahead=3)
+    options = {"serving": serving, "policy": policy, "replay": replay}
+    async with running(socket_path, snapshot_path, **options) as server:
+        status = os.stat(socket_path)
+        assert (stat.S_IMODE(status.st_mode), status.st_gid) == (0o600, os.getegid())
+        assert server.allowed_uids == {os.geteuid(), 4242}
+        await served(socket_path, snapshot_path, [["fork", [READ_ALL]], READ_ALL])
+        await until(lambda: server.stats.active == 0)
+        three = [[0, 1, 0], [1, 1, 1], [2, 1, 2]]  # one mapping more than max_regions
+        await peer(socket_path, snapshot_path, [], mappings=three, memory=3)
+        await until(lambda: server.stats.refused == 1)
+    stats = server.stats
+    assert (stats.served, stats.refused, stats.forks) == (1, 1, 1)
+    assert stats.faults < stats.pages  # readahead=3: a fault brings up to 4 pages
+    parent, child = made_servers
+    assert parent.options == attrs.evolve(NOT_DEFAULT, page_size=P)
+    assert child.options is parent.options
 
 
 async def test_an_undeclared_page_is_poisoned_and_serving_goes_on(

@@ -26,13 +26,13 @@ import pytest
 
 import uffd_async as ua
 from uffd_async._core._memory import (
-    _MAP_ANONYMOUS,
-    _MAP_HUGETLB,
-    _MAP_NORESERVE,
-    _MAP_PRIVATE,
-    _MAP_SHARED,
-    _mmap,
+    MAP_ANONYMOUS,
+    MAP_HUGETLB,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
     huge_page_size,
+    map_memory,
 )
 from uffd_async.resolvers import CopyFrom
 
@@ -57,8 +57,10 @@ def pool() -> int:
 def guest_memory(lab: Lab, pages: int) -> ua.Region:
     """Hugetlbfs memory mapped as Firecracker maps a guest's: MAP_NORESERVE."""
     huge = huge_page_size()
-    flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_HUGETLB | _MAP_NORESERVE
-    return lab.adopt_region(ua.Region(_mmap(pages * huge, flags), pages * huge, page_size=huge))
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_NORESERVE
+    return lab.adopt_region(
+        ua.Region(map_memory(pages * huge, flags), pages * huge, page_size=huge)
+    )
 
 
 def snapshot_file(directory: Path, pages: int) -> Path:
@@ -77,7 +79,7 @@ def fresh_mapping(lab: Lab, path: Path) -> ua.Region:
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        address = _mmap(size, _MAP_SHARED, fd, prot=mmap.PROT_READ)
+        address = map_memory(size, MAP_SHARED, fd, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
     return lab.adopt_region(ua.Region(address, size))

@@ -25,8 +25,8 @@ import pytest
 
 import uffd_async as ua
 from uffd_async.__main__ import main
+from uffd_async._capture._layer import compose
 from uffd_async._capture._layer_file import HEADER_SIZE, LayerHeader
-from uffd_async._capture._layers import _compose
 
 from ._processes import read_until
 from ._support import TIMEOUT, Lab, finished
@@ -413,12 +413,12 @@ def test_the_pieces_of_an_image() -> None:
     def header(runs: list[tuple[int, int]]) -> LayerHeader:
         return LayerHeader(page_size=P, image_size=PAGES * P, parent=bytes(32), runs=runs)
 
-    pieces = _compose(PAGES * P, [header([(2, 3), (9, 2)]), header([(4, 2), (10, 1)])])
+    pieces = compose(PAGES * P, [header([(2, 3), (9, 2)]), header([(4, 2), (10, 1)])])
     assert [(s // P, e // P, source, at // P) for s, e, source, at in pieces] == [
         (0, 2, 0, 0), (2, 4, 1, 0), (4, 6, 2, 0), (6, 9, 0, 6), (9, 10, 1, 3),
         (10, 11, 2, 2), (11, 16, 0, 11),
     ]  # fmt: skip
-    assert _compose(PAGES * P, []) == [(0, PAGES * P, 0, 0)]
+    assert compose(PAGES * P, []) == [(0, PAGES * P, 0, 0)]
 
 
 def test_a_broken_chain_is_refused(chain: Chain, tmp_path: Path) -> None:

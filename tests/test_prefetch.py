@@ -7,7 +7,7 @@ source bytes at a stale place, EEXIST skipped, a closed uffd or cancelled servin
 it quietly, huge pages, and the recorder seeing demand faults only.
 
 Where the order of things matters, the tests make it happen at a chosen point: the
-resolver's ``_prefetch`` (one call per planned run) is wrapped, and at run ``k`` the
+resolver's ``prefetch_pages`` (one call per planned run) is wrapped, and at run ``k`` the
 wrapper starts a thread (a toucher, a discard, a move) and waits, bounded, until its
 event is queued in the uffd. Assertions are on counters and bytes, never on time.
 Faulting threads touch memory through ctypes (``Lab.touch``, ``Region.read``), never
@@ -52,14 +52,14 @@ def queued(uffd: ua.Userfaultfd, timeout: float = TIMEOUT) -> None:
 
 
 class Runs:
-    """Wraps a resolver's ``_prefetch``: logs each run, runs ``at[first]`` before it once,
+    """Wraps a resolver's ``prefetch_pages``: logs each run, runs ``at[first]`` before it once,
     and counts the runs that met an unread event (``MappingChanged``)."""
 
     def __init__(self, resolver: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.log: list[int] = []
         self.at: dict[int, Callable[[], None]] = {}
         self.mapping_changed = 0
-        real = resolver._prefetch
+        real = resolver.prefetch_pages
 
         def _prefetch(uffd: ua.Userfaultfd, first: int, count: int) -> None:
             self.log.append(first)
@@ -72,7 +72,7 @@ class Runs:
                 self.mapping_changed += 1
                 raise
 
-        monkeypatch.setattr(resolver, "_prefetch", _prefetch)
+        monkeypatch.setattr(resolver, "prefetch_pages", _prefetch)
 
 
 # -- the resolvers that can prefetch: copy_from from memory, and a snapshot's ------------
@@ -473,3 +473,35 @@ async def test_the_recorder_leaves_out_discarded_pages(lab: Lab, snapshot: ua.Sn
             got = await finished(lab.run(lambda: region.read(4 * P, 2 * P)))
     assert got == bytes(2 * P) and server.stats.events == 1
     assert recorder.working_set().pages == (LEAD + 1,)
+
+
+class PagesAskedFor:
+    """A recorder with nothing but the method ``copy_from`` declares it needs
+    (:class:`~uffd_async._serve._resolvers.PageRecorder`): no WorkingSetRecorder."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int]] = []
+
+    def record(self, first: int, count: int = 1) -> None:
+        self.asked.append((first, count))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "snapshot"])
+async def test_any_recorder_with_a_record_method_will_do(
+    lab: Lab, snapshot: ua.Snapshot, kind: str
+) -> None:
+    """``copy_from(recorder=...)`` takes any object with ``record(first, count)``, from
+    memory and from a snapshot file: demand faults name their source pages, in order."""
+    region = lab.anonymous(PAGES)
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    recorder = PagesAskedFor()
+    source: Any = SOURCE if kind == "bytes" else snapshot
+    resolver = ua.copy_from(source, base=region.address, recorder=recorder)
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(uffd, resolver):
+            for page in (5, 2, 9):
+                await finished(lab.touch(region.address + page * P, 1, write=False))
+            got = await finished(lab.run(lambda: region.read(2 * P, P)))
+    assert recorder.asked == [(5, 1), (2, 1), (9, 1)]
+    assert got == SOURCE[2 * P : 3 * P]

@@ -202,7 +202,7 @@ async def test_replay_concurrently_and_read_everything(place: Path) -> None:
         stats = server.stats
     assert stats.pages == 2 * PAGES and stats.errors == 0  # each page filled once
     # Every page outside the set faults; how many of the set's do depends on the race
-    # (and a fault inside a set's run brings the rest of the run: see _guide).
+    # (and a fault inside a set's run brings the rest of the run: see guide).
     assert 2 * PAGES - len(RECORDED) <= stats.faults <= 2 * PAGES
 
 
@@ -315,7 +315,7 @@ async def test_a_process_killed_mid_prefetch(place: Path, monkeypatch: pytest.Mo
     snapshot_for(place, 2 * pages)
     victim: list[int] = []
     calls: list[int] = []
-    real = ua.SnapshotResolver._prefetch
+    real = ua.SnapshotResolver.prefetch_pages
 
     def _prefetch(self: ua.SnapshotResolver, uffd: ua.Userfaultfd, first: int, n: int) -> None:
         calls.append(first)
@@ -324,7 +324,7 @@ async def test_a_process_killed_mid_prefetch(place: Path, monkeypatch: pytest.Mo
             gone(victim[0])
         real(self, uffd, first, n)
 
-    monkeypatch.setattr(ua.SnapshotResolver, "_prefetch", _prefetch)
+    monkeypatch.setattr(ua.SnapshotResolver, "prefetch_pages", _prefetch)
     async with running(place, place / "guest.mem", populate=True) as server:
         async with await anyio.open_process(
             [sys.executable, "-c", REPLAY_PEER, peer_config(place, [], pages, wait=True)]

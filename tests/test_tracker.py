@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import random
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import pytest
 
 import uffd_async as ua
+from uffd_async._core._native import FastPath
 
 from ._support import TIMEOUT, Lab, finished
 
@@ -123,3 +125,59 @@ async def test_features_are_checked_with_a_remedy(lab: Lab) -> None:
     async with ua.WriteTracker(uffd, region.address, region.length, mode="async") as tracker:
         with pytest.raises(ua.InvalidArgument, match="fault mode"):
             await tracker.next_write()
+
+
+class RecordingHook:
+    """A write hook with nothing behind it: what the tracker calls, and what the page held
+    then. ``fast_path`` declines, so every write fault comes through Python."""
+
+    def __init__(self, region: ua.Region) -> None:
+        self.region = region
+        self.calls: list[tuple[str, Any]] = []
+
+    def before_unprotect(self, page: int) -> None:
+        offset = page - self.region.address
+        self.calls.append(("before_unprotect", (page, self.region.read(offset, 1))))
+
+    def fast_path(self, marks: int | None = None) -> FastPath | None:
+        self.calls.append(("fast_path", marks is not None))
+        return None
+
+    def apply(self, event: ua.Remap | ua.Remove | ua.Unmap) -> None:
+        self.calls.append(("apply", event))
+
+
+async def test_a_write_hook_sees_each_write_fault_before_the_write(lab: Lab) -> None:
+    """The seam a live snapshot uses, driven by a fake: the tracker calls the hook at each
+    write fault while the page still holds its old bytes, and at each event, and records
+    the page as written either way; after detach it calls nothing."""
+    uffd = lab.uffd(ua.Feature.WP_UNPOPULATED | ua.Feature.EVENT_REMOVE)
+    region = lab.anonymous(8)
+    region.fill(0, region.length, 3)
+    hook = RecordingHook(region)
+    with anyio.fail_after(TIMEOUT):
+        async with ua.WriteTracker(uffd, region.address, region.length) as tracker:
+            assert (tracker.start, tracker.length) == (region.address, region.length)
+            assert tracker.write_hook is None and tracker.dirty_indexes() == []
+            tracker.attach(hook)
+            assert tracker.write_hook is hook
+            with pytest.raises(ua.InvalidArgument, match="under way") as refused:
+                tracker.attach(RecordingHook(region))
+            assert refused.value.errno == errno.EBUSY
+            tracker.detach(RecordingHook(region))  # not the one attached: nothing happens
+            assert tracker.write_hook is hook
+            await finished(lab.run(lambda: region.fill(2 * P, 1, 9)))
+            await finished(lab.run(lambda: region.discard(5 * P, P)))
+            assert tracker.dirty_indexes() == [2, 5]
+            saved = [args for name, args in hook.calls if name == "before_unprotect"]
+            assert saved == [(region.address + 2 * P, b"\x03")]  # before the write
+            applied = [args for name, args in hook.calls if name == "apply"]
+            assert applied == [ua.Remove(start=region.address + 5 * P, end=region.address + 6 * P)]
+            assert ("fast_path", True) in hook.calls  # offered the C loop, declined
+            assert tracker.collect() == [region.address + 2 * P, region.address + 5 * P]
+            tracker.detach(hook)
+            assert tracker.write_hook is None
+            calls = len(hook.calls)
+            await finished(lab.run(lambda: region.fill(6 * P, 1, 9)))
+            assert tracker.collect() == [region.address + 6 * P]
+            assert len(hook.calls) == calls

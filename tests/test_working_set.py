@@ -22,7 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import uffd_async as ua
-from uffd_async._restore._working_set import _HEADER, MAGIC, VERSION, snapshot_identity
+from uffd_async._capture._identity import snapshot_identity
+from uffd_async._restore._working_set import _HEADER, MAGIC, VERSION
 
 P = ua.PAGE_SIZE
 IDENTITY = bytes(range(32))

@@ -1,15 +1,15 @@
 """Serve Linux page faults from async Python: userfaultfd under anyio (asyncio and trio)."""
 
+from . import lowlevel as lowlevel
 from . import reader as reader
 from . import resolvers as resolvers
 from . import testing as testing
-from ._capture._layers import ImageWriter as ImageWriter
-from ._capture._layers import Layer as Layer
-from ._capture._layers import LayeredSnapshot as LayeredSnapshot
-from ._capture._layers import LayerWriter as LayerWriter
-from ._capture._layers import squash as squash
+from ._capture._layer import Layer as Layer
+from ._capture._layer_writer import ImageWriter as ImageWriter
+from ._capture._layer_writer import LayerWriter as LayerWriter
 from ._capture._live_snapshot import LiveSnapshotStats as LiveSnapshotStats
 from ._capture._live_snapshot import snapshot_live as snapshot_live
+from ._capture._squash import squash as squash
 from ._capture._tracker import WriteTracker as WriteTracker
 from ._core._abi import PAGE_SIZE as PAGE_SIZE
 from ._core._abi import FaultFlags as FaultFlags
@@ -40,34 +40,39 @@ from ._core._events import PageFault as PageFault
 from ._core._events import Remap as Remap
 from ._core._events import Remove as Remove
 from ._core._events import Unmap as Unmap
-from ._core._events import decode as decode
 from ._core._memory import Region as Region
 from ._core._memory import touch as touch
 from ._core._open import Method as Method
 from ._core._open import Support as Support
 from ._core._open import probe as probe
 from ._core._uffd import Userfaultfd as Userfaultfd
+from ._core._uffd import decode as decode
+from ._handoff._options import PeerPolicy as PeerPolicy
+from ._handoff._options import ReplayOptions as ReplayOptions
 from ._handoff._server import HandoffServer as HandoffServer
 from ._handoff._server import HandoffStats as HandoffStats
 from ._handoff._server import serve_handoffs as serve_handoffs
 from ._handoff._transfer import Handoff as Handoff
 from ._handoff._transfer import receive_uffd as receive_uffd
 from ._handoff._transfer import send_uffd as send_uffd
-from ._handoff._wire import GuestMapping as GuestMapping
 from ._handoff._wire import MessageShape as MessageShape
 from ._handoff._wire import encode_mappings as encode_mappings
 from ._handoff._wire import parse_mappings as parse_mappings
 from ._remote._http_source import HttpSource as HttpSource
 from ._remote._http_source import HttpStats as HttpStats
+from ._restore._guest_mapping import GuestMapping as GuestMapping
+from ._restore._layered import LayeredSnapshot as LayeredSnapshot
 from ._restore._prefetch import PrefetchStats as PrefetchStats
 from ._restore._prefetch import prefetch as prefetch
 from ._restore._snapshot import Snapshot as Snapshot
-from ._restore._snapshot import SnapshotResolver as SnapshotResolver
+from ._restore._snapshot_resolver import SnapshotResolver as SnapshotResolver
+from ._restore._source import SnapshotSource as SnapshotSource
 from ._restore._working_set import WorkingSet as WorkingSet
 from ._restore._working_set import WorkingSetRecorder as WorkingSetRecorder
 from ._serve._server import DEFAULT_SPIN as DEFAULT_SPIN
 from ._serve._server import FaultServer as FaultServer
 from ._serve._server import OnError as OnError
+from ._serve._server import ServeOptions as ServeOptions
 from ._serve._server import ServerStats as ServerStats
 from ._serve._server import serve as serve
 from .reader import EventReader as EventReader
@@ -114,16 +119,20 @@ __all__ = [
     "OnError",
     "PageExists",
     "PageFault",
+    "PeerPolicy",
     "PrefetchStats",
     "ProcessExited",
     "Region",
     "Remap",
     "Remove",
+    "ReplayOptions",
     "Resolver",
+    "ServeOptions",
     "ServerStats",
     "Snapshot",
     "SnapshotClosed",
     "SnapshotResolver",
+    "SnapshotSource",
     "SourceChanged",
     "Support",
     "UffdClosed",

@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -26,13 +25,16 @@ from typing import NoReturn
 
 import anyio
 
-from ._capture._layers import Layer, LayeredSnapshot, check_output, squash
+from ._capture._layer import Layer
+from ._capture._squash import check_output, squash
 from ._core._abi import PAGE_SIZE, Feature, Ioctl
+from ._core._checks import check_seconds
 from ._core._errors import InvalidArgument, LayerError, SourceChanged
 from ._core._loops import LOOPS, choose_backend, describe_loop
 from ._core._open import probe
 from ._handoff._metrics import MetricsExporter, parse_address
-from ._handoff._server import HandoffServer, HandoffStats, check_record_path, serve_handoffs
+from ._handoff._options import PeerPolicy, ReplayOptions, check_record_path
+from ._handoff._server import HandoffServer, HandoffStats, serve_handoffs
 from ._remote._http_source import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
@@ -45,6 +47,9 @@ from ._remote._http_source import (
     is_url,
     url_problem,
 )
+from ._remote._open_source import open_source
+from ._restore._layered import LayeredSnapshot
+from ._restore._source import SnapshotSource
 from ._restore._working_set import WorkingSet, WorkingSetError
 
 if sys.version_info < (3, 11):
@@ -128,52 +133,56 @@ async def _report(server: HandoffServer, interval: float) -> None:
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
-    if args.layer:
-        with LayeredSnapshot(args.snapshot, *args.layer) as layered:
-            count = len(layered.layers)
-            described = f"{args.snapshot} with {count} layer{'s' if count != 1 else ''} on top"
-            await _serve_source(args, layered, described)
-        return
-    if not is_url(args.snapshot):
-        await _serve_source(args, args.snapshot, args.snapshot)
-        return
-    async with HttpSource(
-        args.snapshot,
-        chunk_size=args.chunk_size,
-        concurrency=args.concurrency,
-        timeout=args.http_timeout,
-        retries=args.retries,
-        headers=dict(args.header),
-        cache_bytes=args.cache_size,
-        http2=args.http2,
-    ) as source:
+    http = {
+        "chunk_size": args.chunk_size,
+        "concurrency": args.concurrency,
+        "timeout": args.http_timeout,
+        "retries": args.retries,
+        "headers": dict(args.header),
+        "cache_bytes": args.cache_size,
+        "http2": args.http2,
+    }
+    async with open_source(args.snapshot, layers=args.layer, http=http) as source:
+        await _serve_source(args, source, _described(args.snapshot, source))
+
+
+def _described(spec: str, source: SnapshotSource) -> str:
+    """What the start-up line says is served."""
+    if isinstance(source, LayeredSnapshot):
+        count = len(source.layers)
+        return f"{spec} with {count} layer{'s' if count != 1 else ''} on top"
+    if isinstance(source, HttpSource):
         checked = source.validator or "nothing: the server sends no ETag or Last-Modified"
-        described = (
+        return (
             f"{source.url} ({source.size:,} bytes, {source.chunk_size // 1024:,} KiB chunks, "
             f"{source.concurrency} at a time, checked by {checked})"
         )
-        await _serve_source(args, source, described)
+    return spec
 
 
-async def _serve_source(
-    args: argparse.Namespace, source: str | HttpSource | LayeredSnapshot, described: str
-) -> None:
+def _handoff_options(args: argparse.Namespace) -> tuple[PeerPolicy, ReplayOptions]:
+    """The handoff server's options, from the flags: built here, once, and handed down."""
+    policy = PeerPolicy(
+        allowed_uids=args.allow_uid,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        timeout=args.timeout,
+    )
+    replay = ReplayOptions(
+        readahead=args.readahead,
+        record=args.record,
+        prefetch=args.prefetch,
+        populate=args.populate == "all",
+    )
+    return policy, replay
+
+
+async def _serve_source(args: argparse.Namespace, source: SnapshotSource, described: str) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
+            policy, replay = _handoff_options(args)
             server: HandoffServer = await tg.start(
-                functools.partial(
-                    serve_handoffs,
-                    args.socket,
-                    source,
-                    allowed_uids=args.allow_uid,
-                    socket_mode=args.socket_mode,
-                    socket_group=args.socket_group,
-                    record=args.record,
-                    prefetch=args.prefetch,
-                    populate=args.populate == "all",
-                    timeout=args.timeout,
-                    readahead=args.readahead,
-                )
+                functools.partial(serve_handoffs, args.socket, source, policy=policy, replay=replay)
             )
             if args.metrics is not None:
                 host, port = args.metrics
@@ -335,9 +344,10 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}")
-    return value
+    try:
+        return check_seconds("seconds", value)
+    except InvalidArgument:  # argparse names the flag: say the rule in its words
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}") from None
 
 
 _SIZE = re.compile(r"^(\d+)\s*(|k|kib|m|mib|g|gib)$", re.IGNORECASE)

@@ -22,6 +22,7 @@ from ._core._abi import PAGE_SIZE, FaultFlags, Feature, Mode
 from ._core._errors import PageExists
 from ._core._events import PageFault
 from ._core._uffd import Userfaultfd
+from ._serve._options import ServeOptions
 from ._serve._resolvers import AnyResolver, Resolver
 from ._serve._server import FaultServer
 
@@ -102,7 +103,7 @@ class FaultGate:
             self._uffd = Userfaultfd.open(self._features)
         try:
             self._uffd.register(self._address, self._length, self._mode)
-            self._server = FaultServer(self._uffd, _Gate(self), limit=1 << 16)
+            self._server = FaultServer(self._uffd, _Gate(self), options=ServeOptions(limit=1 << 16))
             await self._server.__aenter__()
         except BaseException:
             self._send.close()

@@ -5,9 +5,12 @@ from mutant import Mutant
 
 LIVE = "uffd_async/_capture/_live_snapshot.py"
 C = "uffd_async/_core/_native_lib.c"
-LAYERS = "uffd_async/_capture/_layers.py"
+LAYER = "uffd_async/_capture/_layer.py"
+LAYER_WRITER = "uffd_async/_capture/_layer_writer.py"
+LAYERED = "uffd_async/_restore/_layered.py"
 FORMAT = "uffd_async/_capture/_layer_file.py"
 WS = "uffd_async/_restore/_working_set.py"
+IDENTITY = "uffd_async/_capture/_identity.py"
 ATOMIC = "uffd_async/_core/_atomic_file.py"
 T_LIVE = ["tests/test_live_snapshot.py"]
 T_LAYERS = ["tests/test_layers.py"]
@@ -124,7 +127,7 @@ MUTANTS = [
     # -- layers -------------------------------------------------------------------------
     Mutant(
         id="capture-layers-oldest-wins",
-        file=LAYERS,
+        file=LAYER,
         old="    for source in range(len(layers), 0, -1):",
         new="    for source in range(1, len(layers) + 1):",
         tests=T_LAYERS,
@@ -132,7 +135,7 @@ MUTANTS = [
     ),
     Mutant(
         id="capture-layers-chain-size",
-        file=LAYERS,
+        file=LAYER,
         old="        if layer.image_size != size:",
         new="        if layer.image_size > size:",
         tests=T_LAYERS,
@@ -140,7 +143,7 @@ MUTANTS = [
     ),
     Mutant(
         id="capture-layers-slot-end",
-        file=LAYERS,
+        file=LAYER_WRITER,
         old="        if run < 0 or index >= self._ends[run]:",
         new="        if run < 0 or index > self._ends[run]:",
         tests=T_LAYERS,
@@ -148,7 +151,7 @@ MUTANTS = [
     ),
     Mutant(
         id="capture-layers-verify-last",
-        file=LAYERS,
+        file=LAYER,
         old="        for slot in range(self.page_count):",
         new="        for slot in range(self.page_count - 1):",
         tests=T_LAYERS,
@@ -156,7 +159,7 @@ MUTANTS = [
     ),
     Mutant(
         id="capture-layers-span-count",
-        file=LAYERS,
+        file=LAYERED,
         old="            count = min(count, self._span_ends[span] - index)",
         new="            count = min(count, self._span_ends[span] - index + 1)",
         tests=T_LAYERS,
@@ -164,7 +167,7 @@ MUTANTS = [
     ),
     Mutant(
         id="capture-layers-span-origin",
-        file=LAYERS,
+        file=LAYERED,
         old=(
             "            spans.append(((a - low) // size, (b - low) //"
             " size, sources[source] + at - start + low))"
@@ -268,7 +271,7 @@ MUTANTS = [
     ),
     Mutant(
         id="capture-ws-identity-step",
-        file=WS,
+        file=IDENTITY,
         old="    step = (size - _SAMPLE) // (_SAMPLES - 1)",
         new="    step = size // _SAMPLES",
         tests=T_WS,

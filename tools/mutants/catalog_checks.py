@@ -196,17 +196,17 @@ MUTANTS = [
     # -- call sites -------------------------------------------------------------------------------
     Mutant(
         id="checks-site-server-limit",
-        file="uffd_async/_serve/_server.py",
-        old='        check_int("limit", limit, minimum=1)',
-        new='        check_int("limit", limit, minimum=0)',
+        file="uffd_async/_serve/_options.py",
+        old='    check_int("limit", value, minimum=1)',
+        new='    check_int("limit", value, minimum=0)',
         tests=CHECKS,  # test_server.py::test_bad_arguments would hang in serve(limit=0)
         why="serve(limit=0) starts a server that can never resolve a fault",
     ),
     Mutant(
         id="checks-site-server-page-size",
-        file="uffd_async/_serve/_server.py",
-        old='        check_page_size("page_size", page_size)',
-        new='        check_int("page_size", page_size, minimum=1)',
+        file="uffd_async/_serve/_options.py",
+        old='        check_page_size("page_size", value)',
+        new='        check_int("page_size", value, minimum=1)',
         tests=["tests/test_hostile.py", *CHECKS],
         why="a FaultServer with a 3-page 'page size' masks fault addresses wrongly",
     ),
@@ -220,7 +220,7 @@ MUTANTS = [
     ),
     Mutant(
         id="checks-site-listener-mode",
-        file="uffd_async/_handoff/_listener.py",
+        file="uffd_async/_handoff/_options.py",
         old="minimum=0, maximum=0o777,",
         new="minimum=0, maximum=0o7777,",
         tests=CHECKS,

@@ -10,8 +10,8 @@ MUTANTS = [
     Mutant(
         id="cli-seconds-zero",
         file=F,
-        old="    if not (value > 0 and math.isfinite(value)):",
-        new="    if not (value >= 0 and math.isfinite(value)):",
+        old='        return check_seconds("seconds", value)',
+        new='        return check_seconds("seconds", value, zero=True)',
         tests=ERRORS,
         why="--interval 0 is accepted: the progress loop busy-loops",
     ),
@@ -140,7 +140,7 @@ MUTANTS = [
     ),
     Mutant(
         id="cli-squash-string-compare",
-        file="uffd_async/_capture/_layers.py",
+        file="uffd_async/_capture/_squash.py",
         old="            same = os.path.samefile(out, path)",
         new="            same = out == path",
         tests=ERRORS,
@@ -183,7 +183,7 @@ MUTANTS = [
     Mutant(
         id="cli-library-record-unchecked",
         file="uffd_async/_handoff/_server.py",
-        old="            check_record_path(record)",
+        old="            check_record_path(replay.record)",
         new="            pass",
         tests=ERRORS,
         extra_args=("-k", "could_not_save"),

@@ -87,8 +87,8 @@ MUTANTS = [
     Mutant(
         id="fairness-server-limit-off-by-one",
         file=SERVER,
-        old="self._queued and len(self._in_flight) < self.limit and",
-        new="self._queued and len(self._in_flight) <= self.limit and",
+        old="self._queued and len(self._in_flight) < self.options.limit and",
+        new="self._queued and len(self._in_flight) <= self.options.limit and",
         tests=FAIR,
         why="one resolution more than ``limit`` runs at once",
     ),

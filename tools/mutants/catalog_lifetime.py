@@ -174,9 +174,9 @@ MUTANTS = [
     ),
     Mutant(
         id="listener-mode-bound",
-        file=LISTENER,
-        old='"socket_mode", mode, minimum=0, maximum=0o777,',
-        new='"socket_mode", mode, minimum=0, maximum=0o7777,',
+        file="uffd_async/_handoff/_options.py",
+        old='"socket_mode", value, minimum=0, maximum=0o777,',
+        new='"socket_mode", value, minimum=0, maximum=0o7777,',
         tests=[f"{FC}::test_socket_mode_and_group_in_the_api"],
         why="a setuid/sticky socket mode is accepted",
     ),
@@ -184,9 +184,9 @@ MUTANTS = [
     Mutant(
         id="lifetime-child-options",
         file="uffd_async/_serve/_server.py",
-        old="        child = _Server(uffd, resolver, **attrs.asdict(self.options, recurse=False))",
-        new="        child = _Server(uffd, resolver, limit=self.limit, batch=self.batch, "
-        "on_error=self.on_error, page_size=self.page_size)",
+        old="        child = _Server(uffd, resolver, self.options)",
+        new="        child = _Server(uffd, resolver, ServeOptions(limit=self.options.limit, "
+        "batch=self.options.batch, on_error=self.on_error, page_size=self.page_size))",
         tests=[f"{SERVING}::test_a_fork_child_is_served_with_the_servers_options"],
         why="bug 11: a fork child's server busy-polls where the parent chose spin=0",
     ),

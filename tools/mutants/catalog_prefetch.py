@@ -1,4 +1,4 @@
-"""Mutants of the prefetcher (uffd_async/_restore/_prefetch.py), its HTTP part (one list: MUTANTS)."""
+"""Mutants of the prefetcher (uffd_async/_restore/_prefetch.py) and its HTTP part."""
 
 from mutant import Mutant
 
@@ -17,7 +17,7 @@ MUTANTS = [
     Mutant(
         id="prefetch-resident-refetched",
         file=F,
-        old="            if not resolver._chunk_missing(chunk):",
+        old="            if not fill.chunk_missing(chunk):",
         new="            if False:",
         tests=HTTP,
         why="a chunk already resident is fetched again",
@@ -75,5 +75,5 @@ MUTANTS = [
     #   it is an ioctl on the closed uffd, which raises the same UffdClosed.
     # * _everything's "min(run_pages, first + count - start)" -> "run_pages" (the last
     #   run past the mapping's end): every consumer clamps to its own pages
-    #   (CopyFrom._fill_ahead, SnapshotResolver._spans, ChunkedCopy._chunk_missing).
+    #   (CopyFrom._fill_ahead, SnapshotResolver._spans, ChunkedCopy.chunk_missing).
 ]

@@ -27,7 +27,7 @@ format relies on:
   in any order (32 bytes kept per page), with no second pass over the data;
   a reader checks it with one pass (``Layer.verify``).
 * A layer's ``parent`` is what it was written on top of: the
-  ``snapshot_identity`` of a full image (see :mod:`._working_set`), or the
+  ``snapshot_identity`` of a full image (see :mod:`._identity`), or the
   previous layer's ``identity``. A chain of layers is checked link by link.
 """
 

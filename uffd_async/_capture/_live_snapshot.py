@@ -18,11 +18,12 @@ facts this relies on (``man 2 ioctl_userfaultfd``, admin-guide/mm/userfaultfd):
   fault. Then every page is read once first, which maps the zero page there
   (QEMU pre-faults the same way); with the feature nothing is pre-faulted.
 * While a non-cooperative event (remap, remove, unmap) is unread every
-  ioctl fails with EAGAIN: a run read in the background is written to the
-  image only if no event arrived while it was read and its unprotect (or, for
-  a tracker, a re-protect of one of its pages: a no-op) succeeds; otherwise
-  it is read again. Pages moved by mremap are read where they are now
-  (``EVENT_REMAP`` keeps them registered and protected).
+  ioctl fails (EAGAIN, see :mod:`uffd_async._core._uffd`): a run read in the
+  background is written to the image only if no event arrived while it was
+  read and its unprotect (or, for a tracker, a re-protect of one of its
+  pages: a no-op) succeeds; otherwise it is read again. Pages moved by
+  mremap are read where they are now (``EVENT_REMAP`` keeps them registered
+  and protected).
 * A page unmapped before it was saved is lost (zeros in the image, counted).
   Without ``EVENT_UNMAP`` nothing says so: a write fault read after its page
   was unmapped saves zeros, and its unprotect fails with ENOENT; the writer
@@ -31,12 +32,13 @@ facts this relies on (``man 2 ioctl_userfaultfd``, admin-guide/mm/userfaultfd):
   contents too: the kernel zaps it as soon as the REMOVE event is read. It is
   read at once, which often still finds them, and counted in ``discarded``;
   QEMU refuses discards during a background snapshot for this reason.
-* ``process_vm_readv`` of a page the process does not map fails with EFAULT
-  and reads nothing, which for an unmapped page is right (zeros). For a
-  wrong ``pid`` every page would be so: the range must be mapped in ``pid``
-  (``/proc/PID/maps``) before anything is protected, and ESRCH or EPERM (no
-  ptrace access) are errors, never zeros. The image file is 0600 and written
-  atomically (:mod:`._atomic_file`): it holds a process's memory.
+* A page the process does not map reads nothing
+  (:mod:`uffd_async._core._process_memory`), which for an unmapped page is
+  right (zeros). For a wrong ``pid`` every page would be so: the range must
+  be mapped in ``pid`` (``/proc/PID/maps``) before anything is protected,
+  and ESRCH or EPERM (no ptrace access) are errors, never zeros. The image
+  file is 0600 and written atomically (:mod:`uffd_async._core._atomic_file`):
+  it holds a process's memory.
 * Writes that do not go through the page tables of the registered range
   (device DMA, a ``write()`` into it from the kernel of another process) are
   not seen.
@@ -63,9 +65,9 @@ from .._core._events import PageFault, Remap, Remove, Unmap
 from .._core._native import FAST_SAVE, FastPath
 from .._core._process_memory import ProcessMemory
 from .._core._uffd import Userfaultfd
-from .._restore._working_set import identity_of, identity_samples
 from .._serve._resolvers import AnyResolver, Resolver, by_kind
 from .._serve._server import FaultServer, OnError
+from ._identity import identity_of, identity_samples
 
 if TYPE_CHECKING:
     from ._tracker import WriteTracker
@@ -140,7 +142,7 @@ class _LayerFile:
 
     def __init__(self, dest: str | os.PathLike[str], size: int, pages: list[int],
                  page_size: int, parent: bytes) -> None:  # fmt: skip
-        from ._layers import LayerWriter
+        from ._layer_writer import LayerWriter
 
         self.size = size
         self._writer = LayerWriter(
@@ -160,7 +162,11 @@ class _LayerFile:
 
 
 class _Snapshot:
-    """The state of one live snapshot: which pages are saved, where they are now."""
+    """The state of one live snapshot: which pages are saved, where they are now.
+
+    Under a tracker it is the tracker's :class:`~._tracker.WriteHook` (its
+    ``before_unprotect``, ``fast_path`` and ``apply``, which ``_SaveFirst`` calls otherwise).
+    """
 
     def __init__(
         self,
@@ -468,9 +474,9 @@ async def snapshot_live(
             raise InvalidArgument(errno.EINVAL, "a WriteTracker tracks 4 KiB pages only")
         if tracker.mode != "fault":
             raise InvalidArgument(errno.EINVAL, "a live snapshot needs a fault-mode WriteTracker")
-        if (tracker._start, tracker._length) != (address, length):
+        if (tracker.start, tracker.length) != (address, length):
             raise InvalidArgument(errno.EINVAL, "the tracker must track exactly this range")
-        if tracker._live is not None:
+        if tracker.write_hook is not None:
             raise InvalidArgument(errno.EBUSY, "a live snapshot of this tracker is under way")
     stats = stats if stats is not None else LiveSnapshotStats()
     started = time.monotonic()
@@ -498,7 +504,7 @@ async def snapshot_live(
                              safe_reads=missing is None, page_size=page_size)  # fmt: skip
         stats.total = snapshot.pages
         if tracker is not None:
-            tracker._live = snapshot  # no await until collect(): a write between is saved
+            tracker.attach(snapshot)  # no await until collect(): a write between is saved
             tracker.collect()
             await _run(snapshot, run_bytes, started, task_status, tracker)
             return stats
@@ -520,8 +526,8 @@ async def snapshot_live(
             snapshot.sink.abort()
         raise
     finally:
-        if tracker is not None and tracker._live is snapshot:
-            tracker._live = None
+        if tracker is not None and snapshot is not None:
+            tracker.detach(snapshot)
 
 
 def _check_mapped(pid: int, address: int, length: int) -> None:
@@ -564,7 +570,7 @@ def _under_tracker(
     missing: AnyResolver | None,
 ) -> _Snapshot:
     """The instant of a layer: the tracker's collect() (no await between it and the hook)."""
-    pages = tracker._dirty_indexes()
+    pages = tracker.dirty_indexes()
     sink = _LayerFile(dest, length, pages, PAGE_SIZE, parent)
     snapshot = _Snapshot(uffd, address, length, sink, memory, stats, unprotect=False,
                          safe_reads=missing is None)  # fmt: skip
@@ -573,7 +579,7 @@ def _under_tracker(
         snapshot.saved[index] = 0
     snapshot.skipped = snapshot.pages - len(pages)
     stats.total = len(pages)
-    tracker._live = snapshot
+    tracker.attach(snapshot)
     written = tracker.collect()
     assert len(written) == len(pages)
     return snapshot
@@ -587,8 +593,8 @@ async def _run(
     stats.instant_seconds = time.monotonic() - started
     task_status.started(stats)
     await snapshot.save_all(max(1, run_bytes // snapshot.page_size))
-    if tracker is not None and tracker._live is snapshot:
-        tracker._live = None  # all saved: its faults need nothing from us any more
+    if tracker is not None:
+        tracker.detach(snapshot)  # all saved: its faults need nothing from us any more
     # The sync (msync, fsync: up to seconds) runs in a worker thread: a tracker's writers
     # must not wait for it on the event loop. Every wanted page is saved, so the C loop
     # never writes into the image again (it only reads the saved bitmap).

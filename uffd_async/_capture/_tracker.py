@@ -9,7 +9,7 @@ Two modes, both starting from a write-protected range:
   raise nothing: with ``UFFD_FEATURE_EVENT_REMOVE`` on the uffd, the tracker
   counts discarded pages as written, and collect() protects them again.
   Untouched pages are protected too only with ``UFFD_FEATURE_WP_UNPOPULATED``
-  (without it, protecting an empty pte does nothing), so the uffd must have it.
+  (see :mod:`._live_snapshot`), so the uffd must have it.
 * ``"async"``: ``UFFD_FEATURE_WP_ASYNC``, the kernel resolves the faults
   itself and writers never wait for Python; ``collect()`` is one PAGEMAP_SCAN
   that reports written pages and protects them again in the same walk.
@@ -19,14 +19,19 @@ dirty pages *before* it swaps in a fresh set, and runs without awaiting, so a
 write either landed before the re-protect (and its page is in the returned
 set; read the page after ``collect()`` returns) or faults afterwards into the
 next set. Leaving the tracker unprotects the range, so no writer stays blocked.
+
+A live snapshot of the range (:func:`~uffd_async.snapshot_live` with ``tracker=``)
+attaches a :class:`WriteHook`: the tracker's resolver calls it at every write fault
+and event, and otherwise knows nothing of snapshots.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 
@@ -40,8 +45,23 @@ from .._core._uffd import Userfaultfd
 from .._serve._resolvers import AnyResolver, NoSourcePage, Resolver, by_kind
 from .._serve._server import FaultServer, OnError
 
-if TYPE_CHECKING:
-    from ._live_snapshot import _Snapshot
+__all__ = ["WriteHook", "WriteTracker"]
+
+
+class WriteHook(Protocol):
+    """What runs at a tracker's write faults besides the tracker's own bookkeeping (a live
+    snapshot saving each page before its writer changes it). See :meth:`WriteTracker.attach`."""
+
+    def before_unprotect(self, page: int) -> None:
+        """A write fault on ``page``: it stays protected, its writer blocked, until this
+        returns."""
+
+    def fast_path(self, marks: int | None = None) -> FastPath | None:
+        """What the server's C loop may do for write faults instead, setting ``marks`` (the
+        address of the tracker's dirty bitmap) for each page; None: every fault comes here."""
+
+    def apply(self, event: Remap | Remove | Unmap) -> None:
+        """An event moved, discarded or unmapped memory (before the tracker counts it)."""
 
 
 class _RecordWrites(Resolver):
@@ -65,8 +85,8 @@ class _RecordWrites(Resolver):
         if not 0 <= index < len(tracker._dirty):
             raise NoSourcePage(f"a write-protect fault at {fault.address:#x}, outside the tracker")
         page = tracker._start + index * PAGE_SIZE
-        if tracker._live is not None:  # a live snapshot saves the page before it is written
-            tracker._live.before_unprotect(page)
+        if tracker._hook is not None:  # a live snapshot saves the page before it is written
+            tracker._hook.before_unprotect(page)
         uffd._unprotect_nocheck(page, PAGE_SIZE, self.wakes)
         tracker._written(index)
         return True
@@ -77,8 +97,8 @@ class _RecordWrites(Resolver):
         tracker = self._tracker
         if tracker._announce:
             return None
-        if tracker._live is not None:
-            return tracker._live.fast_path(marks=ctypes.addressof(tracker._dirty_c))
+        if tracker._hook is not None:
+            return tracker._hook.fast_path(marks=ctypes.addressof(tracker._dirty_c))
         return self._fast
 
     def apply(self, event: Remap | Remove | Unmap) -> None:
@@ -88,8 +108,8 @@ class _RecordWrites(Resolver):
         them again, so later writes fault once more. Needs EVENT_REMOVE.
         """
         tracker = self._tracker
-        if tracker._live is not None:
-            tracker._live.apply(event)
+        if tracker._hook is not None:
+            tracker._hook.apply(event)
         if isinstance(event, Remove):
             first = max(0, (event.start - tracker._start) // PAGE_SIZE)
             last = min(len(tracker._dirty), -(-(event.end - tracker._start) // PAGE_SIZE))
@@ -159,11 +179,42 @@ class WriteTracker:
         self._arrived = anyio.Event()
         self._server: FaultServer | None = None
         self._active = False
-        self._live: _Snapshot | None = None  # a live snapshot under way (see snapshot_live)
+        self._hook: WriteHook | None = None  # a live snapshot under way (see attach)
 
     @property
     def mode(self) -> str:
         return self._mode
+
+    @property
+    def start(self) -> int:
+        """The first address of the tracked range."""
+        return self._start
+
+    @property
+    def length(self) -> int:
+        """The tracked range's length in bytes."""
+        return self._length
+
+    @property
+    def write_hook(self) -> WriteHook | None:
+        """The hook attached now (a live snapshot under way), or None."""
+        return self._hook
+
+    def attach(self, hook: WriteHook) -> None:
+        """Call ``hook`` at every write fault and event from now on, until :meth:`detach`.
+
+        One hook at a time: a second live snapshot of the range while one is under
+        way is refused (EBUSY). Attach without awaiting before :meth:`collect` (the
+        instant), so that no write between the two escapes the hook.
+        """
+        if self._hook is not None:
+            raise InvalidArgument(errno.EBUSY, "a live snapshot of this tracker is under way")
+        self._hook = hook
+
+    def detach(self, hook: WriteHook) -> None:
+        """Stop calling ``hook``; nothing happens if it is not the one attached."""
+        if self._hook is hook:
+            self._hook = None
 
     async def __aenter__(self) -> WriteTracker:
         uffd = self._uffd
@@ -238,8 +289,10 @@ class WriteTracker:
 
     # -- both modes -------------------------------------------------------------
 
-    def _dirty_indexes(self) -> list[int]:
-        """The pages collect() would return now, as indexes (no protection changed)."""
+    def dirty_indexes(self) -> list[int]:
+        """The pages :meth:`collect` would return now, as page indexes from :attr:`start`,
+        without protecting or clearing anything. Fault mode only: in async mode the kernel
+        keeps them, and this is empty."""
         return [
             index
             for run in _DIRTY_RUN.finditer(self._dirty)

@@ -10,8 +10,8 @@ Kernel facts this module relies on (uapi ``linux/userfaultfd.h`` and
   some ioctls write back (``copy``, ``zeropage``, ``mapped``, ``updated``,
   ``move``) is a *signed* 64-bit: bytes done, or a negative errno. Reading it
   unsigned turns -EAGAIN into an enormous byte count.
-* ``struct uffd_msg`` is packed and exactly 32 bytes; ``read()`` returns whole
-  messages only.
+* ``struct uffd_msg`` is packed and exactly 32 bytes (``read()`` returns whole
+  ones: :mod:`._events`).
 * Newer kernels add feature and ioctl bits. The flag enums below keep bits
   they do not name (``IntFlag`` boundary KEEP), so an unknown bit is carried,
   never rejected.

@@ -30,7 +30,7 @@ import secrets
 from typing import IO, Any
 
 from ._errors import InvalidArgument
-from ._memory import _MAP_SHARED, _mmap
+from ._memory import MAP_SHARED, map_memory
 from ._native import libc
 
 __all__ = ["PRIVATE", "AtomicFile", "MappedFile", "write_atomically"]
@@ -148,7 +148,9 @@ class MappedFile:
             if self._atomic is None:
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, size)
-            self.address = _mmap(size, _MAP_SHARED, self.fd, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self.address = map_memory(
+                size, MAP_SHARED, self.fd, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
         except BaseException:
             self.abort()
             raise

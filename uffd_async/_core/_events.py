@@ -147,15 +147,16 @@ def fork_fds(data: bytes | bytearray | memoryview) -> list[int]:
 def decode(
     data: bytes | bytearray | memoryview,
     *,
+    adopt: Callable[[int], Userfaultfd],
     thread_ids: bool = True,
-    adopt: Callable[[int], Userfaultfd] | None = None,
 ) -> list[Event]:
     """Decode whole ``uffd_msg`` records into events.
 
-    ``thread_ids=False`` reports ``thread_id=None`` (the uffd did not negotiate
-    THREAD_ID, so the field is meaningless). ``adopt`` turns the fd of a FORK
-    record into a handle; by default a :class:`Userfaultfd` with no features.
-    The whole buffer is validated before any fd is adopted, so a
+    ``adopt`` turns the fd of a FORK record into a handle: the owner of the
+    handle that read the bytes passes it (``Userfaultfd.decode``), so this
+    module needs nothing of the handle's. ``thread_ids=False`` reports
+    ``thread_id=None`` (the uffd did not negotiate THREAD_ID, so the field is
+    meaningless). The whole buffer is validated before any fd is adopted, so a
     :class:`DecodeError` takes ownership of nothing.
     """
     size = len(data)
@@ -186,7 +187,7 @@ def decode(
         else:
             raise DecodeError(f"record {len(events)} has unknown event code {code:#x}")
     for position, fd in forks:
-        events[position] = Fork(uffd=(adopt or _default_adopt)(fd))
+        events[position] = Fork(uffd=adopt(fd))
     return events
 
 
@@ -203,12 +204,6 @@ def _fault(
     _set_flags(fault, _flags(flags) or FaultFlags(flags))
     _set_thread_id(fault, None if third is None else (third >> _HIGH_HALF_SHIFT) & _LOW32)
     return fault
-
-
-def _default_adopt(fd: int) -> Userfaultfd:
-    from ._uffd import Userfaultfd
-
-    return Userfaultfd._adopt(fd)
 
 
 def encode(event: PageFault | Remap | Remove | Unmap) -> bytes:

@@ -41,13 +41,29 @@ from ._checks import check_int
 from ._errors import InvalidArgument, UffdError
 from ._native import lib, libc
 
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MAP_SHARED = 0x01
-_MAP_PRIVATE = 0x02
+__all__ = [
+    "BYTES_DATA_OFFSET",
+    "MAP_ANONYMOUS",
+    "MAP_HUGETLB",
+    "MAP_NORESERVE",
+    "MAP_PRIVATE",
+    "MAP_SHARED",
+    "Region",
+    "buffer_address",
+    "huge_page_size",
+    "map_memory",
+    "serving_here",
+    "touch",
+]
+
+#: ``mmap(2)`` flags, for :func:`map_memory`.
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_HUGETLB = 0x40000
 _MAP_FIXED = 0x10
-_MAP_ANONYMOUS = 0x20
-_MAP_NORESERVE = 0x4000
-_MAP_HUGETLB = 0x40000
+_MAP_FAILED = ctypes.c_void_p(-1).value
 _PROT_NONE = 0
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _MADV_DONTNEED = 4
@@ -66,7 +82,9 @@ def huge_page_size() -> int:
     return int(match.group(1)) * 1024 if match else 2 * 1024 * 1024
 
 
-def _mmap(length: int, flags: int, fd: int = -1, prot: int = _PROT_RW, addr: int = 0) -> int:
+def map_memory(length: int, flags: int, fd: int = -1, prot: int = _PROT_RW, addr: int = 0) -> int:
+    """``mmap(2)`` through libc, outside Python's ``mmap`` objects: the address of the
+    mapping, which the caller unmaps. Fails with :class:`UffdError`."""
     address = libc.mmap(addr or None, length, prot, flags, fd, 0)
     if address is None or address == _MAP_FAILED:
         err = ctypes.get_errno()
@@ -83,7 +101,9 @@ def _bytes_data_offset() -> int | None:
     return offset if 0 < offset <= 64 else None
 
 
-_BYTES_DATA = _bytes_data_offset()
+#: Where a ``bytes`` object's data starts from its ``id()``, or None (not CPython, or
+#: not as expected): the copy fast path's way to a ``bytes`` address without ctypes.
+BYTES_DATA_OFFSET = _bytes_data_offset()
 
 
 def buffer_address(data: Any) -> tuple[int, int, object]:
@@ -92,8 +112,8 @@ def buffer_address(data: Any) -> tuple[int, int, object]:
     Hold ``keepalive`` until the address is no longer used. A read-only
     buffer that is not ``bytes`` is copied once.
     """
-    if type(data) is bytes and _BYTES_DATA is not None:
-        return id(data) + _BYTES_DATA, len(data), data  # what ctypes.c_char_p would hold
+    if type(data) is bytes and BYTES_DATA_OFFSET is not None:
+        return id(data) + BYTES_DATA_OFFSET, len(data), data  # what ctypes.c_char_p would hold
     if isinstance(data, bytes):
         pointer = ctypes.c_char_p(data)
         return ctypes.cast(pointer, ctypes.c_void_p).value or 0, len(data), pointer
@@ -230,7 +250,7 @@ class Region:
     def anonymous(cls, length: int) -> Region:
         """Private anonymous memory: MISSING and WP modes."""
         length = cls._checked_length(length, PAGE_SIZE)
-        return cls(_mmap(length, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE), length)
+        return cls(map_memory(length, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE), length)
 
     @classmethod
     def shared(cls, length: int) -> Region:
@@ -245,7 +265,7 @@ class Region:
         try:
             if shared:
                 return cls._memfd_backed(length, size, _MFD_HUGETLB)
-            address = _mmap(length, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_HUGETLB)
+            address = map_memory(length, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB)
         except OSError as exc:
             if exc.errno != errno.ENOMEM:
                 raise
@@ -262,8 +282,8 @@ class Region:
         view = alias = 0
         try:
             os.ftruncate(fd, length)
-            view = _mmap(length, _MAP_SHARED, fd)
-            alias = _mmap(length, _MAP_SHARED, fd)
+            view = map_memory(length, MAP_SHARED, fd)
+            alias = map_memory(length, MAP_SHARED, fd)
         except BaseException:
             for address in (view, alias):
                 if address:
@@ -349,7 +369,9 @@ class Region:
         so call it from a thread. The registration moves with the pages.
         """
         self._span(0, 0)
-        target = _mmap(self.length, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, prot=_PROT_NONE)
+        target = map_memory(
+            self.length, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, prot=_PROT_NONE
+        )
         moved = libc.mremap(
             self.address, self.length, self.length, _MREMAP_MAYMOVE | _MREMAP_FIXED, target
         )

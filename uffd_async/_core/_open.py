@@ -33,6 +33,7 @@ import attrs
 from . import _abi
 from ._abi import Feature, Ioctl
 from ._errors import UffdError, UffdPermissionError, UnsupportedFeature
+from ._memory import MAP_ANONYMOUS, MAP_PRIVATE, map_memory
 from ._native import libc
 
 _SYSCALL_NUMBERS = {
@@ -294,12 +295,10 @@ def _may_enable(method: Method, feature: Feature) -> bool:
 
 def _range_ioctls(fd: int, available: Feature) -> Ioctl:
     """The range ioctls of an anonymous page registered with every mode it supports."""
-    from ._memory import _MAP_ANONYMOUS, _MAP_PRIVATE, _mmap
-
     mode = _abi.Mode.MISSING | (
         _abi.Mode.WP if available & Feature.PAGEFAULT_FLAG_WP else _abi.Mode(0)
     )
-    address = _mmap(_abi.PAGE_SIZE, _MAP_PRIVATE | _MAP_ANONYMOUS)
+    address = map_memory(_abi.PAGE_SIZE, MAP_PRIVATE | MAP_ANONYMOUS)
     try:
         buf = bytearray(_abi.REGISTER.pack(address, _abi.PAGE_SIZE, int(mode), 0))
         try:

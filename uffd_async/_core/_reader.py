@@ -3,7 +3,7 @@
 Facts this module relies on:
 
 * A uffd opened by this library is non-blocking. ``read()`` returns whole
-  ``uffd_msg`` records, or EAGAIN when none is pending; readiness comes from
+  records (:mod:`._events`), or EAGAIN when none is pending; readiness comes from
   the event loop (``anyio.wait_readable``: epoll on trio, the selector on
   asyncio, libuv on uvloop), so waiting costs no thread. A read that returned
   fewer records than asked for emptied the queue: the next receive waits for

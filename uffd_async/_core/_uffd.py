@@ -56,8 +56,9 @@ from ._errors import (
     UffdError,
     UnsupportedFeature,
 )
-from ._events import Event, decode, fork_fds
-from ._memory import _BYTES_DATA, buffer_address
+from ._events import Event, fork_fds
+from ._events import decode as decode_records
+from ._memory import BYTES_DATA_OFFSET, buffer_address
 from ._open import Method, feature_names, handshake, open_fd
 
 _ADDRESS_LIMIT = 1 << 64
@@ -344,7 +345,7 @@ class Userfaultfd:
         int address in this process with ``length``. ``wp=True`` maps the pages
         write-protected (COPY_MODE_WP); ``wake=False`` is DONTWAKE.
         """
-        if type(src) is bytes and type(dst) is int and _BYTES_DATA is not None and not wp:
+        if type(src) is bytes and type(dst) is int and BYTES_DATA_OFFSET is not None and not wp:
             # The resolvers' common case, checked as below but without the general path.
             size = len(src)
             if length is None:
@@ -357,7 +358,7 @@ class Userfaultfd:
                 and dst + length < _ADDRESS_LIMIT
                 and self._fd >= 0
             ):
-                return self._copy_from(dst, id(src) + _BYTES_DATA, length, wake)
+                return self._copy_from(dst, id(src) + BYTES_DATA_OFFSET, length, wake)
         if isinstance(src, int) and not isinstance(src, bool):
             if length is None:
                 raise InvalidArgumentType("copy() from an address needs a length")
@@ -622,7 +623,7 @@ class Userfaultfd:
     def decode(self, data: bytes) -> list[Event]:
         """Decode bytes read from this uffd; fork children become owned handles."""
         try:
-            return decode(data, thread_ids=self._thread_ids, adopt=self._adopt_child)
+            return decode_records(data, adopt=self._adopt_child, thread_ids=self._thread_ids)
         except Exception:
             for fd in fork_fds(data):
                 try:
@@ -638,3 +639,21 @@ class Userfaultfd:
         self._children = [c for c in self._children if not c.closed]
         self._children.append(child)
         return child
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    thread_ids: bool = True,
+    adopt: Callable[[int], Userfaultfd] | None = None,
+) -> list[Event]:
+    """Decode whole ``uffd_msg`` records into events, without I/O (``uffd_async.decode``).
+
+    ``thread_ids=False`` reports ``thread_id=None`` (the uffd did not negotiate
+    THREAD_ID, so the field is meaningless). ``adopt`` turns the fd of a FORK
+    record into a handle; by default a :class:`Userfaultfd` with no features.
+    For bytes read from a handle, ``uffd.decode(data)`` adopts its fork children
+    with its features, and closes them with it. The whole buffer is validated
+    before any fd is adopted, so a :class:`DecodeError` takes ownership of nothing.
+    """
+    return decode_records(data, adopt=adopt or Userfaultfd._adopt, thread_ids=thread_ids)

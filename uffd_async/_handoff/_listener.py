@@ -29,7 +29,6 @@ import stat
 
 import anyio
 
-from .._core._checks import check_int
 from .._core._errors import InvalidArgument
 
 __all__ = ["Listener"]
@@ -41,11 +40,8 @@ _RESOURCE_BACKOFF = 0.1
 
 
 def check_socket_access(path: str, mode: int | None, group: int | str | None) -> int | None:
-    """Refuse a bad ``mode``/``group`` before anything is created; the group's gid."""
-    if mode is not None:
-        check_int(
-            "socket_mode", mode, minimum=0, maximum=0o777, expected="permission bits (0 to 0o777)"
-        )
+    """Refuse a mode or group for a socket that has no file, before anything is created;
+    the group's gid. (Their values were checked by :class:`~._options.PeerPolicy`.)"""
     if (mode is not None or group is not None) and _abstract(path):
         raise InvalidArgument(
             errno.EINVAL,
@@ -59,7 +55,7 @@ def check_socket_access(path: str, mode: int | None, group: int | str | None) ->
             return grp.getgrnam(group).gr_gid
         except KeyError:
             raise InvalidArgument(errno.EINVAL, f"no group named {group!r}") from None
-    return check_int("socket_group", group, minimum=0, expected="a name or a gid")
+    return group
 
 
 class Listener:

@@ -1,8 +1,8 @@
 """Serving the page faults of every process that hands its uffd over a Unix socket.
 
-Kernel and protocol facts this module relies on (see :mod:`._handoff_io` for
-the handshake, :mod:`._peer_lifetime` for watching the peer, :mod:`._listener`
-for the socket file):
+Kernel and protocol facts this module relies on (see :mod:`._transfer` for
+the handshake, :mod:`uffd_async._serve._peer_lifetime` for watching the peer,
+:mod:`._listener` for the socket file):
 
 * A peer connects, sends its uffd and mappings in one message, and then may
   close the connection at once (Firecracker 1.1 to 1.11) or keep it until it
@@ -52,27 +52,27 @@ import attrs
 from anyio.abc import TaskStatus
 
 from .._core._abi import PAGE_SIZE, Feature
-from .._core._checks import check_instance, check_int, check_seconds
 from .._core._errors import HandoffError, InvalidArgument, SourceChanged
-from .._remote._http_source import HttpSource, HttpStats, is_url, refuse_readahead
+from .._remote._http_source import HttpSource, HttpStats
+from .._remote._open_source import SourceSpec, check_source, open_source
 from .._restore._prefetch import PrefetchStats
 from .._restore._replay import Replay
-from .._restore._snapshot import Snapshot, SnapshotResolver
+from .._restore._snapshot_resolver import SnapshotResolver
+from .._restore._source import SnapshotSource
 from .._restore._working_set import WorkingSet
+from .._serve._options import ServeOptions, from_keywords
 from .._serve._peer_lifetime import PROBE_INTERVAL, PeerExit, Watch, memory_gone
 from .._serve._resolvers import AnyResolver
 from .._serve._server import DEFAULT_SPIN, OnError, ServerStats, serve
 from .._serve._stats import LatencyHistogram
 from ._listener import Listener, check_socket_access
+from ._options import PeerPolicy, ReplayOptions, check_record_path
 from ._transfer import (
-    DEFAULT_MAX_MESSAGE,
-    DEFAULT_TIMEOUT,
     Handoff,
     allowed_uid_set,
     peer_credentials,
     receive_uffd,
 )
-from ._wire import DEFAULT_MAX_REGIONS
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -146,89 +146,93 @@ class HandoffServer:
     until its process exits (see the module's notes). See :meth:`serve` for
     what ends the server.
 
-    ``allowed_uids``: uids a peer may run as besides this process's effective
-    uid (add Firecracker's, or the jailer's, to serve it). ``socket_mode``
-    and ``socket_group`` (a name or a gid): the socket file's permissions and
-    group, so that a peer of another uid may connect at all (``0o660`` and
-    the jail's group, or ``0o666`` in a directory only it can reach).
-    ``timeout``, ``max_message``, ``max_regions``: bounds on the handshake,
-    as in :func:`~uffd_async.receive_uffd`. ``readahead``: pages copied past
-    each fault (snapshot sources only). ``limit``: as in ``serve()``.
-    ``record`` (a path): the snapshot pages every process's demand faults ask
-    for are saved there as a working set (see :class:`~uffd_async.WorkingSet`;
-    with ``readahead=0``). ``prefetch`` (a path or a ``WorkingSet``): each
-    process gets that working set copied in ahead of its faults, in recorded
-    order, demand faults first; ``populate=True``: then every other page of its
-    mappings, so it becomes fully resident. Snapshot sources only.
-    ``on_error``: what a failed resolution does; by default the page is
-    poisoned (the access raises SIGBUS in the peer, which never reads wrong
-    bytes) and serving goes on; on a kernel without UFFDIO_POISON the fault
-    is left blocked and that connection's serving stops, logged.
+    The options come as three objects (see each one): ``policy``, a
+    :class:`~uffd_async.PeerPolicy` (who may connect, bounds on the
+    handshake); ``replay``, a :class:`~uffd_async.ReplayOptions` (readahead,
+    record, prefetch, populate: snapshot sources only); ``serving``, a
+    :class:`~uffd_async.ServeOptions` for each connection's ``serve()`` (its
+    ``page_size`` is left ``None``: each handoff is served in its mappings'
+    page size, so that a failed huge page is poisoned whole). Their fields may
+    also be given as keywords (``allowed_uids``, ``socket_mode``,
+    ``socket_group``, ``timeout``, ``max_message``, ``max_regions``;
+    ``readahead``, ``record``, ``prefetch``, ``populate``; ``limit``,
+    ``on_error``), not both ways at once unless they agree. ``on_error``
+    left ``None``: a failed resolution poisons the page (the access raises
+    SIGBUS in the peer, which never reads wrong bytes) and serving goes on;
+    on a kernel without UFFDIO_POISON the fault is left blocked and that
+    connection's serving stops, logged.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        source: str | os.PathLike[str] | Snapshot | HttpSource | ResolverFactory,
+        source: SourceSpec | ResolverFactory,
         *,
+        policy: PeerPolicy | None = None,
+        replay: ReplayOptions | None = None,
+        serving: ServeOptions | None = None,
         allowed_uids: Collection[int] | None = None,
         socket_mode: int | None = None,
         socket_group: int | str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_message: int = DEFAULT_MAX_MESSAGE,
-        max_regions: int = DEFAULT_MAX_REGIONS,
-        readahead: int = 0,
-        limit: int = 64,
+        timeout: float | None = None,
+        max_message: int | None = None,
+        max_regions: int | None = None,
+        readahead: int | None = None,
+        limit: int | None = None,
         on_error: OnError | None = None,
         record: str | os.PathLike[str] | None = None,
         prefetch: str | os.PathLike[str] | WorkingSet | None = None,
-        populate: bool = False,
+        populate: bool | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if not self.path:
             raise InvalidArgument(errno.EINVAL, "the socket path is empty")
-        self._socket_mode = socket_mode
-        self._socket_gid = check_socket_access(self.path, socket_mode, socket_group)
-        if isinstance(source, (Snapshot, HttpSource)) or callable(source):
-            self._source: str | Snapshot | HttpSource | ResolverFactory = source
+        self._policy = from_keywords(
+            PeerPolicy, "policy", policy,
+            allowed_uids=allowed_uids, socket_mode=socket_mode, socket_group=socket_group,
+            timeout=timeout, max_message=max_message, max_regions=max_regions,
+        )  # fmt: skip
+        self._replay_options = from_keywords(
+            ReplayOptions, "replay", replay,
+            readahead=readahead, record=record, prefetch=prefetch, populate=populate,
+        )  # fmt: skip
+        self._serving = from_keywords(
+            ServeOptions, "serving", serving, limit=limit, on_error=on_error
+        )
+        if self._serving.page_size is not None:
+            raise InvalidArgument(
+                errno.EINVAL,
+                "serving.page_size does not apply to a handoff server: each handoff is served "
+                "in its mappings' page size; leave it None",
+            )
+        policy, replay = self._policy, self._replay_options
+        self._socket_gid = check_socket_access(self.path, policy.socket_mode, policy.socket_group)
+        if isinstance(source, SnapshotSource) or callable(source):
+            self._source: str | SnapshotSource | ResolverFactory = source
         else:
             self._source = os.fspath(source)
-        if isinstance(self._source, HttpSource) or is_url(self._source):
-            refuse_readahead(readahead)  # here, before any peer connects
-        check_int("readahead", readahead, minimum=0)
-        if callable(source) and readahead:
+        if not callable(self._source):
+            check_source(self._source, readahead=replay.readahead)  # before any peer connects
+        if callable(source) and replay.readahead:
             raise InvalidArgument(
                 errno.EINVAL, "readahead applies to snapshot sources; a factory sets its own"
             )
-        if on_error is not None:
-            check_instance("on_error", on_error, OnError)
-        check_seconds("timeout", timeout)
-        if record is not None:
-            check_record_path(record)
-        self._replay = Replay(record=record, prefetch=prefetch, populate=populate)
+        if replay.record is not None:
+            check_record_path(replay.record)
+        self._replay = Replay(
+            record=replay.record, prefetch=replay.prefetch, populate=replay.populate
+        )
         if self._replay.active and callable(source):
             raise InvalidArgument(
                 errno.EINVAL, "record, prefetch and populate apply to snapshot sources"
             )
-        if record is not None and readahead:
-            raise InvalidArgument(
-                errno.EINVAL,
-                "record with readahead=0: pages readahead brings in never fault, so they "
-                "would be missing from the working set",
-            )
-        self._allowed = allowed_uid_set(allowed_uids)
-        self._timeout = timeout
-        self._max_message = max_message
-        self._max_regions = max_regions
-        self._readahead = readahead
-        self._limit = limit
-        self._on_error = on_error
+        self._allowed = allowed_uid_set(policy.allowed_uids)
         self._totals = HandoffStats()
         self._live: dict[int, Any] = {}  # id(its stats) -> the server of a live handoff
         self._resolvers: dict[int, SnapshotResolver] = {}  # id(handoff) -> its resolver
         self._prefetching: dict[int, tuple[PrefetchStats, SnapshotResolver]] = {}
         self._running = False
-        self._opened: Snapshot | HttpSource | None = None
+        self._opened: SnapshotSource | None = None
         self._latency = LatencyHistogram()  # of the handoffs that ended
 
     def latency_histogram(self) -> tuple[tuple[float, ...], list[int], float]:
@@ -248,7 +252,22 @@ class HandoffServer:
 
     @property
     def allowed_uids(self) -> frozenset[int]:
+        """This process's effective uid and ``policy.allowed_uids``: who may connect."""
         return self._allowed
+
+    @property
+    def policy(self) -> PeerPolicy:
+        return self._policy
+
+    @property
+    def replay(self) -> ReplayOptions:
+        return self._replay_options
+
+    @property
+    def serving(self) -> ServeOptions:
+        """The serving options as given; each connection's ``serve()`` gets them with what
+        ``None`` left open chosen for its handoff (its page size, its kernel's ``on_error``)."""
+        return self._serving
 
     @property
     def stats(self) -> HandoffStats:
@@ -260,7 +279,7 @@ class HandoffServer:
         for prefetching, _ in self._prefetching.values():
             stats.prefetched += prefetching.prefetched
         for resolver in self._resolvers.values():
-            populated, mapped = resolver._populated()
+            populated, mapped = resolver.populated_bytes()
             stats.populated_pages += populated // PAGE_SIZE
             stats.mapped_pages += mapped // PAGE_SIZE
         if stats.mapped_pages:
@@ -296,35 +315,25 @@ class HandoffServer:
             raise RuntimeError("this HandoffServer is already serving")
         self._running = True
         try:
-            if is_url(self._source):
-                assert isinstance(self._source, str)
-                async with HttpSource(self._source) as fetched:
-                    await self._listen(fetched, task_status)
-            elif isinstance(self._source, str):
-                with Snapshot(self._source) as opened:
-                    await self._listen(opened, task_status)
-            elif isinstance(self._source, HttpSource):
+            if isinstance(self._source, SnapshotSource):  # the caller's: they close it
                 await self._listen(await self._source.open(), task_status)
-            else:
-                given = self._source if isinstance(self._source, Snapshot) else None
-                await self._listen(given, task_status)
+            elif isinstance(self._source, str):  # named: opened (and closed) here
+                async with open_source(self._source) as opened:
+                    await self._listen(opened, task_status)
+            else:  # a factory makes each handoff's resolver
+                await self._listen(None, task_status)
         finally:
             self._running = False
             self._opened = None
 
-    async def _listen(
-        self, snapshot: Snapshot | HttpSource | None, task_status: TaskStatus[Any]
-    ) -> None:
+    async def _listen(self, snapshot: SnapshotSource | None, task_status: TaskStatus[Any]) -> None:
         self._opened = snapshot
         if snapshot is not None and self._replay.active:
-            identity = (
-                snapshot.identity if isinstance(snapshot, Snapshot) else await snapshot.identity()
-            )
-            self._replay.open(snapshot.size, identity)
+            self._replay.open(snapshot.size, await snapshot.version())
         changed: list[SourceChanged] = []
         try:
             # Bound before the task group: a path that cannot be bound raises as itself.
-            listener = Listener(self.path, mode=self._socket_mode, gid=self._socket_gid)
+            listener = Listener(self.path, mode=self._policy.socket_mode, gid=self._socket_gid)
             async with anyio.create_task_group() as tg:
                 with listener:
                     with anyio.CancelScope() as accepting:
@@ -347,9 +356,7 @@ class HandoffServer:
 
     # -- one connection -------------------------------------------------------
 
-    async def _connection(
-        self, conn: socket.socket, snapshot: Snapshot | HttpSource | None
-    ) -> None:
+    async def _connection(self, conn: socket.socket, snapshot: SnapshotSource | None) -> None:
         totals = self._totals
         totals.connections += 1
         with conn:
@@ -365,10 +372,10 @@ class HandoffServer:
                     handoff = await receive_uffd(
                         conn,
                         allowed_uids=self._allowed,
-                        max_message=self._max_message,
-                        timeout=self._timeout,
+                        max_message=self._policy.max_message,
+                        timeout=self._policy.timeout,
                         backing_size=snapshot.size if snapshot is not None else None,
-                        max_regions=self._max_regions,
+                        max_regions=self._policy.max_regions,
                     )
                 except HandoffError as exc:
                     totals.refused += 1
@@ -394,20 +401,30 @@ class HandoffServer:
                         return
                     await self._serve_handoff(conn, handoff, resolver, peer)
 
-    def _resolver(self, handoff: Handoff, snapshot: Snapshot | HttpSource | None) -> AnyResolver:
+    def _resolver(self, handoff: Handoff, snapshot: SnapshotSource | None) -> AnyResolver:
         if snapshot is not None:
             return snapshot.resolver(
-                handoff.mappings, readahead=self._readahead, recorder=self._replay.recorder
+                handoff.mappings,
+                readahead=self._replay_options.readahead,
+                recorder=self._replay.recorder,
             )
         assert callable(self._source)
         return self._source(handoff)
 
-    def _on_error_for(self, handoff: Handoff) -> OnError:
-        if self._on_error is not None:
-            return self._on_error
-        if handoff.uffd.available_features & Feature.POISON:
-            return OnError(page="poison", propagate=False)
-        return OnError(page="leave", propagate=True)
+    def _serving_for(self, handoff: Handoff) -> ServeOptions:
+        """The serving options for ``handoff``'s ``serve()``, what ``None`` left open settled:
+        its fork children's servers get the very same."""
+        serving = self._serving
+        on_error = serving.on_error
+        if on_error is None and handoff.uffd.available_features & Feature.POISON:
+            on_error = OnError(page="poison", propagate=False)
+        elif on_error is None:
+            on_error = OnError(page="leave", propagate=True)
+        # A busy-reading server would hold the loop the prefetcher needs.
+        spin = serving.spin
+        if spin is None:
+            spin = 0 if self._replay.prefetching else DEFAULT_SPIN
+        return attrs.evolve(serving, on_error=on_error, page_size=_page_size(handoff), spin=spin)
 
     async def _serve_handoff(
         self, conn: socket.socket, handoff: Handoff, resolver: AnyResolver, peer: PeerExit
@@ -473,11 +490,7 @@ class HandoffServer:
                     await serve(
                         handoff.uffd,
                         resolver,
-                        limit=self._limit,
-                        on_error=self._on_error_for(handoff),
-                        page_size=_page_size(handoff),
-                        # A busy-reading server would hold the loop the prefetcher needs.
-                        spin=0 if self._replay.prefetching else DEFAULT_SPIN,
+                        options=self._serving_for(handoff),
                         task_status=_CountedFirst(task_status, counted),
                     )
                     tg.cancel_scope.cancel()  # serving ended by itself: so does any prefetch
@@ -505,57 +518,39 @@ class HandoffServer:
 
 async def serve_handoffs(
     path: str | os.PathLike[str],
-    source: str | os.PathLike[str] | Snapshot | HttpSource | ResolverFactory,
+    source: SourceSpec | ResolverFactory,
     *,
+    policy: PeerPolicy | None = None,
+    replay: ReplayOptions | None = None,
+    serving: ServeOptions | None = None,
     allowed_uids: Collection[int] | None = None,
     socket_mode: int | None = None,
     socket_group: int | str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    max_message: int = DEFAULT_MAX_MESSAGE,
-    max_regions: int = DEFAULT_MAX_REGIONS,
-    readahead: int = 0,
-    limit: int = 64,
+    timeout: float | None = None,
+    max_message: int | None = None,
+    max_regions: int | None = None,
+    readahead: int | None = None,
+    limit: int | None = None,
     on_error: OnError | None = None,
     record: str | os.PathLike[str] | None = None,
     prefetch: str | os.PathLike[str] | WorkingSet | None = None,
-    populate: bool = False,
+    populate: bool | None = None,
     task_status: TaskStatus[HandoffServer] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every process that hands its uffd over on ``path``, until cancelled.
 
-    ``HandoffServer(path, source, ...).serve()``; ``task_status.started()``
-    receives the :class:`HandoffServer`, whose ``stats`` you may read.
+    ``HandoffServer(path, source, ...).serve()``, with the same options;
+    ``task_status.started()`` receives the :class:`HandoffServer`, whose
+    ``stats`` you may read.
     """
     server = HandoffServer(
-        path,
-        source,
-        allowed_uids=allowed_uids,
-        socket_mode=socket_mode,
-        socket_group=socket_group,
-        timeout=timeout,
-        max_message=max_message,
-        max_regions=max_regions,
-        readahead=readahead,
-        limit=limit,
-        on_error=on_error,
-        record=record,
-        prefetch=prefetch,
-        populate=populate,
-    )
+        path, source, policy=policy, replay=replay, serving=serving,
+        allowed_uids=allowed_uids, socket_mode=socket_mode, socket_group=socket_group,
+        timeout=timeout, max_message=max_message, max_regions=max_regions,
+        readahead=readahead, record=record, prefetch=prefetch, populate=populate,
+        limit=limit, on_error=on_error,
+    )  # fmt: skip
     await server.serve(task_status=task_status)
-
-
-def check_record_path(path: str | os.PathLike[str]) -> None:
-    """Refuse, before anything is served, a working-set path the recording could never be
-    saved to (its directory missing, or a directory there): else it is lost at the end."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        raise InvalidArgument(
-            errno.ENOENT, f"cannot record to {path}: {directory} is not an existing directory"
-        )
-    if os.path.isdir(path):
-        raise InvalidArgument(errno.EISDIR, f"cannot record to {path}: it is a directory")
 
 
 def _page_size(handoff: Handoff) -> int:

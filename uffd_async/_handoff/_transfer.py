@@ -3,7 +3,7 @@
 Protocol and kernel facts this module relies on:
 
 * Firecracker connects to the handler's Unix stream socket and sends *one*
-  ``sendmsg``: the JSON mappings (:mod:`._handoff`) as data, the uffd as one
+  ``sendmsg``: the JSON mappings (:mod:`._wire`) as data, the uffd as one
   ``SCM_RIGHTS`` fd; forks of Firecracker add the guest memory's memfd as a
   second fd. Its example handlers read that with one ``recvmsg`` into a buffer
   of about 1 KiB. Nothing frames the message: it is what that one ``recvmsg``
@@ -32,12 +32,12 @@ Protocol and kernel facts this module relies on:
   seen there too (Firecracker never reads its copy).
 * The memfd is a regular file (shmem or hugetlbfs); its size bounds the
   mappings' offsets.
-* The sender did the ``UFFDIO_API`` handshake, and it succeeds once per fd:
-  which features it enabled cannot be learned, so the handle records none.
-  Both ends run on the same kernel, though, so the features the kernel
-  *offers* (``UFFDIO_POISON`` among them, the safe answer when a resolver
-  fails) are learned once per process on a throwaway uffd. No range ioctl
-  depends on the features the sender enabled.
+* The sender did the ``UFFDIO_API`` handshake, which succeeds once per fd
+  (:mod:`uffd_async._core._open`): which features it enabled cannot be
+  learned, so the handle records none. Both ends run on the same kernel,
+  though, so the features the kernel *offers* (``UFFDIO_POISON`` among them,
+  the safe answer when a resolver fails) are learned once per process on a
+  throwaway uffd. No range ioctl depends on the features the sender enabled.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The mappings message of Firecracker's page-fault-handler protocol, without I/O.
 
 Protocol facts this module relies on (Firecracker's snapshot-restore UFFD
-handler protocol; see :mod:`._handoff_io` for the transport). What each
+handler protocol; see :mod:`._transfer` for the transport). What each
 released Firecracker sends, from ``GuestRegionUffdMapping`` in its
 ``src/vmm/src/persist.rs`` at each tag (serde_json, compact, fields in this
 order; 1.0 had no UFFD backend):
@@ -30,36 +30,46 @@ Firecracker    fields of each mapping                               its socket a
 * Which shape arrived says how the sender treats the connection (the last
   column above): :class:`MessageShape`. A handler that took the hangup of a
   1.1 to 1.11 sender for its end would stop serving a guest that lives on.
-* The peer is untrusted: every mapping must be page-aligned to its own page
-  size (a power of two, at least 4 KiB), non-empty, within the 64-bit address
-  space and file, disjoint from the others in virtual memory, and (when the
-  backing file's size is known) inside it. The serving side then never needs
-  to check a mapping again.
+* The peer is untrusted: each mapping is checked as
+  :mod:`uffd_async._restore._guest_mapping` says, before anyone serves it.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
-import attrs
-
-from .._core._checks import MIN_PAGE_SIZE, check_int, is_page_size
+from .._core._checks import check_int
 from .._core._errors import HandoffError
+from .._restore._guest_mapping import (
+    FIELDS,
+    GuestMapping,
+    check_mappings,
+    json_type,
+    u64,
+    validate_mappings,
+)
 
-#: The fields of a :class:`GuestMapping`, in Firecracker's order.
-FIELDS = ("base_host_virt_addr", "size", "offset", "page_size")
+__all__ = [
+    "DEFAULT_MAX_REGIONS",
+    "FIELDS",
+    "GuestMapping",
+    "MessageShape",
+    "check_limits",
+    "check_mappings",
+    "encode_mappings",
+    "parse_mappings",
+    "parse_message",
+]
+
 #: The older name of ``page_size``; it held bytes all the same.
 LEGACY_PAGE_SIZE = "page_size_kib"
 #: What a mapping without any page size field means (Firecracker before 1.7).
 IMPLIED_PAGE_SIZE = 4096
 #: A guest has a handful of regions (more with memory hotplug slots); this only bounds the work.
 DEFAULT_MAX_REGIONS = 1024
-
-_U64_LIMIT = 1 << 64
 
 
 class MessageShape(enum.Enum):
@@ -77,25 +87,6 @@ class MessageShape(enum.Enum):
     def keeps_connection(self) -> bool:
         """Whether the sender's hangup can mean that it exited."""
         return self is MessageShape.PAGE_SIZE
-
-
-@attrs.frozen(kw_only=True)
-class GuestMapping:
-    """One guest memory region as the sender maps it (Firecracker's ``GuestRegionUffdMapping``).
-
-    Faults at ``base_host_virt_addr + n`` are served from byte ``offset + n``
-    of the guest memory file, ``page_size`` bytes at a time.
-    """
-
-    base_host_virt_addr: int
-    size: int
-    offset: int
-    page_size: int
-
-    @property
-    def end(self) -> int:
-        """The first address past the region."""
-        return self.base_host_virt_addr + self.size
 
 
 def parse_mappings(
@@ -131,7 +122,7 @@ def parse_message(
         raise HandoffError(f"the mappings message is not UTF-8 JSON: {exc}") from None
     if not isinstance(document, list):
         raise HandoffError(
-            f"the mappings message must be a JSON array of objects, not {_json_type(document)}"
+            f"the mappings message must be a JSON array of objects, not {json_type(document)}"
         )
     if len(document) > max_regions:
         raise HandoffError(
@@ -139,7 +130,7 @@ def parse_message(
         )
     parsed = [_mapping(index, item) for index, item in enumerate(document)]
     mappings = [mapping for mapping, _ in parsed]
-    _validate(mappings, backing_size)
+    validate_mappings(mappings, backing_size)
     shapes = list(MessageShape)
     return mappings, min((shape for _, shape in parsed), key=shapes.index)
 
@@ -153,20 +144,12 @@ def encode_mappings(mappings: Iterable[GuestMapping]) -> bytes:
     its mistakes before a handler refuses them.
     """
     mappings = list(mappings)
-    _validate(mappings, None)
+    validate_mappings(mappings, None)
     document = [
         {**{name: getattr(mapping, name) for name in FIELDS}, LEGACY_PAGE_SIZE: mapping.page_size}
         for mapping in mappings
     ]
     return json.dumps(document, separators=(",", ":")).encode()
-
-
-def check_mappings(mappings: Iterable[GuestMapping], backing_size: int | None = None) -> None:
-    """Refuse (:class:`HandoffError`) what :func:`parse_mappings` would refuse in ``mappings``.
-
-    For mappings that did not come through :func:`parse_mappings`, before serving them.
-    """
-    _validate(list(mappings), backing_size)
 
 
 def check_limits(backing_size: int | None, max_regions: int) -> None:
@@ -188,15 +171,15 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _mapping(index: int, item: object) -> tuple[GuestMapping, MessageShape]:
     if not isinstance(item, dict):
         raise HandoffError(
-            f"mapping {index} must be a JSON object, not {_json_type(item)}", mapping=index
+            f"mapping {index} must be a JSON object, not {json_type(item)}", mapping=index
         )
     values = {}
     for name in ("base_host_virt_addr", "size", "offset"):
         if name not in item:
             raise HandoffError(f"mapping {index} has no {name!r} field", mapping=index, field=name)
-        values[name] = _u64(index, name, item[name])
+        values[name] = u64(index, name, item[name])
     sizes = {
-        field: _u64(index, field, item[field])
+        field: u64(index, field, item[field])
         for field in ("page_size", LEGACY_PAGE_SIZE)
         if field in item
     }
@@ -215,99 +198,3 @@ def _mapping(index: int, item: object) -> tuple[GuestMapping, MessageShape]:
         shape = MessageShape.NO_PAGE_SIZE
     values["page_size"] = next(iter(sizes.values()), IMPLIED_PAGE_SIZE)
     return GuestMapping(**values), shape
-
-
-def _u64(index: int, field: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        shown = f" ({value!r:.40})" if isinstance(value, (float, str)) else ""
-        raise HandoffError(
-            f"mapping {index}: {field!r} must be an integer, not {_json_type(value)}{shown}",
-            mapping=index,
-            field=field,
-        )
-    if not 0 <= value < _U64_LIMIT:
-        raise HandoffError(
-            f"mapping {index}: {field!r} is {value}, outside the unsigned 64-bit range",
-            mapping=index,
-            field=field,
-        )
-    return value
-
-
-def _validate(mappings: Sequence[GuestMapping], backing_size: int | None) -> None:
-    """Check every mapping alone, then the set: disjoint, and inside the backing file."""
-    if not mappings:
-        raise HandoffError("the mappings message lists no mappings: there is nothing to serve")
-    for index, mapping in enumerate(mappings):
-        _check_one(index, mapping, backing_size)
-    by_address = sorted(range(len(mappings)), key=lambda i: mappings[i].base_host_virt_addr)
-    for before, after in itertools.pairwise(by_address):
-        if mappings[before].end > mappings[after].base_host_virt_addr:
-            first, second = mappings[before], mappings[after]
-            raise HandoffError(
-                f"mapping {after} [{second.base_host_virt_addr:#x}, {second.end:#x}) overlaps "
-                f"mapping {before} [{first.base_host_virt_addr:#x}, {first.end:#x})",
-                mapping=after,
-                field="base_host_virt_addr",
-            )
-    total = sum(mapping.size for mapping in mappings)
-    if backing_size is not None and total > backing_size:
-        raise HandoffError(
-            f"the mappings total {total} bytes, more than the {backing_size}-byte backing memory"
-        )
-
-
-def _check_one(index: int, mapping: GuestMapping, backing_size: int | None) -> None:
-    for name in FIELDS:
-        _u64(index, name, getattr(mapping, name))
-    page_size = mapping.page_size
-    if not is_page_size(page_size):
-        raise HandoffError(
-            f"mapping {index}: 'page_size' {page_size} is not a power of two of at least "
-            f"{MIN_PAGE_SIZE}",
-            mapping=index,
-            field="page_size",
-        )
-    if mapping.size == 0:
-        raise HandoffError(f"mapping {index}: 'size' is 0", mapping=index, field="size")
-    for name in ("base_host_virt_addr", "size", "offset"):
-        value = getattr(mapping, name)
-        if value % page_size:
-            raise HandoffError(
-                f"mapping {index}: {name!r} {value:#x} is not a multiple of its page_size "
-                f"{page_size:#x}",
-                mapping=index,
-                field=name,
-            )
-    for name in ("base_host_virt_addr", "offset"):
-        start = getattr(mapping, name)
-        if start + mapping.size > _U64_LIMIT:
-            raise HandoffError(
-                f"mapping {index}: {name!r} {start:#x} + 'size' {mapping.size:#x} overflows "
-                "64 bits",
-                mapping=index,
-                field=name,
-            )
-    if backing_size is not None and mapping.offset + mapping.size > backing_size:
-        raise HandoffError(
-            f"mapping {index}: 'offset' {mapping.offset:#x} + 'size' {mapping.size:#x} ends "
-            f"past the {backing_size:#x}-byte backing memory",
-            mapping=index,
-            field="offset",
-        )
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__

@@ -32,7 +32,7 @@ the rest of the chunk never faults. Facts this relies on, beyond
 from __future__ import annotations
 
 import sys
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 
@@ -41,23 +41,13 @@ from .._core._errors import FetchError
 from .._core._events import PageFault
 from .._core._memory import buffer_address
 from .._core._uffd import Userfaultfd
+from .._serve._chunk_fill import ChunkFill, ChunkSource
 from .._serve._resolvers import CopyFrom, NoSourcePage
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["ChunkSource", "ChunkedCopy"]
-
-
-class ChunkSource(Protocol):
-    """What ChunkedCopy reads: bytes ``[i * chunk_size, ...)`` as chunk ``i`` (HttpSource)."""
-
-    chunk_size: int
-    size: int
-
-    def cached(self, index: int) -> bytes | None: ...
-
-    async def chunk(self, index: int, *, demand: bool = True) -> bytes: ...
+__all__ = ["ChunkedCopy"]
 
 
 async def _no_fetch(offset: int, length: int) -> bytes:
@@ -84,15 +74,17 @@ class ChunkedCopy(CopyFrom):
         # Every resolver of the same process's memory from this source: a chunk that
         # lands fills their pages too (a snapshot's other mappings, see SnapshotResolver).
         self._together: list[ChunkedCopy] = [self]
+        self.chunk_fill: ChunkFill | None = self  # the prefetcher fills it by chunks
 
     def fork(self) -> ChunkedCopy:
         child = super().fork()
         assert isinstance(child, ChunkedCopy)
         child._together = [child]
+        child.chunk_fill = child
         return child
 
     @property
-    def _chunk_source(self) -> ChunkSource:
+    def chunk_source(self) -> ChunkSource:
         return self._source
 
     # -- the faults -----------------------------------------------------------
@@ -135,7 +127,7 @@ class ChunkedCopy(CopyFrom):
         address it left: it faults again there (or gets SIGSEGV, EFAULT) as the kernel says."""
         if self._recorder is None:
             for resolver in self._together:
-                resolver._fill_span(uffd, lo, data)
+                resolver.fill_span(uffd, lo, data)
         uffd.wake(fault.address & ~(self._page_size - 1), self._page_size)
 
     def _serve(
@@ -143,7 +135,7 @@ class ChunkedCopy(CopyFrom):
     ) -> None:
         if self._recorder is None:  # recording: every page must fault once (see below)
             for resolver in self._together:
-                resolver._fill_span(uffd, lo, data)
+                resolver.fill_span(uffd, lo, data)
         if self._recorder is not None:
             self._record(index)
         if was or not self._populated[index]:  # see the module's docstring
@@ -187,7 +179,7 @@ class ChunkedCopy(CopyFrom):
             raise _first(group) from None
         return lo, b"".join(parts)
 
-    def _fill_span(self, uffd: Userfaultfd, lo: int, data: bytes) -> None:
+    def fill_span(self, uffd: Userfaultfd, lo: int, data: bytes) -> None:
         """Copy every missing page of ours, in place, whose bytes lie within ``data``
         (the source's bytes from ``lo``)."""
         size = self._page_size
@@ -198,14 +190,14 @@ class ChunkedCopy(CopyFrom):
             self._fill_runs(uffd, first, last - first, address - (lo - self._offset))
             del keep
 
-    def _chunk_missing(self, chunk: int) -> bool:
+    def chunk_missing(self, chunk: int) -> bool:
         """Whether a page of ours within ``chunk`` is still missing."""
         lo = chunk * self._chunk_size - self._offset
         first = max(0, lo // self._page_size)
         last = min(self._pages, -(-(lo + self._chunk_size) // self._page_size))
         return first < last and self._populated.find(0, first, last) >= 0
 
-    def _source_runs(self) -> list[tuple[int, int]]:
+    def source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of the source that this resolver maps."""
         return [(self._offset // PAGE_SIZE, self._pages * self._page_size // PAGE_SIZE)]
 

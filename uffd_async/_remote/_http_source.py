@@ -35,24 +35,24 @@ from __future__ import annotations
 import errno
 import random
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
 import attrs
 
+from .._capture._identity import identity_of, identity_samples
 from .._core._abi import PAGE_SIZE
 from .._core._checks import check_int, check_seconds
 from .._core._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
-from .._restore._working_set import WorkingSetRecorder, identity_of, identity_samples
+from .._restore._guest_mapping import GuestMapping
+from .._restore._source import SnapshotSource
+from .._serve._resolvers import CopyFrom
+from ._chunked_copy import ChunkedCopy
 from ._chunks import Chunks, ChunkStats
 
 if TYPE_CHECKING:
     import httpx
-
-    from .._handoff._wire import GuestMapping
-    from .._restore._snapshot import SnapshotResolver
-    from ._chunked_copy import ChunkedCopy
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "HttpSource", "HttpStats", "display_url", "is_url", "url_problem"]
 
@@ -128,7 +128,7 @@ class _Retry(Exception):
         self.error = error
 
 
-class HttpSource:
+class HttpSource(SnapshotSource):
     """A snapshot object served over HTTP(S) Range requests, fetched a chunk at a time.
 
     Use it open: ``async with HttpSource(url) as source:``. Then give it to
@@ -181,6 +181,8 @@ class HttpSource:
             raise InvalidArgument(errno.EINVAL, f"url {display_url(url)!r} {problem}")
         self._url = url
         self.url = display_url(url)
+        #: What errors call this source: the URL without credentials.
+        self.path = self.url
         self.chunk_size = chunk_size
         self.concurrency = concurrency
         self.retries = retries
@@ -265,11 +267,6 @@ class HttpSource:
         return self._closed
 
     @property
-    def path(self) -> str:
-        """What errors call this source (the URL without credentials)."""
-        return self.url
-
-    @property
     def validator(self) -> str | None:
         """What each request checks the object against: ``If-Match: "etag"``, say."""
         return next((f"{k}: {v}" for k, v in self._condition.items()), None)
@@ -278,7 +275,7 @@ class HttpSource:
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``: one checked, retried Range request (no chunking)."""
-        self._check_open()
+        self.check_open()
         check_int("offset", offset, minimum=0)
         check_int("length", length, minimum=1)
         if offset + length > self.size:
@@ -291,7 +288,7 @@ class HttpSource:
     async def chunk(self, index: int, *, demand: bool = True) -> bytes:
         """Chunk ``index`` (``chunk_size`` bytes, the last one shorter), fetched once however
         many ask for it at a time. ``demand=False`` (prefetch) yields to demand faults."""
-        self._check_open()
+        self.check_open()
         if not 0 <= index < self.chunk_count:
             raise InvalidArgument(errno.EINVAL, f"no chunk {index}: there are {self.chunk_count}")
         return await self._chunks.get(index, demand=demand)
@@ -332,44 +329,43 @@ class HttpSource:
         assert self._changed is not None
         return self._changed
 
-    # -- resolvers ----------------------------------------------------------------
+    # -- the SnapshotSource interface --------------------------------------------------
 
-    def resolver(
-        self,
-        mappings: Iterable[GuestMapping],
-        *,
-        readahead: int = 0,
-        recorder: WorkingSetRecorder | None = None,
-    ) -> SnapshotResolver:
-        """A resolver for a process that maps ``mappings`` of this object (as a snapshot
-        file's; see :class:`~uffd_async.SnapshotResolver`)."""
-        from .._restore._snapshot import SnapshotResolver
+    @property
+    def fetch_unit(self) -> int:
+        """A chunk: a fault awaits its whole chunk, which fills every missing page of it."""
+        return self.chunk_size
 
-        self._check_open()
-        return SnapshotResolver(self, mappings, readahead=readahead, recorder=recorder)
+    @property
+    def mappable(self) -> bool:
+        return False
 
-    def _copier(self, mapping: GuestMapping, readahead: int) -> ChunkedCopy:
-        return self._chunked(
+    async def version(self) -> bytes:
+        """Its :meth:`identity`."""
+        return await self.identity()
+
+    def copier(self, mapping: GuestMapping, *, readahead: int = 0, wp: bool = False) -> CopyFrom:
+        """The resolver of ``mapping``'s pages, a chunk at a time (no readahead: the chunk
+        size plays that part)."""
+        refuse_readahead(readahead, self.chunk_size)
+        return ChunkedCopy(
+            self,
+            offset=mapping.offset,
             base=mapping.base_host_virt_addr,
             size=mapping.size,
             page_size=mapping.page_size,
-            offset=mapping.offset,
-            readahead=readahead,
+            wp=wp,
         )
 
-    def _chunked(
-        self, *, base: int, size: int, page_size: int, offset: int = 0, readahead: int = 0,
-        wp: bool = False,
-    ) -> ChunkedCopy:  # fmt: skip
-        """The resolver of ``size`` bytes of this object from ``offset``, mapped at ``base``."""
-        from ._chunked_copy import ChunkedCopy
-
-        refuse_readahead(readahead, self.chunk_size)
-        return ChunkedCopy(self, offset=offset, base=base, size=size, page_size=page_size, wp=wp)
+    def group(self, copiers: Sequence[CopyFrom]) -> None:
+        """A chunk that lands for one mapping fills every mapping's pages within it."""
+        chunked = [copier for copier in copiers if isinstance(copier, ChunkedCopy)]
+        for copier in chunked:
+            copier._together = chunked
 
     # -- the requests -------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self._closed or not self._opened:
             raise (
                 SnapshotClosed(self.url)

@@ -12,15 +12,15 @@ or a snapshot's resolver). Kernel and loop facts it relies on:
   read), so the server reads what waits; it does not wait for the uffd to go
   quiet, which a process that keeps faulting never lets happen. And a fault
   on a page of the working set that the prefetcher has not reached brings
-  the rest of that page's recorded run with it (``_guide``): there the
+  the rest of that page's recorded run with it (``guide``): there the
   process is ahead, and it touches the rest next.
 * The resolver's bookkeeping is consistent whenever the prefetcher runs: the
   server reads a batch and applies its Remove/Remap/Unmap events without an
   await in between. While such an event is still unread in the kernel, every
-  COPY fails with EAGAIN (``MappingChanged``): the prefetcher waits for the
-  server to read it, and plans the run again. So a page removed
-  (``MADV_DONTNEED``, a balloon) or moved (``mremap``) since is never filled
-  with snapshot bytes at a stale place: it is skipped.
+  COPY fails (``MappingChanged``: :mod:`uffd_async._core._uffd`): the
+  prefetcher waits for the server to read it, and plans the run again. So a
+  page removed (``MADV_DONTNEED``, a balloon) or moved (``mremap``) since is
+  never filled with snapshot bytes at a stale place: it is skipped.
 * EEXIST means a demand fault (or its readahead) got there first: those pages
   are skipped. ESRCH means the process is gone, a closed uffd that serving
   ended: both end the prefetch quietly.
@@ -35,7 +35,7 @@ import logging
 import select
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
 
 import anyio
 import attrs
@@ -52,6 +52,8 @@ from .._core._errors import (
     UffdClosed,
 )
 from .._core._uffd import Userfaultfd
+from .._serve._chunk_fill import ChunkFill
+from .._serve._resolvers import AnyResolver
 from ._working_set import WorkingSet
 
 __all__ = ["PrefetchStats", "prefetch"]
@@ -63,10 +65,33 @@ DEFAULT_RUN_BYTES = 2 << 20
 _EAGAIN_PAUSE = 0.0002
 
 
+@runtime_checkable
 class Prefetchable(Protocol):
-    """What a resolver offers the prefetcher (``copy_from`` from memory, ``SnapshotResolver``)."""
+    """What :func:`prefetch` needs of the resolver it fills ahead of the faults.
 
-    def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None: ...
+    ``copy_from``'s resolvers (:class:`~uffd_async.resolvers.CopyFrom`, and the chunked
+    copier of an HTTP source) and :class:`~uffd_async.SnapshotResolver` implement it.
+    Pages are named as a working set names them: base pages (``PAGE_SIZE``) of the
+    source. A resolver whose source is fetched a chunk at a time offers its
+    ``chunk_fill``; one from memory copies runs with ``prefetch_pages``.
+    """
+
+    @property
+    def chunk_fill(self) -> ChunkFill | None:
+        """What to fetch chunks ahead for and fill (see ChunkFill), or None: memory."""
+
+    @property
+    def can_prefetch(self) -> bool:
+        """Whether its bytes can be copied without awaiting (memory, a mapped file)."""
+
+    def prefetch_pages(self, uffd: Userfaultfd, first: int, count: int) -> None:
+        """Copy base pages ``[first, first + count)`` that are missing and still in place."""
+
+    def guide(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Make a demand fault in one of these runs bring the rest of its run."""
+
+    def source_runs(self) -> list[tuple[int, int]]:
+        """(first base page, pages) of everything it serves, for populating it all."""
 
 
 @attrs.define(kw_only=True)
@@ -89,7 +114,7 @@ class PrefetchStats:
 
 async def prefetch(
     uffd: Userfaultfd,
-    resolver: Any,
+    resolver: AnyResolver,
     working_set: WorkingSet | None = None,
     *,
     populate: bool = False,
@@ -106,14 +131,14 @@ async def prefetch(
     events and faults first). Returns (and ``task_status.started()`` gets) the
     :class:`PrefetchStats`, filled in as it goes.
     """
-    source = getattr(resolver, "_chunk_source", None)
-    if source is None and (
-        not hasattr(resolver, "_prefetch") or not getattr(resolver, "_can_prefetch", True)
+    if not isinstance(resolver, Prefetchable) or not (
+        resolver.chunk_fill is not None or resolver.can_prefetch
     ):
         raise TypeError(
             f"{type(resolver).__name__} cannot prefetch: use copy_from from memory or from an "
             "HttpSource (not from a callable), or a snapshot's resolver"
         )
+    fill = resolver.chunk_fill
     check_int("run_bytes", run_bytes, minimum=PAGE_SIZE)
     stats = stats if stats is not None else PrefetchStats()
     task_status.started(stats)
@@ -122,20 +147,19 @@ async def prefetch(
     poller = select.poll()
     try:
         poller.register(uffd.fileno(), select.POLLIN)
-        if source is not None:  # remote: fetch whole chunks ahead (a fault's chunk is whole)
+        if fill is not None:  # remote: fetch whole chunks ahead (a fault's chunk is whole)
             if working_set is not None:
-                chunks = _chunks_of(working_set.runs(run_pages), source.chunk_size)
-                await _fetch_chunks(uffd, resolver, source, chunks, poller, stats)
+                chunks = _chunks_of(working_set.runs(run_pages), fill.chunk_source.chunk_size)
+                await _fetch_chunks(uffd, fill, chunks, poller, stats)
         elif working_set is not None:
-            if hasattr(resolver, "_guide"):  # a fault ahead of us brings the rest of its run
-                resolver._guide(working_set.runs(run_pages))
+            resolver.guide(working_set.runs(run_pages))  # a fault ahead brings its run's rest
             await _copy_runs(uffd, resolver, working_set.runs(run_pages), poller, stats)
         stats.working_set_done = True
         stats.working_set_seconds = time.monotonic() - started
         if populate:
-            if source is not None:
-                chunks = _chunks_of(_everything(resolver, run_pages), source.chunk_size)
-                await _fetch_chunks(uffd, resolver, source, chunks, poller, stats)
+            if fill is not None:
+                chunks = _chunks_of(_everything(resolver, run_pages), fill.chunk_source.chunk_size)
+                await _fetch_chunks(uffd, fill, chunks, poller, stats)
             else:
                 await _copy_runs(uffd, resolver, _everything(resolver, run_pages), poller, stats)
             stats.populated = True
@@ -145,18 +169,23 @@ async def prefetch(
     return stats
 
 
-def _everything(resolver: Any, run_pages: int) -> Any:
-    runs = resolver._source_runs() if hasattr(resolver, "_source_runs") else []
-    for first, count in runs:
+def _everything(resolver: Prefetchable, run_pages: int) -> Iterator[tuple[int, int]]:
+    for first, count in resolver.source_runs():
         for start in range(first, first + count, run_pages):
             yield start, min(run_pages, first + count - start)
 
 
 async def _copy_runs(
-    uffd: Userfaultfd, resolver: Any, runs: Any, poller: select.poll, stats: PrefetchStats
+    uffd: Userfaultfd,
+    resolver: Prefetchable,
+    runs: Iterable[tuple[int, int]],
+    poller: select.poll,
+    stats: PrefetchStats,
 ) -> None:
     for first, count in runs:
-        await _fill(uffd, poller, stats, functools.partial(resolver._prefetch, uffd, first, count))
+        await _fill(
+            uffd, poller, stats, functools.partial(resolver.prefetch_pages, uffd, first, count)
+        )
 
 
 async def _fill(
@@ -192,8 +221,7 @@ def _chunks_of(runs: Iterable[tuple[int, int]], chunk_size: int) -> Iterator[int
 
 async def _fetch_chunks(
     uffd: Userfaultfd,
-    resolver: Any,
-    source: Any,
+    fill: ChunkFill,
     chunks: Iterable[int],
     poller: select.poll,
     stats: PrefetchStats,
@@ -202,6 +230,7 @@ async def _fetch_chunks(
     each as it lands. Half the source's connections stay free for demand faults,
     whose fetches also go before these at the source: a prefetch is a guess, a
     demand fault is a stopped thread."""
+    source = fill.chunk_source
     limiter = anyio.Semaphore(max(1, source.concurrency // 2))
     ended: list[BaseException] = []
 
@@ -215,7 +244,7 @@ async def _fetch_chunks(
                 logger.warning("prefetch: %s", exc)
                 return
             lo = chunk * source.chunk_size
-            await _fill(uffd, poller, stats, functools.partial(resolver._fill_span, uffd, lo, data))
+            await _fill(uffd, poller, stats, functools.partial(fill.fill_span, uffd, lo, data))
         except (ProcessExited, UffdClosed, SnapshotClosed, SourceChanged) as exc:
             ended.append(exc)
             tg.cancel_scope.cancel()
@@ -224,7 +253,7 @@ async def _fetch_chunks(
 
     async with anyio.create_task_group() as tg:
         for chunk in chunks:
-            if not resolver._chunk_missing(chunk):
+            if not fill.chunk_missing(chunk):
                 continue
             await limiter.acquire()
             if ended:

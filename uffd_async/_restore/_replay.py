@@ -27,7 +27,7 @@ from .._core._checks import check_instance
 from .._core._errors import InvalidArgument
 from .._core._uffd import Userfaultfd
 from ._prefetch import DEFAULT_RUN_BYTES, PrefetchStats, prefetch
-from ._snapshot import SnapshotResolver
+from ._snapshot_resolver import SnapshotResolver
 from ._working_set import WorkingSet, WorkingSetError, WorkingSetRecorder
 
 __all__ = ["Replay"]

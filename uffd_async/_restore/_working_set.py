@@ -15,20 +15,16 @@ No I/O but the file's own. Facts this module relies on:
   the previous run, and the run's length. A 52 MiB working set is a few KiB.
 * A working set recorded for another snapshot is only ever a waste of time,
   never of bytes: the pages it names are copied from the snapshot being
-  served. Its identity is checked so that time is not wasted: a SHA-256 of
-  the snapshot's size and of 64 blocks of 4 KiB spread over it (cheap for
-  any size; two snapshots that differ only elsewhere pass for the same one,
-  which costs time at worst).
-* The file is written to a temporary name in the same directory, fsynced,
-  and renamed over the old one, then the directory is fsynced
-  (:mod:`._atomic_file`): a reader sees the old set or the new one, never half
-  of one. It names pages, not their bytes, so it is readable by all (0644).
-  A CRC-32 over the whole file catches corruption.
+  served. Its identity (:mod:`uffd_async._capture._identity`) is checked so
+  that time is not wasted.
+* The file is written atomically (:mod:`uffd_async._core._atomic_file`): a
+  reader sees the old set or the new one, never half of one. It names pages,
+  not their bytes, so it is readable by all (0644). A CRC-32 over the whole
+  file catches corruption.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import zlib
@@ -41,15 +37,13 @@ from .._core._atomic_file import write_atomically
 from .._core._checks import is_page_size
 from .._core._errors import WorkingSetError
 
-__all__ = ["WorkingSet", "WorkingSetError", "WorkingSetRecorder", "snapshot_identity"]
+__all__ = ["WorkingSet", "WorkingSetError", "WorkingSetRecorder"]
 
 MAGIC = b"UAWSET\r\n"
 VERSION = 1
 #: magic, version, flags, page size, snapshot size, snapshot identity, pages, runs.
 _HEADER = struct.Struct("<8sHHIQ32sQQ")
 _CRC = struct.Struct("<I")
-_SAMPLES = 64
-_SAMPLE = 4096
 
 
 def _int_tuple(pages: Iterable[int]) -> tuple[int, ...]:
@@ -62,7 +56,8 @@ class WorkingSet:
 
     #: The unit of ``pages``: the base page size it was recorded with.
     page_size: int = PAGE_SIZE
-    #: The size and identity (:func:`snapshot_identity`) of the snapshot it was recorded for.
+    #: The size and identity of the snapshot it was recorded for
+    #: (:func:`~uffd_async._capture._identity.snapshot_identity`).
     snapshot_size: int
     identity: bytes
     #: Page indices into the snapshot (offset // page_size), first touch first.
@@ -203,33 +198,6 @@ class WorkingSetRecorder:
             identity=self.identity,
             pages=self._pages,
         )
-
-
-def identity_samples(size: int) -> list[tuple[int, int]]:
-    """(offset, length) of the bytes a snapshot's identity hashes: all of a small one,
-    else 64 blocks of 4 KiB spread evenly (cheap to read over HTTP too)."""
-    if size <= _SAMPLES * _SAMPLE:
-        return [(0, size)]
-    step = (size - _SAMPLE) // (_SAMPLES - 1)
-    return [(n * step, _SAMPLE) for n in range(_SAMPLES)]
-
-
-def identity_of(size: int, samples: Iterable[bytes]) -> bytes:
-    """The identity from the bytes at ``identity_samples(size)``, in that order."""
-    digest = hashlib.sha256(size.to_bytes(8, "little"))
-    for sample in samples:
-        digest.update(sample)
-    return digest.digest()
-
-
-def snapshot_identity(address: int, size: int) -> bytes:
-    """SHA-256 of ``size`` and of 64 blocks of 4 KiB spread over the bytes at ``address``."""
-    import ctypes
-
-    return identity_of(
-        size,
-        (ctypes.string_at(address + offset, length) for offset, length in identity_samples(size)),
-    )
 
 
 def _zigzag(value: int) -> int:

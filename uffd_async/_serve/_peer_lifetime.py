@@ -6,7 +6,8 @@ Kernel and protocol facts this module relies on:
   only a resolving ioctl (which needs a fault to be tried) finds the memory
   gone (ESRCH). The peer's socket says nothing either: Firecracker before
   1.12 closes it right after the handshake and its guest lives on, while
-  1.12 and later keep it open until they exit (see :mod:`._handoff`).
+  1.12 and later keep it open until they exit (see
+  :mod:`uffd_async._handoff._wire`).
 * A pidfd does say it: it polls readable once the process has exited, in
   whatever pid namespace it lives. ``SO_PEERPIDFD`` (Linux 6.5) hands one
   over for the process that ``connect()``\\ ed, with no race at all: the

@@ -8,10 +8,9 @@ whenever it can, so the server answers those faults inline, without a task.
 
 Kernel facts these rely on (``man 2 ioctl_userfaultfd``):
 
-* A resolving ioctl covers whole pages and, unless DONTWAKE is asked for,
-  wakes every thread waiting on a fault in the range it covered.
-* EEXIST: the page is already there and *nobody was woken*. The resolvers
-  raise :class:`PageExists` for the fault's own page, and the server wakes it.
+* A resolving ioctl covers whole pages. Whom it wakes, and that EEXIST wakes
+  nobody, is said in :mod:`uffd_async._core._uffd`: the resolvers raise
+  :class:`PageExists` for the fault's own page, and the server wakes it.
 * UFFDIO_COPY of several pages stops at the first one that exists; the pages
   before it were copied (and woken).
 """
@@ -21,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from .._core._abi import PAGE_SIZE, FaultFlags
 from .._core._addrspace import AddressMap
@@ -39,7 +38,7 @@ from .._core._events import PageFault, Remap, Remove, Unmap
 from .._core._memory import Region, buffer_address
 from .._core._native import FAST_COPY, FAST_UNPROTECT, FAST_ZEROPAGE, FastPath
 from .._core._uffd import Userfaultfd
-from .._restore._working_set import WorkingSetRecorder
+from ._chunk_fill import ChunkFill
 
 __all__ = [
     "NoSourcePage",
@@ -47,7 +46,6 @@ __all__ = [
     "ResolverFunction",
     "by_kind",
     "continue_minor",
-    "copy_from",
     "unprotect",
     "zero_fill",
 ]
@@ -118,8 +116,23 @@ SyncSource = Callable[[int, int], Any]
 AsyncSource = Callable[[int, int], Awaitable[Any]]
 
 
+class PageRecorder(Protocol):
+    """What ``copy_from(recorder=...)`` needs of a recorder: where demand faults went.
+
+    :class:`~uffd_async.WorkingSetRecorder` is one (a working set to replay later);
+    anything with this method will do.
+    """
+
+    def record(self, first: int, count: int = 1) -> None:
+        """Source pages ``[first, first + count)`` (``PAGE_SIZE`` pages) were asked for."""
+
+
 class CopyFrom(Resolver):
     """UFFDIO_COPY from a source; see :func:`copy_from`."""
+
+    #: What the prefetcher fills a chunk at a time (a ``ChunkedCopy``: itself); from
+    #: memory there are no chunks, and it copies runs (``prefetch_pages``).
+    chunk_fill: ChunkFill | None = None
 
     def __init__(
         self,
@@ -167,15 +180,15 @@ class CopyFrom(Resolver):
         self._shift = page_size.bit_length() - 1
         # One page, from memory, nothing remapped or removed yet: the common case,
         # resolved without the general bookkeeping.
-        self._direct = self._can_prefetch and not readahead
+        self._direct = self.can_prefetch and not readahead
         # The C loop also handles readahead from memory, until an event arrives.
-        self._fast_ok = self._can_prefetch
+        self._fast_ok = self.can_prefetch
         self._fast: FastPath | None = None
         self._populated_c: object = None
-        self._recorder: WorkingSetRecorder | None = None
+        self._recorder: PageRecorder | None = None
         self._record_offset = 0  # the snapshot's base page of source page 0
         self._changed = False  # a Remap, Remove or Unmap has been applied
-        # A working set's runs (see _guide): for a page in one, where its run ends.
+        # A working set's runs (see guide): for a page in one, where its run ends.
         self._guided: dict[int, int] = {}
 
     @property
@@ -195,7 +208,7 @@ class CopyFrom(Resolver):
         child._recorder = None  # a working set is the restored process's, not its children's
         return child
 
-    def _record_into(self, recorder: WorkingSetRecorder, first_page: int) -> None:
+    def _record_into(self, recorder: PageRecorder, first_page: int) -> None:
         """Record the demand faults' pages in ``recorder``, source page 0 being the
         snapshot's base page ``first_page``. The C loop records nothing: it stays off."""
         if self._readahead:
@@ -214,18 +227,18 @@ class CopyFrom(Resolver):
         self._recorder.record(self._record_offset + index * ratio, ratio)
 
     @property
-    def _can_prefetch(self) -> bool:
+    def can_prefetch(self) -> bool:
         """Only from memory: nothing else can be copied without awaiting."""
         return self._fetch is None and self._afetch is None and bool(self._populated)
 
-    def _prefetch(self, uffd: Userfaultfd, first: int, count: int) -> None:
+    def prefetch_pages(self, uffd: Userfaultfd, first: int, count: int) -> None:
         """Copy the source's base pages (``PAGE_SIZE``, as a working set names them)
         ``[first, first + count)``: every page of ours (a huge page, say) that holds one."""
         ratio = self._page_size // PAGE_SIZE
         index = first // ratio
         self._fill_ahead(uffd, index, -(-(first + count) // ratio) - index)
 
-    def _guide(self, runs: Iterable[tuple[int, int]]) -> None:
+    def guide(self, runs: Iterable[tuple[int, int]]) -> None:
         """A demand fault on a page of one of these runs (base pages, as a working set names
         them) copies the rest of the run with it: the process is ahead of the prefetcher
         there, and will touch the rest next. Turns the one-page shortcuts off."""
@@ -238,9 +251,9 @@ class CopyFrom(Resolver):
         if guided:
             self._direct = self._fast_ok = False
 
-    def _source_runs(self) -> list[tuple[int, int]]:
+    def source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of the source, for populating it all."""
-        return [(0, self._pages * self._page_size // PAGE_SIZE)] if self._can_prefetch else []
+        return [(0, self._pages * self._page_size // PAGE_SIZE)] if self.can_prefetch else []
 
     def _fill_ahead(self, uffd: Userfaultfd, first: int, count: int) -> None:
         """Copy source pages ``[first, first + count)`` (in our page size) that are not
@@ -252,7 +265,7 @@ class CopyFrom(Resolver):
         ``MappingChanged`` (an event is unread: the server must read it first),
         ``ProcessExited``, ``UffdClosed``.
         """
-        if self._can_prefetch:
+        if self.can_prefetch:
             self._fill_runs(uffd, first, count, self._address)
 
     def _fill_runs(self, uffd: Userfaultfd, first: int, count: int, origin: int) -> None:
@@ -433,66 +446,6 @@ def _check_fetched(data: Any, length: int) -> None:
     size = memoryview(data).nbytes
     if size != length:
         raise InvalidArgument(22, f"the source returned {size} bytes for a {length}-byte read")
-
-
-def copy_from(
-    source: Any,
-    *,
-    base: int,
-    readahead: int = 0,
-    wp: bool = False,
-    size: int | None = None,
-    page_size: int = PAGE_SIZE,
-    recorder: WorkingSetRecorder | None = None,
-) -> CopyFrom:
-    """Answer missing faults with UFFDIO_COPY from ``source``.
-
-    ``source`` is a bytes-like object or :class:`Region` (the page at offset
-    ``fault.page - base``), a sync or async callable ``(offset, length) ->
-    bytes``, an open :class:`~uffd_async.HttpSource` (a fault then awaits
-    its whole chunk, which fills every missing page of it), or a
-    :class:`~uffd_async.Snapshot` or :class:`~uffd_async.LayeredSnapshot`
-    (its bytes from offset 0, copied from the files' mappings). ``readahead=N``
-    copies up to N further pages not populated yet in the same ioctl.
-    ``wp=True`` maps pages write-protected (for MISSING|WP ranges). Pages
-    removed by MADV_DONTNEED are served zeros afterwards, and remapped pages
-    keep their contents at their new address. ``recorder`` (a
-    :class:`~uffd_async.WorkingSetRecorder`) records the source pages demand
-    faults ask for (with ``readahead=0``: readahead pages never fault);
-    from memory, :func:`~uffd_async.prefetch` replays such a set.
-    """
-    from .._remote._http_source import HttpSource
-    from .._restore._snapshot import Snapshot
-
-    resolver: CopyFrom
-    if isinstance(source, Snapshot):  # a file, or base + layers: mapped once, read in place
-        from .._handoff._wire import GuestMapping
-
-        if wp:
-            raise InvalidArgument(22, "wp=True is not offered for a Snapshot source")
-        if source.closed:
-            from .._core._errors import SnapshotClosed
-
-            raise SnapshotClosed(source.path)
-        length = source.size if size is None else min(size, source.size)
-        length -= length % page_size
-        if length <= 0:
-            raise InvalidArgument(22, f"the snapshot holds no whole {page_size}-byte page")
-        mapping = GuestMapping(base_host_virt_addr=base, size=length, offset=0, page_size=page_size)
-        resolver = source._copier(mapping, readahead)
-    elif isinstance(source, HttpSource):
-        source._check_open()  # its size is known once open
-        length = source.size if size is None else min(size, source.size)
-        resolver = source._chunked(
-            base=base, size=length, page_size=page_size, readahead=readahead, wp=wp
-        )
-    else:
-        resolver = CopyFrom(
-            source, base=base, size=size, readahead=readahead, wp=wp, page_size=page_size
-        )
-    if recorder is not None:
-        resolver._record_into(recorder, 0)
-    return resolver
 
 
 class ZeroFill(Resolver):

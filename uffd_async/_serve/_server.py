@@ -2,16 +2,17 @@
 
 Kernel facts this module relies on:
 
-* Each fault is delivered once, to one reader, and never again: a fault read
+* Each fault is delivered once (:mod:`uffd_async._core._reader`): a fault read
   and not resolved is a thread blocked until someone resolves it or the uffd
   closes. So every fault the server read but did not resolve, when it stops
   for any reason, is pushed back onto the handle for the next reader.
 * Every thread that faults on a page gets its own event, and one resolving
   ioctl wakes them all. Faults on a page whose resolution is under way are
   coalesced into it.
-* EEXIST wakes nobody: the server wakes the page itself.
-* While a Remove/Remap/Unmap/Fork is unread every resolving ioctl fails with
-  EAGAIN (:class:`MappingChanged`). The server reads and applies pending
+* :class:`PageExists` (EEXIST, which wakes nobody: see :mod:`uffd_async._core._uffd`):
+  the server wakes the page itself.
+* :class:`MappingChanged` (EAGAIN: a Remove/Remap/Unmap/Fork is unread, see
+  :mod:`uffd_async._core._uffd`): the server reads and applies pending
   events, then retries the deferred faults; non-cooperative events in a
   batch are applied before the faults in it (a fault may be read before the
   REMOVE that concerns it).
@@ -29,7 +30,6 @@ Kernel facts this module relies on:
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import sys
 import time
@@ -37,13 +37,11 @@ from collections import deque
 from typing import Any, Literal
 
 import anyio
-import attrs
 from anyio.abc import TaskGroup, TaskStatus
 
 from .._core._abi import MSG, PAGE_SIZE, Feature
-from .._core._checks import check_instance, check_int, check_page_size
+from .._core._checks import check_instance
 from .._core._errors import (
-    InvalidArgument,
     InvalidArgumentType,
     MappingChanged,
     PageExists,
@@ -56,9 +54,10 @@ from .._core._memory import serving_here
 from .._core._native import FastCounts, lib
 from .._core._reader import EventReader
 from .._core._uffd import Userfaultfd
+from ._options import DEFAULT_SPIN, OnError, ServeOptions, from_keywords, settle
 from ._peer_lifetime import memory_gone
 from ._pool import WorkerPool
-from ._resolvers import AnyResolver, Resolver, as_resolver, zero_page
+from ._resolvers import AnyResolver, Resolver, zero_page
 from ._stats import ServerStats
 
 if sys.version_info < (3, 11):
@@ -66,11 +65,6 @@ if sys.version_info < (3, 11):
 
 logger = logging.getLogger("uffd_async")
 
-#: How long the server keeps reading after the uffd runs dry before it sleeps in
-#: the event loop. A thread resumed by a resolution usually faults again within
-#: microseconds; catching that fault without a trip through epoll and the
-#: scheduler is most of the difference with a C handler at low concurrency.
-DEFAULT_SPIN = 50e-6
 _MSG_SIZE = MSG.size
 
 #: How often (at most) a worker reads the uffd after a resolution, in ns; see ``_poll``.
@@ -78,89 +72,34 @@ _POLL_NS = 100_000
 _RETRY_DELAYS = (0.0, 0.0001, 0.0005, 0.001, 0.005)
 
 
-def _fallback(page: object) -> Literal["poison", "zero", "leave"] | Resolver:
-    if page in ("poison", "zero", "leave"):
-        return page
-    if isinstance(page, str) or not callable(page):
-        raise InvalidArgument(
-            errno.EINVAL,
-            f"page must be 'poison', 'zero', 'leave' or a resolver (an async callable), "
-            f"not {page!r}",
-        )
-    return as_resolver(page)
-
-
-@attrs.frozen(kw_only=True)
-class OnError:
-    """What the server does when a resolver raises.
-
-    ``page``: ``"poison"`` (the default: UFFDIO_POISON, so the access raises
-    SIGBUS instead of reading wrong bytes; where the kernel lacks POISON the
-    thread is left blocked), ``"zero"`` (a zero page, only when you ask for
-    it), ``"leave"`` (the thread stays blocked; when this server stops, the
-    fault is handed back to the uffd for whoever serves it next), or a fallback
-    resolver (a :class:`Resolver` or any async ``resolver(fault, uffd)``).
-    ``propagate``: raise the error out of ``serve`` (the default), or log it
-    and keep serving.
-    """
-
-    page: Literal["poison", "zero", "leave"] | Resolver = attrs.field(
-        default="poison", converter=_fallback
-    )
-    propagate: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
-
-
-@attrs.frozen(kw_only=True)
-class _Options:
-    """Every option a server was made with: a fork child's server gets the same."""
-
-    limit: int
-    batch: int
-    on_error: OnError
-    page_size: int
-    spin: float
-
-
 class _Server:
-    def __init__(
-        self,
-        uffd: Userfaultfd,
-        resolver: AnyResolver,
-        *,
-        limit: int,
-        batch: int,
-        on_error: OnError,
-        page_size: int,
-        spin: float = DEFAULT_SPIN,
-    ) -> None:
-        check_int("limit", limit, minimum=1)
-        check_instance("on_error", on_error, OnError)
+    def __init__(self, uffd: Userfaultfd, resolver: AnyResolver, options: ServeOptions) -> None:
+        check_instance("options", options, ServeOptions)
         check_instance("uffd", uffd, Userfaultfd)
         if not callable(resolver):
             raise InvalidArgumentType(
                 f"resolver must be an async callable, not {type(resolver).__name__}"
             )
-        check_page_size("page_size", page_size)
         self.uffd = uffd
         self.resolver = resolver
         self.inline = resolver if isinstance(resolver, Resolver) else None
         self._awaited = resolver.resolve if isinstance(resolver, Resolver) else resolver
         self._woke = resolver.woke if isinstance(resolver, Resolver) else None
-        self.limit = limit
-        self.batch = batch
+        #: Every option this server serves with, no choice left open: its fork children's
+        #: servers are made of this very object (the fields below are derived from it).
+        self.options = settle(options)
+        on_error, page_size, spin = self.options.on_error, self.options.page_size, self.options.spin
+        assert on_error is not None and page_size is not None and spin is not None  # settled
         self.on_error = on_error
         self.page_mask = ~(page_size - 1)
         self.page_size = page_size
         self.stats = ServerStats()
-        self.options = _Options(
-            limit=limit, batch=batch, on_error=on_error, page_size=page_size, spin=spin
-        )
         self._spin_ns = int(spin * 1e9)
         self.reader = EventReader(
-            uffd, batch=batch, spin=spin, prefilter=self._fast if self.inline else None
+            uffd, batch=self.options.batch, spin=spin, prefilter=self._fast if self.inline else None
         )
         self._in_flight: dict[int, PageFault] = {}
-        self._pool = WorkerPool(self._resolve_async, limit, after=self._poll)
+        self._pool = WorkerPool(self._resolve_async, self.options.limit, after=self._poll)
         self._polled = 0  # perf_counter_ns() of the last poll
         self._queued: deque[PageFault] = deque()
         self._deferred: list[PageFault] = []
@@ -346,7 +285,7 @@ class _Server:
                 if not inline.woke(fault):
                     wakes.append(page)
                 return
-        if len(self._in_flight) >= self.limit:
+        if len(self._in_flight) >= self.options.limit:
             self._queued.append(fault)
         else:
             self._start(fault)
@@ -420,7 +359,7 @@ class _Server:
                 self._handle(events)
 
     def _start_queued(self) -> None:
-        while self._queued and len(self._in_flight) < self.limit and self._tg is not None:
+        while self._queued and len(self._in_flight) < self.options.limit and self._tg is not None:
             fault = self._queued.popleft()
             if fault.address & self.page_mask in self._in_flight:
                 self.stats.coalesced += 1
@@ -444,8 +383,8 @@ class _Server:
             while self._deferred or self._undisposed:
                 await anyio.sleep(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)])
                 attempt += 1
-                try:
-                    pending = self.uffd.read_events(self.batch)  # the events behind the EAGAIN
+                try:  # the events behind the EAGAIN
+                    pending = self.uffd.read_events(self.options.batch)
                 except UffdClosed:
                     return
                 faults, self._deferred = self._deferred, []
@@ -577,7 +516,7 @@ class _Server:
         (no pid comes with it: its memory tells, see ``_peer_lifetime``), or until
         this server stops. It is nobody else's: closing it unregisters the child's
         memory, whose missing pages would then read as zeros."""
-        child = _Server(uffd, resolver, **attrs.asdict(self.options, recurse=False))
+        child = _Server(uffd, resolver, self.options)
         self.stats.children.append(child.stats)
 
         async def until_it_exits() -> None:
@@ -627,40 +566,39 @@ async def serve(
     uffd: Userfaultfd,
     resolver: AnyResolver,
     *,
-    limit: int = 64,
-    batch: int = 64,
-    on_error: OnError = OnError(),
-    page_size: int = PAGE_SIZE,
-    spin: float = DEFAULT_SPIN,
+    options: ServeOptions | None = None,
+    limit: int | None = None,
+    batch: int | None = None,
+    on_error: OnError | None = None,
+    page_size: int | None = None,
+    spin: float | None = None,
     task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Resolve ``uffd``'s faults with ``resolver`` until cancelled or the uffd is closed.
 
-    At most ``limit`` resolutions that await run at once; further faults wait
-    in order, none is dropped. ``spin`` (seconds, default 50 us) busy-polls the
-    uffd that long before sleeping in the event loop, while no resolution is
-    awaiting something (see :class:`EventReader`); 0 turns it off.
+    At most ``limit`` (default 64) resolutions that await run at once; further
+    faults wait in order, none is dropped. ``spin`` (seconds, default 50 us)
+    busy-polls the uffd that long before sleeping in the event loop, while no
+    resolution is awaiting something (see :class:`EventReader`); 0 turns it off.
     :class:`~uffd_async.resolvers.Resolver` objects that can answer without
     awaiting do so inline, without a task. A resolver
     error propagates out of ``serve`` unless ``on_error`` says otherwise.
+    ``options``: all of these as one :class:`ServeOptions` (then leave the
+    keywords out: one that disagrees with it is refused).
     ``task_status.started()`` receives an object whose ``stats`` is a
     :class:`ServerStats`.
     """
-    server = _Server(
-        uffd,
-        resolver,
-        limit=limit,
-        batch=batch,
-        on_error=on_error,
-        page_size=page_size,
-        spin=spin,
-    )
-    await server.run(task_status)
+    options = from_keywords(
+        ServeOptions, "options", options,
+        limit=limit, batch=batch, on_error=on_error, page_size=page_size, spin=spin,
+    )  # fmt: skip
+    await _Server(uffd, resolver, options).run(task_status)
 
 
 class FaultServer:
     """``serve()`` in the background of an ``async with`` block.
 
+    Takes ``serve()``'s options, as keywords or as one :class:`ServeOptions`.
     Leaving the block stops the server (faults it read but did not resolve go
     back to the uffd); a resolver error cancels the block and is raised from it.
     """
@@ -670,21 +608,18 @@ class FaultServer:
         uffd: Userfaultfd,
         resolver: AnyResolver,
         *,
-        limit: int = 64,
-        batch: int = 64,
-        on_error: OnError = OnError(),
-        page_size: int = PAGE_SIZE,
-        spin: float = DEFAULT_SPIN,
+        options: ServeOptions | None = None,
+        limit: int | None = None,
+        batch: int | None = None,
+        on_error: OnError | None = None,
+        page_size: int | None = None,
+        spin: float | None = None,
     ) -> None:
-        self._server = _Server(
-            uffd,
-            resolver,
-            limit=limit,
-            batch=batch,
-            on_error=on_error,
-            page_size=page_size,
-            spin=spin,
-        )
+        options = from_keywords(
+            ServeOptions, "options", options,
+            limit=limit, batch=batch, on_error=on_error, page_size=page_size, spin=spin,
+        )  # fmt: skip
+        self._server = _Server(uffd, resolver, options)
         self._tg: TaskGroup | None = None
 
     @property
@@ -718,4 +653,12 @@ class FaultServer:
             raise _unwrap(group) from None
 
 
-__all__ = ["FaultServer", "OnError", "ServerStats", "UffdError", "serve"]
+__all__ = [
+    "DEFAULT_SPIN",
+    "FaultServer",
+    "OnError",
+    "ServeOptions",
+    "ServerStats",
+    "UffdError",
+    "serve",
+]
