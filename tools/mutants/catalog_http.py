@@ -129,11 +129,11 @@ MUTANTS = [
     ),
     Mutant(
         id="http-read-bound-off-by-one",
-        file=F,
+        file="uffd_async/_restore/_source.py",
         old="        if offset + length > self.size:",
         new="        if offset + length >= self.size:",
-        tests=MISBEHAVING,
-        why="the object's last byte cannot be read",
+        tests=[*MISBEHAVING, "tests/test_source.py"],
+        why="a source's last byte cannot be read (every source checks its reads here)",
     ),
     Mutant(
         id="http-no-last-modified-fallback",

@@ -276,13 +276,7 @@ class HttpSource(SnapshotSource):
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``: one checked, retried Range request (no chunking)."""
         self.check_open()
-        check_int("offset", offset, minimum=0)
-        check_int("length", length, minimum=1)
-        if offset + length > self.size:
-            raise InvalidArgument(
-                errno.EINVAL,
-                f"bytes {offset}-{offset + length - 1} are past the object's {self.size} bytes",
-            )
+        self.check_span(offset, length)
         return await self._retrying(offset, offset + length - 1, self._ranged)
 
     async def chunk(self, index: int, *, demand: bool = True) -> bytes:

@@ -101,7 +101,7 @@ class Snapshot(SnapshotSource):
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the snapshot from ``offset`` (a copy)."""
         self.check_open()
-        self._check_span(offset, length)
+        self.check_span(offset, length)
         return self._read(offset, length)
 
     def _read(self, offset: int, length: int) -> bytes:

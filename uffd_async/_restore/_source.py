@@ -108,7 +108,7 @@ class SnapshotSource(abc.ABC):
         self.check_open()
         return SnapshotResolver(self, mappings, readahead=readahead, recorder=recorder)
 
-    def _check_span(self, offset: int, length: int) -> None:
+    def check_span(self, offset: int, length: int) -> None:
         """Refuse a read that is not within the source (``read``'s arguments)."""
         check_int("offset", offset, minimum=0)
         check_int("length", length, minimum=1)
