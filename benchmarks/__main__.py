@@ -12,7 +12,9 @@
 # restore to ready (a separate process touching a boot-like working set, served
 # lazily, with readahead, with a recorded working set prefetched, and copied
 # first; benchmarks/_restore.py), and restore from object storage (the same process
-# served from a snapshot on a loopback HTTP server; benchmarks/_http_restore.py),
+# served from a snapshot on a loopback HTTP server; benchmarks/_http_restore.py), and
+# over a link shaped like a real network (a real memory image in nginx behind 20 ms to
+# the first byte, 100 MB/s a connection, 1 Gbit/s; as root; benchmarks/_net_restore.py),
 # live snapshots of memory that C threads keep writing (benchmarks/_live.py), and two
 # tenants on one loop, one faulting without pause (benchmarks/_fairness.py).
 # Each case runs every runner alternately for several rounds; the table shows medians
@@ -47,6 +49,8 @@ from ._live import LiveFailed, live_table
 from ._live import measure as measure_live
 from ._machine import describe
 from ._memory import measure, memory_table
+from ._net_restore import measure as measure_net_restore
+from ._net_restore import net_restore_table
 from ._report import CaseResult, Result, scenario_json, table
 from ._restore import RestoreFailed, restore_table
 from ._restore import measure as measure_restore
@@ -62,6 +66,7 @@ STANDALONE: dict[str, tuple[Any, Any, tuple[type[Exception], ...]]] = {
     "7": (measure_http_restore, http_restore_table, (RestoreFailed,)),
     "8": (measure_live, live_table, (LiveFailed,)),
     "9": (measure_fairness, fairness_table, (FairnessFailed,)),
+    "10": (measure_net_restore, net_restore_table, (RestoreFailed,)),
 }
 
 
@@ -74,7 +79,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3, quick 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
-        "--scenario", action="append", metavar="KEY", help="run only these (1-9; repeatable)"
+        "--scenario", action="append", metavar="KEY", help="run only these (1-10; repeatable)"
     )
     parser.add_argument(
         "--runner", action="append", metavar="NAME", help="run only these (repeatable)"

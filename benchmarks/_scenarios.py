@@ -156,4 +156,15 @@ def scenarios(*, quick: bool) -> tuple[Scenario, ...]:
             ),
             cases=(),
         ),
+        Scenario(
+            key="10",
+            title="Restore over a shaped network",
+            note=(
+                "a real memory image in nginx across a 1 Gbit/s link with 20 ms to the first "
+                "byte and 100 MB/s a connection (a namespace, tbf, a proxy; needs root): "
+                "download-then-serve, HttpSource lazy and with prefetch, a host cache, 16 "
+                "processes at once (benchmarks/_net_restore.py)"
+            ),
+            cases=(),
+        ),
     )

@@ -9,7 +9,9 @@ restore to ready, measures the library's handlers against each other instead).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +43,13 @@ def test_quick_benchmark_checks_out() -> None:
     assert report["quick"] is True
     assert report["machine"]["kernel"].startswith("Linux")
     scenarios = report["scenarios"]
-    assert [s["key"] for s in scenarios] == ["1", "2", "3", "4", "4b", "5", "6", "7", "8", "9"]
+    assert [s["key"] for s in scenarios] == [
+        "1", "2", "3", "4", "4b", "5", "6", "7", "8", "9", "10"
+    ]  # fmt: skip
     for scenario in scenarios:
+        if scenario["key"] == "10":  # a shaped link (as root): a namespace, nginx, a proxy
+            check_net_restore(scenario)
+            continue
         if scenario["key"] == "9":  # two tenants: peer processes, the library's loops
             check_fairness(scenario)
             continue
@@ -129,6 +136,108 @@ def check_http_restore(scenario: dict[str, Any], rounds: int) -> None:
             assert result["faults"] == chunks, where
             assert result["requests"] == chunks + 1, where  # and one to open the source
     assert {t["backend"] for t in scenario["targets"]} == {"asyncio", "trio"}
+
+
+def check_net_restore(scenario: dict[str, Any]) -> None:
+    # Not root: skipped, saying why. As root: the link had the shape asked for (the proxy's
+    # 20 ms before a first byte is a floor, its 100 MB/s a ceiling: not the machine's
+    # figures), every runner served every workload on asyncio and trio, the proxy counted
+    # what crossed, and no namespace of a finished run is left behind.
+    if os.geteuid() != 0:
+        assert "root" in scenario["skipped"]
+        return
+    assert "skipped" not in scenario, scenario.get("skipped")
+    shape = scenario["measured_shape"]
+    assert shape["first_byte_ms"] >= 20.0
+    assert 0 < shape["one_connection_mb_s"] <= 120
+    assert 0 <= scenario["image"]["zero_pages"] <= 1 and scenario["image"]["mapped_bytes"] > 0
+    plan = {
+        "a": {"download", "lazy", "lazy_small", "prefetch", "local"},
+        "b": {"download", "lazy", "prefetch", "local"},
+        "c": {"download", "lazy", "prefetch", "local"},
+        "d": {"lazy", "cache", "local"},
+    }
+    skipped = set(scenario["skipped_runners"])
+    results = {(r["backend"], r["workload"], r["runner"]): r for r in scenario["results"]}
+    assert set(results) == {
+        (backend, workload, runner)
+        for backend in ("asyncio", "trio")
+        for workload, runners in plan.items()
+        for runner in runners - skipped
+    }
+    size = scenario["pages"] * 4096
+    for (backend, workload, runner), result in results.items():
+        where = f"scenario 10 {backend} ({workload}) {runner}"
+        assert result["ms"] > 0, where
+        if runner == "local":  # nothing crossed the link
+            assert result["requests"] == 0 and result["most_fetches"] == 0, where
+        elif runner == "download":  # 8 MiB parts, each fetched once, then served from a file
+            assert result["requests"] == -(-size // (8 << 20)), where
+            assert result["body_bytes"] >= size and result["most_fetches"] == 1, where
+        elif runner == "cache":  # warm: every chunk from the host cache, none over the link
+            assert result["requests"] == 0 and result["most_fetches"] == 0, where
+        else:
+            assert result["requests"] > 0 and result["link_bytes"] > 0, where
+        if workload == "c" and runner != "local":  # one server for all: chunks fetched once
+            assert result["most_fetches"] >= 1, where
+    assert {t["backend"] for t in scenario["targets"]} == {"asyncio", "trio"}
+    assert not [name for name in _namespaces() if not _alive(int(name[len("uffdnet") :]))]
+
+
+def _namespaces() -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    return [name for name in names if name.startswith("uffdnet") and name[7:].isdigit()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+LINK_UP = """
+import sys, time
+from pathlib import Path
+from benchmarks._network import open_link
+with open_link(Path(sys.argv[1])) as link:
+    print(link.namespace, link.host_device, link.proxy_pid, link.nginx_pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None, reason="the shaped link needs root and tc"
+)
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_the_link_is_removed_on_interrupt(tmp_path: Path, how: signal.Signals) -> None:
+    # Ctrl-C (or a SIGTERM) while the link is up: the namespace, the veth pair, nginx and
+    # the proxy are all gone once the process has exited.
+    with subprocess.Popen(
+        [sys.executable, "-c", LINK_UP, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            line = process.stdout.readline()
+            assert line, process.stderr.read()
+            namespace, device, proxy, nginx = line.split()
+            assert namespace in _namespaces()
+            process.send_signal(how)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert namespace not in _namespaces()
+    shown = subprocess.run(["ip", "link", "show", device], capture_output=True)
+    assert shown.returncode != 0
+    assert not _alive(int(proxy)) and not _alive(int(nginx))
 
 
 def check_live(scenario: dict[str, Any]) -> None:

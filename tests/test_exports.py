@@ -10,6 +10,7 @@ import attrs
 import uffd_async as ua
 
 EXPECTED = {
+    "CacheLayoutError",
     "DEFAULT_SPIN",
     "PAGE_SIZE",
     "DecodeError",
@@ -29,6 +30,8 @@ EXPECTED = {
     "HandoffStats",
     "HandoffTimeout",
     "HttpSource",
+    "HostCacheStats",
+    "HostChunkCache",
     "HttpStats",
     "ImageWriter",
     "InvalidArgument",
@@ -42,7 +45,13 @@ EXPECTED = {
     "Method",
     "Mode",
     "NoSourcePage",
+    "ObjectSource",
+    "ObjectStats",
     "OnError",
+    "PackError",
+    "PackResult",
+    "PackSource",
+    "PackStats",
     "PageExists",
     "PageFault",
     "PeerPolicy",
@@ -75,6 +84,7 @@ EXPECTED = {
     "continue_minor",
     "copy_from",
     "decode",
+    "pack_snapshot",
     "encode_mappings",
     "parse_mappings",
     "prefetch",

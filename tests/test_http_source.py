@@ -52,7 +52,7 @@ def served_chunks(server: HttpObjectServer, chunk: int = CHUNK) -> list[int]:
 
 @asynccontextmanager
 async def restoring(
-    lab: Lab, source: ua.HttpSource, pages: int = PAGES, **server: Any
+    lab: Lab, source: ua.SnapshotSource, pages: int = PAGES, **server: Any
 ) -> AsyncIterator[tuple[ua.Region, ua.FaultServer]]:
     """A region of ``pages`` registered MISSING, served from ``source`` by a FaultServer."""
     region = lab.anonymous(pages)

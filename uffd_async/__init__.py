@@ -58,8 +58,18 @@ from ._handoff._transfer import send_uffd as send_uffd
 from ._handoff._wire import MessageShape as MessageShape
 from ._handoff._wire import encode_mappings as encode_mappings
 from ._handoff._wire import parse_mappings as parse_mappings
+from ._remote._chunk_cache import HostCacheStats as HostCacheStats
+from ._remote._chunk_cache import HostChunkCache as HostChunkCache
+from ._remote._chunk_cache_format import CacheLayoutError as CacheLayoutError
 from ._remote._http_source import HttpSource as HttpSource
 from ._remote._http_source import HttpStats as HttpStats
+from ._remote._object_source import ObjectSource as ObjectSource
+from ._remote._object_source import ObjectStats as ObjectStats
+from ._remote._pack_format import PackError as PackError
+from ._remote._pack_source import PackSource as PackSource
+from ._remote._pack_source import PackStats as PackStats
+from ._remote._pack_writer import PackResult as PackResult
+from ._remote._pack_writer import pack_snapshot as pack_snapshot
 from ._restore._guest_mapping import GuestMapping as GuestMapping
 from ._restore._layered import LayeredSnapshot as LayeredSnapshot
 from ._restore._prefetch import PrefetchStats as PrefetchStats
@@ -86,6 +96,7 @@ from .resolvers import zero_fill as zero_fill
 __all__ = [
     "DEFAULT_SPIN",
     "PAGE_SIZE",
+    "CacheLayoutError",
     "DecodeError",
     "Event",
     "EventReader",
@@ -101,6 +112,8 @@ __all__ = [
     "HandoffServer",
     "HandoffStats",
     "HandoffTimeout",
+    "HostCacheStats",
+    "HostChunkCache",
     "HttpSource",
     "HttpStats",
     "ImageWriter",
@@ -116,7 +129,13 @@ __all__ = [
     "Method",
     "Mode",
     "NoSourcePage",
+    "ObjectSource",
+    "ObjectStats",
     "OnError",
+    "PackError",
+    "PackResult",
+    "PackSource",
+    "PackStats",
     "PageExists",
     "PageFault",
     "PeerPolicy",
@@ -150,6 +169,7 @@ __all__ = [
     "copy_from",
     "decode",
     "encode_mappings",
+    "pack_snapshot",
     "parse_mappings",
     "prefetch",
     "probe",

@@ -12,6 +12,7 @@ a usage error, said in one line that names the flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -21,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
 
@@ -35,6 +36,8 @@ from ._core._open import probe
 from ._handoff._metrics import MetricsExporter, parse_address
 from ._handoff._options import PeerPolicy, ReplayOptions, check_record_path
 from ._handoff._server import HandoffServer, HandoffStats, serve_handoffs
+from ._remote._chunk_cache import HostChunkCache
+from ._remote._chunked_source import FetchStats
 from ._remote._http_source import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
@@ -42,18 +45,19 @@ from ._remote._http_source import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     HttpSource,
-    HttpStats,
     display_url,
     is_url,
     url_problem,
 )
+from ._remote._object_source import ObjectSource, is_object_url, parse_object_url
 from ._remote._open_source import open_source
+from ._remote._pack_writer import DEFAULT_LEVEL, pack_snapshot, summarize
 from ._restore._layered import LayeredSnapshot
 from ._restore._source import SnapshotSource
 from ._restore._working_set import WorkingSet, WorkingSetError
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 
 def _flag_names(value: Feature | Ioctl) -> list[str]:
@@ -95,7 +99,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _progress(
-    stats: HandoffStats, elapsed: float, rate: float, http: HttpStats | None = None
+    stats: HandoffStats, elapsed: float, rate: float, http: FetchStats | None = None
 ) -> str:
     line = (
         f"[{elapsed:8.1f}s] connections {stats.connections} ({stats.active} active, "
@@ -133,17 +137,26 @@ async def _report(server: HandoffServer, interval: float) -> None:
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
-    http = {
-        "chunk_size": args.chunk_size,
-        "concurrency": args.concurrency,
-        "timeout": args.http_timeout,
-        "retries": args.retries,
-        "headers": dict(args.header),
-        "cache_bytes": args.cache_size,
-        "http2": args.http2,
-    }
-    async with open_source(args.snapshot, layers=args.layer, http=http) as source:
-        await _serve_source(args, source, _described(args.snapshot, source))
+    with contextlib.ExitStack() as stack:
+        host_cache = None
+        if args.cache_dir is not None:
+            cache = HostChunkCache(args.cache_dir, args.host_cache_size)
+            host_cache = stack.enter_context(cache)
+        http: dict[str, Any] = {
+            "chunk_size": args.chunk_size,
+            "concurrency": args.concurrency,
+            "timeout": args.http_timeout,
+            "retries": args.retries,
+            "headers": dict(args.header),
+            "cache_bytes": args.cache_size,
+            "http2": args.http2,
+        }
+        if host_cache is not None:
+            http["host_cache"] = host_cache
+        store = dict(args.store_option)
+        spec = args.snapshot
+        async with open_source(spec, layers=args.layer, http=http, store=store) as source:
+            await _serve_source(args, source, _described(spec, source))
 
 
 def _described(spec: str, source: SnapshotSource) -> str:
@@ -151,7 +164,7 @@ def _described(spec: str, source: SnapshotSource) -> str:
     if isinstance(source, LayeredSnapshot):
         count = len(source.layers)
         return f"{spec} with {count} layer{'s' if count != 1 else ''} on top"
-    if isinstance(source, HttpSource):
+    if isinstance(source, (HttpSource, ObjectSource)):
         checked = source.validator or "nothing: the server sends no ETag or Last-Modified"
         return (
             f"{source.url} ({source.size:,} bytes, {source.chunk_size // 1024:,} KiB chunks, "
@@ -224,7 +237,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         backend, options = choose_backend(args.backend)
         anyio.run(_serve_until_signalled, args, backend=backend, backend_options=options)
-    except Exception as exc:
+    except BaseException as exc:
+        if _interrupted(exc):  # SIGINT before its handler was in place (trio wraps it)
+            print("SIGINT: stopping", file=sys.stderr)
+            return 0
+        if not isinstance(exc, Exception):
+            raise
         while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
         if isinstance(exc, SourceChanged):  # the server stopped taking processes at once
@@ -235,6 +253,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cannot serve: {exc}", file=sys.stderr)  # a bad path, a socket in use, ...
         return 1
     return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a KeyboardInterrupt, alone or in (nested) exception groups only."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_interrupted(inner) for inner in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def _show_working_set(args: argparse.Namespace) -> int:
@@ -306,6 +331,38 @@ def _squash(args: argparse.Namespace) -> int:
         f"squashed {args.base} and {count} layer{'s' if count != 1 else ''} into {args.output} "
         f"({os.path.getsize(args.output):,} bytes, identity {identity.hex()})"
     )
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    """``pack SNAPSHOT DEST``, or ``pack show INDEX``."""
+    if args.snapshot == "show":
+        if args.dest is None or args.layer:
+            return _usage_error(args, "pack show takes one INDEX and no --layer")
+        try:
+            summary = summarize(args.dest)
+        except (OSError, ValueError) as exc:
+            print(f"cannot read the pack: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(summary.lines()))
+        return 0
+    if args.dest is None:
+        return _usage_error(args, "the DEST directory is missing")
+    try:
+        result = pack_snapshot(
+            args.snapshot, args.dest, layers=args.layer, chunk_size=args.chunk_size,
+            level=args.level, name=args.name,
+        )  # fmt: skip
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"cannot pack: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"packed {result.size:,} bytes in {result.chunks:,} chunks: {result.zero:,} zero, "
+        f"{result.written:,} written ({result.written_bytes:,} bytes), {result.reused:,} "
+        "already there",
+        file=sys.stderr,
+    )
+    print(result.index)
     return 0
 
 
@@ -398,6 +455,25 @@ def _headers(text: str) -> list[tuple[str, str]]:
     return headers
 
 
+def _store_option(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``, or ``KEY=@FILE`` (the value is FILE's first line: a secret kept out
+    of argv). An error never shows the value."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or not key or not key.replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(
+            f"{key[:40]!r}... is not KEY=VALUE (VALUE not shown)"
+            if equals
+            else "not KEY=VALUE (the text is not shown: it may be a secret)"
+        )
+    if value.startswith("@"):
+        lines = _read_secret(value[1:]).strip().splitlines()
+        if not lines:
+            raise argparse.ArgumentTypeError(f"{key}={value}: the file is empty")
+        value = lines[0].strip()
+    return key.lower(), value
+
+
 #: SNAPSHOT left out: the URL (or path) is read from this variable, out of argv.
 URL_ENV = "UFFD_ASYNC_URL"
 #: Options of an HTTP source only: given with a file, they are refused, not ignored.
@@ -408,8 +484,11 @@ _HTTP_ONLY = {
     "http_timeout": DEFAULT_TIMEOUT,
     "header": [],
     "cache_size": DEFAULT_CACHE_BYTES,
+    "cache_dir": None,
     "http2": False,
 }
+#: The host chunk cache's bound when --cache-dir is given without --cache-size.
+DEFAULT_HOST_CACHE_BYTES = 4 << 30
 
 
 class _Parser(argparse.ArgumentParser):
@@ -439,7 +518,27 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             parser.error(f"argument SNAPSHOT: {args.snapshot} is empty")
         args.snapshot = lines[0].strip()
     args.header = [header for given in args.header or () for header in given]
-    if is_url(args.snapshot):
+    args.store_option = args.store_option or []
+    if args.store_option and not is_object_url(args.snapshot):
+        parser.error(
+            "argument --store-option: applies only when SNAPSHOT is an s3://, gs:// or az:// URL"
+        )
+    if is_object_url(args.snapshot):
+        try:
+            parse_object_url(args.snapshot)
+        except InvalidArgument as exc:
+            parser.error(f"argument SNAPSHOT: {exc.strerror}")
+        for flag, value in (("--header", args.header), ("--http2", args.http2)):
+            if value:
+                parser.error(f"argument {flag}: applies only when SNAPSHOT is an http(s):// URL")
+        if args.layer:
+            parser.error("argument --layer: needs SNAPSHOT to be a file, not a URL")
+        if args.readahead:
+            parser.error(
+                "argument --readahead: does not apply to a URL (a fault brings its whole "
+                "chunk): choose --chunk-size instead"
+            )
+    elif is_url(args.snapshot):
         problem = url_problem(args.snapshot)
         if problem:
             parser.error(f"argument SNAPSHOT: {display_url(args.snapshot)!r} {problem}")
@@ -455,6 +554,11 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             if getattr(args, name) not in (None, []):
                 flag = "--" + name.replace("_", "-")
                 parser.error(f"argument {flag}: applies only when SNAPSHOT is an http(s):// URL")
+    args.host_cache_size = None
+    if args.cache_dir is not None:  # --cache-size bounds the host cache then
+        given = args.cache_size
+        args.host_cache_size = DEFAULT_HOST_CACHE_BYTES if given is None else given
+        args.cache_size = None  # and the in-memory one keeps its default
     for name, default in _HTTP_ONLY.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -493,8 +597,10 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot",
         metavar="SNAPSHOT",
         nargs="?",
-        help="the memory snapshot: a file, or an http:// or https:// URL (S3, GCS or MinIO, "
-        "presigned or public) read by Range requests a chunk at a time; @FILE reads it from "
+        help="the memory snapshot: a file, an http:// or https:// URL (S3, GCS or MinIO, "
+        "presigned or public) read by Range requests a chunk at a time, or an object in a "
+        "cloud's store with its credentials (s3://BUCKET/KEY, gs://BUCKET/KEY, "
+        "az://CONTAINER/BLOB; needs uffd_async[objectstore]); @FILE reads it from "
         f"FILE's first line; left out, it is read from ${URL_ENV}",
     )
     serve_parser.add_argument(
@@ -555,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         "becomes fully resident",
     )
     http = serve_parser.add_argument_group(
-        "snapshots over HTTP (SNAPSHOT is a URL; refused with a file)"
+        "remote snapshots (SNAPSHOT is a URL; refused with a file)"
     )
     http.add_argument(
         "--chunk-size",
@@ -593,10 +699,29 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-size",
         type=_size,
         metavar="SIZE",
-        help="recent chunks kept for fork children and other processes (default 64MiB)",
+        help="recent chunks kept for fork children and other processes (default 64MiB); "
+        "with --cache-dir, the host chunk cache's bound (default 4GiB)",
+    )
+    http.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="a host chunk cache in DIR, shared by every serving process of this host and "
+        "kept across restarts (chunks keyed by the object's version, checked on every read, "
+        "least recently used evicted); --cache-size then bounds it (default 4GiB)",
     )
     http.add_argument(
         "--http2", action="store_true", default=None, help="HTTP/2 (needs uffd_async[http2])"
+    )
+    http.add_argument(
+        "--store-option",
+        type=_store_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="a setting of an s3://, gs:// or az:// SNAPSHOT's store, by obstore's name "
+        "(repeatable), e.g. endpoint=http://127.0.0.1:9000, region=eu-west-1, "
+        "allow_http=true; KEY=@FILE reads the value from FILE (for a secret). Credentials "
+        "otherwise come from the environment, as each cloud's tools read them "
+        "(AWS_*, GOOGLE_*, AZURE_*); values are never shown",
     )
     serve_parser.add_argument(
         "--timeout",
@@ -659,10 +784,40 @@ def main(argv: list[str] | None = None) -> int:
         help="do not check that each layer applies on top of what is below it",
     )
     squash_parser.set_defaults(run=_squash)
+    pack_parser = commands.add_parser(
+        "pack",
+        help="write a snapshot as zstd chunks named by their digest, or show a pack",
+        description="pack SNAPSHOT DEST: write SNAPSHOT (a raw image file, with --layer "
+        "files on top) into the directory DEST as an index, DEST/NAME.index, and zstd "
+        "chunks, DEST/chunks/<sha256>, that every index in DEST shares: a chunk DEST has "
+        "already is not written again, and an all-zero chunk is not stored. The last "
+        "line printed is the index's path; serve it with `serve INDEX`. "
+        "pack show INDEX: its sizes, chunk counts, dedup and compression ratios.",
+    )
+    pack_parser.add_argument("snapshot", metavar="SNAPSHOT|show")
+    pack_parser.add_argument("dest", nargs="?", metavar="DEST|INDEX")
+    pack_parser.add_argument(
+        "--layer", action="append", default=[], metavar="LAYER",
+        help="a layer file on top of SNAPSHOT (repeat, oldest first)",
+    )  # fmt: skip
+    pack_parser.add_argument(
+        "--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+        help="bytes per chunk, a multiple of the page size (default 1MiB)",
+    )  # fmt: skip
+    pack_parser.add_argument(
+        "--level", type=int, default=DEFAULT_LEVEL, choices=range(-7, 23), metavar="L",
+        help=f"zstd level, -7..22 (default {DEFAULT_LEVEL})",
+    )  # fmt: skip
+    pack_parser.add_argument("--name", help="the index's NAME (default: the SNAPSHOT file's name)")
+    pack_parser.set_defaults(run=_pack)
     args = parser.parse_args(argv)
     if args.run is _serve:
         _check_serve(serve_parser, args)
-    args.prog = {_serve: serve_parser.prog, _squash: squash_parser.prog}.get(args.run, parser.prog)
+    args.prog = {
+        _serve: serve_parser.prog,
+        _squash: squash_parser.prog,
+        _pack: pack_parser.prog,
+    }.get(args.run, parser.prog)
     result: int = args.run(args)
     return result
 

@@ -1,7 +1,7 @@
-/* Scenarios 6 and 7's restored process: hands its memory over as Firecracker
+/* Scenarios 6, 7 and 10's restored process: hands its memory over as Firecracker
  * 1.12 does, then touches a working set and says how long that took.
  *
- *   restore_peer SOCKET SNAPSHOT SET PAGES WAIT [THREADS]
+ *   restore_peer SOCKET SNAPSHOT SET PAGES WAIT [THREADS [CHECK]]
  *
  * It maps PAGES anonymous 4 KiB pages, opens a userfaultfd the way
  * Firecracker's UffdBuilder does (non-blocking, close-on-exec, EVENT_REMOVE),
@@ -17,8 +17,10 @@
  * pages), in touch order; each run is read in address order, one 8-byte load
  * per page. The load must return the snapshot's first word of that page (the
  * pattern of benchmarks/c/workload.c's bench_fill_pattern, computed here), so
- * a page copied from the wrong place fails the run at once. The clock stops
- * after the last page. Then, untimed, every touched page is compared whole
+ * a page copied from the wrong place fails the run at once. With CHECK "file"
+ * (scenario 10: a real memory image, not the pattern) the word to expect is
+ * read from SNAPSHOT instead, for every page of SET, before the handshake;
+ * CHECK "pattern" is the default. The clock stops after the last page. Then, untimed, every touched page is compared whole
  * with SNAPSHOT (mapped read-only).
  *
  * THREADS (default 1): with more than one, the runs are dealt round-robin
@@ -28,7 +30,9 @@
  * read its last page, and first_ns is the earliest first page of any of them.
  *
  * Output, one line on stdout: "ready_ns first_ns pages": handshake sent to
- * working set touched, handshake sent to the first page read, pages touched.
+ * working set touched, handshake sent to the first page read, pages touched;
+ * with CHECK "file", a fourth field: the CLOCK_MONOTONIC instant the clock
+ * started (so that many processes restored at once can be timed together).
  * Any failure: a message on stderr and exit status 1 (setup) or 3 (a wrong
  * page). alarm(120): a page that never comes ends this process, not the run.
  */
@@ -96,6 +100,7 @@ struct share {
     const uint32_t *set;
     uint64_t runs, index, step;
     const uint8_t *base;
+    const uint64_t *expect; /* CHECK "file": each page's first word; else the pattern */
     pthread_barrier_t *go;
     int64_t first;
     uint64_t touched;
@@ -109,7 +114,7 @@ static void touch_share(struct share *share)
         uint64_t from = share->set[2 * r], to = from + share->set[2 * r + 1];
         for (uint64_t i = from; i < to; i++) {
             uint64_t word = *(volatile const uint64_t *)(share->base + i * PAGE);
-            if (word != first_word(i)) {
+            if (word != (share->expect ? share->expect[i] : first_word(i))) {
                 share->bad = 1;
                 share->bad_page = i;
                 share->bad_word = word;
@@ -131,14 +136,19 @@ static void *share_thread(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc != 6 && argc != 7) {
-        fprintf(stderr, "usage: restore_peer SOCKET SNAPSHOT SET PAGES WAIT [THREADS]\n");
+    if (argc < 6 || argc > 8) {
+        fprintf(stderr, "usage: restore_peer SOCKET SNAPSHOT SET PAGES WAIT [THREADS [CHECK]]\n");
         return 2;
     }
     alarm(120);
     uint64_t pages = strtoull(argv[4], NULL, 10);
     int wait_go = atoi(argv[5]);
-    long threads = argc == 7 ? atol(argv[6]) : 1;
+    long threads = argc >= 7 ? atol(argv[6]) : 1;
+    int check_file = argc == 8 && strcmp(argv[7], "file") == 0;
+    if (argc == 8 && !check_file && strcmp(argv[7], "pattern") != 0) {
+        fprintf(stderr, "restore_peer: CHECK must be pattern or file\n");
+        return 2;
+    }
     if (threads < 1 || threads > 1024) {
         fprintf(stderr, "restore_peer: THREADS must be 1 to 1024\n");
         return 2;
@@ -157,6 +167,15 @@ int main(int argc, char **argv)
             fprintf(stderr, "restore_peer: run %llu is past the end\n", (unsigned long long)r);
             return 1;
         }
+    }
+    uint64_t *expect = NULL;
+    if (check_file) {
+        expect = malloc(pages * sizeof *expect);
+        if (expect == NULL)
+            die("malloc");
+        for (uint64_t r = 0; r < runs; r++)
+            for (uint64_t i = set[2 * r]; i < (uint64_t)set[2 * r] + set[2 * r + 1]; i++)
+                memcpy(&expect[i], snapshot + i * PAGE, sizeof *expect);
     }
 
     int uffd = (int)syscall(SYS_userfaultfd, O_NONBLOCK | O_CLOEXEC);
@@ -188,7 +207,8 @@ int main(int argc, char **argv)
         die("pthread_barrier_init");
     for (long t = 0; t < threads; t++) {
         shares[t] = (struct share){.set = set, .runs = runs, .index = (uint64_t)t,
-                                   .step = (uint64_t)threads, .base = base, .go = &go_barrier};
+                                   .step = (uint64_t)threads, .base = base, .expect = expect,
+                                   .go = &go_barrier};
         if (threads > 1) {
             errno = pthread_create(&tids[t], NULL, share_thread, &shares[t]);
             if (errno != 0)
@@ -260,7 +280,8 @@ int main(int argc, char **argv)
         if (share->bad) {
             fprintf(stderr, "restore_peer: page %llu starts with %#llx, not %#llx\n",
                     (unsigned long long)share->bad_page, (unsigned long long)share->bad_word,
-                    (unsigned long long)first_word(share->bad_page));
+                    (unsigned long long)(expect ? expect[share->bad_page]
+                                                : first_word(share->bad_page)));
             return 3;
         }
         if (share->touched && (!touched || share->first < first))
@@ -276,8 +297,12 @@ int main(int argc, char **argv)
             return 3;
         }
     }
-    printf("%lld %lld %llu\n", (long long)(ready - start), (long long)(first - start),
-           (unsigned long long)touched);
+    if (check_file) /* and when the clock started (CLOCK_MONOTONIC: comparable across processes) */
+        printf("%lld %lld %llu %lld\n", (long long)(ready - start), (long long)(first - start),
+               (unsigned long long)touched, (long long)start);
+    else
+        printf("%lld %lld %llu\n", (long long)(ready - start), (long long)(first - start),
+               (unsigned long long)touched);
     fflush(stdout);
     close(sock);
     return 0;

@@ -1,8 +1,10 @@
-"""Mutants of uffd_async/_remote/_http_source.py (each catalog: one list named MUTANTS)."""
+"""Mutants of uffd_async/_remote/_http_source.py and the ChunkedSource base it stands on
+(_chunked_source.py) (each catalog: one list named MUTANTS)."""
 
 from mutant import Mutant
 
 F = "uffd_async/_remote/_http_source.py"
+BASE = "uffd_async/_remote/_chunked_source.py"
 MISBEHAVING = ["tests/test_http_misbehaving.py"]
 SOURCE = ["tests/test_http_source.py"]
 
@@ -41,7 +43,7 @@ MUTANTS = [
     ),
     Mutant(
         id="http-changed-not-sticky",
-        file=F,
+        file=BASE,
         old="                self._changed = exc",
         new="                pass",
         tests=SOURCE,
@@ -49,7 +51,7 @@ MUTANTS = [
     ),
     Mutant(
         id="http-changed-queued-fetch-runs",
-        file=F,
+        file=BASE,
         old="                raise self._changed\n            try:",
         new="                pass\n            try:",
         tests=MISBEHAVING,
@@ -105,7 +107,7 @@ MUTANTS = [
     ),
     Mutant(
         id="http-one-retry-too-many",
-        file=F,
+        file=BASE,
         old="                if tries >= self.retries:",
         new="                if tries > self.retries:",
         tests=SOURCE,
@@ -113,7 +115,7 @@ MUTANTS = [
     ),
     Mutant(
         id="http-last-chunk-overruns",
-        file=F,
+        file=BASE,
         old="        end = min(self.size, start + self.chunk_size) - 1",
         new="        end = start + self.chunk_size - 1",
         tests=MISBEHAVING,
@@ -121,7 +123,7 @@ MUTANTS = [
     ),
     Mutant(
         id="http-chunk-count-floor",
-        file=F,
+        file=BASE,
         old="        return -(-self.size // self.chunk_size)",
         new="        return self.size // self.chunk_size",
         tests=MISBEHAVING,

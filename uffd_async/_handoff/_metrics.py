@@ -29,7 +29,7 @@ import attrs
 from anyio.abc import TaskStatus
 
 if TYPE_CHECKING:
-    from .._remote._http_source import HttpStats
+    from .._remote._chunked_source import FetchStats as HttpStats
     from ._server import HandoffServer, HandoffStats
 
 __all__ = ["MetricsExporter", "parse_address"]

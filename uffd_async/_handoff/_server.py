@@ -53,7 +53,7 @@ from anyio.abc import TaskStatus
 
 from .._core._abi import PAGE_SIZE, Feature
 from .._core._errors import HandoffError, InvalidArgument, SourceChanged
-from .._remote._http_source import HttpSource, HttpStats
+from .._remote._chunked_source import ChunkedSource, FetchStats
 from .._remote._open_source import SourceSpec, check_source, open_source
 from .._restore._prefetch import PrefetchStats
 from .._restore._replay import Replay
@@ -245,10 +245,10 @@ class HandoffServer:
         return LatencyHistogram.bounds(), list(total.counts), total.total_ns / 1e9
 
     @property
-    def http_stats(self) -> HttpStats | None:
-        """The HTTP source's counters (requests, bytes, retries, cache hits), if it has one."""
+    def http_stats(self) -> FetchStats | None:
+        """The remote source's counters (requests, bytes, retries, cache hits), if it has one."""
         source = self._opened if self._opened is not None else self._source
-        return source.stats if isinstance(source, HttpSource) else None
+        return source.stats if isinstance(source, ChunkedSource) else None
 
     @property
     def allowed_uids(self) -> frozenset[int]:
@@ -337,7 +337,7 @@ class HandoffServer:
             async with anyio.create_task_group() as tg:
                 with listener:
                     with anyio.CancelScope() as accepting:
-                        if isinstance(snapshot, HttpSource):
+                        if snapshot is not None:
                             tg.start_soon(_stop_on_change, snapshot, accepting, changed)
                         task_status.started(self)
                         while True:
@@ -630,7 +630,7 @@ async def _hangup(conn: socket.socket) -> None:
 
 
 async def _stop_on_change(
-    source: HttpSource, accepting: anyio.CancelScope, changed: list[SourceChanged]
+    source: SnapshotSource, accepting: anyio.CancelScope, changed: list[SourceChanged]
 ) -> None:
     changed.append(await source.wait_changed())
     accepting.cancel()

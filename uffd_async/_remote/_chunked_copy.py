@@ -27,17 +27,25 @@ the rest of the chunk never faults. Facts this relies on, beyond
   page per chunk, too few for a replay from a file or through smaller chunks.
   The chunk stays in the source's cache, so the next faults in it cost no
   request.
+* A source that knows which chunks are all zeros (a pack's index does: pass
+  ``zero``) has them answered with ``UFFDIO_ZEROPAGE``, inline and without a
+  fetch, for every missing page of the chunk; a prefetched zero chunk too. Not
+  under write-protect mode or for huge pages (ZEROPAGE has no WP mode, and
+  hugetlbfs refuses it): there the zeros are copied.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 from .._core._abi import PAGE_SIZE
-from .._core._errors import FetchError
+from .._core._errors import (
+    FetchError,
+)
 from .._core._events import PageFault
 from .._core._memory import buffer_address
 from .._core._uffd import Userfaultfd
@@ -66,11 +74,13 @@ class ChunkedCopy(CopyFrom):
         size: int,
         page_size: int,
         wp: bool,
+        zero: Callable[[int], bool] | None = None,
     ) -> None:
         super().__init__(_no_fetch, base=base, size=size, readahead=0, wp=wp, page_size=page_size)
         self._source = source
         self._offset = offset
         self._chunk_size = source.chunk_size
+        self._zero_chunk = zero  # chunk -> whether it is all zeros (never fetched)
         # Every resolver of the same process's memory from this source: a chunk that
         # lands fills their pages too (a snapshot's other mappings, see SnapshotResolver).
         self._together: list[ChunkedCopy] = [self]
@@ -94,6 +104,9 @@ class ChunkedCopy(CopyFrom):
         if removed:  # zeros: nothing of the source was asked for
             self._zero(uffd, page, index)
             return True
+        if self._all_zero(index):
+            self._serve_zeros(uffd, page, index)
+            return True
         span = self._cached_span(index)
         if span is None:
             return False
@@ -103,6 +116,9 @@ class ChunkedCopy(CopyFrom):
     async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
         page, index, _, removed = self._plan(fault)
         was = self._populated[index]
+        if not removed and self._all_zero(index):
+            self._serve_zeros(uffd, page, index)
+            return
         if not removed:
             lo, data = await self._fetch_span(index)
             try:
@@ -143,6 +159,54 @@ class ChunkedCopy(CopyFrom):
             self._copy(uffd, page, index, 1, address + self._offset + index * self._page_size - lo)
             del keep
 
+    # -- zero chunks ----------------------------------------------------------
+
+    def _all_zero(self, index: int) -> bool:
+        """Whether every chunk holding source page ``index`` is all zeros (never fetched)."""
+        zero = self._zero_chunk
+        return zero is not None and all(zero(chunk) for chunk in self._chunks_of(index))
+
+    def _serve_zeros(self, uffd: Userfaultfd, page: int, index: int) -> None:
+        """A fault in zero chunks: zero pages for every missing page of them (as ``_serve``)."""
+        was = self._populated[index]
+        if self._recorder is None:
+            chunks = self._chunks_of(index)
+            hi = min(self._source.size, (chunks[-1] + 1) * self._chunk_size)
+            for resolver in self._together:
+                resolver.zero_span(uffd, chunks[0] * self._chunk_size, hi)
+        else:
+            self._record(index)
+        if not was and self._populated[index]:  # the fill mapped it (see _serve)
+            return
+        if self._wp:  # ZEROPAGE has no write-protect mode: copy zeros, protected
+            zeros = bytes(self._page_size)
+            address, _, keep = buffer_address(zeros)
+            self._copy(uffd, page, index, 1, address)
+            del keep
+        else:
+            self._zero(uffd, page, index)
+
+    def zero_span(self, uffd: Userfaultfd, lo: int, hi: int) -> None:
+        """Map zeros at every missing page of ours, in place, whose source bytes lie in
+        ``[lo, hi)``: UFFDIO_ZEROPAGE runs (a copy of zeros where ZEROPAGE cannot serve)."""
+        size = self._page_size
+        first = max(0, -((self._offset - lo) // size))  # the first page wholly in the span
+        last = min(self._pages, (hi - self._offset) // size)
+        if first >= last:
+            return
+        if self._wp or size != PAGE_SIZE:
+            zeros = bytes((last - first) * size)
+            address, _, keep = buffer_address(zeros)
+            self._fill_runs(uffd, first, last - first, address - first * size)
+            del keep
+            return
+        base = self._base
+
+        def zeropage(i: int, j: int) -> None:
+            uffd.zeropage(base + i * size, (j - i) * size)
+
+        self._each_missing_run(first, last - first, zeropage)
+
     # -- chunks ---------------------------------------------------------------
 
     def _chunks_of(self, index: int) -> range:
@@ -181,7 +245,15 @@ class ChunkedCopy(CopyFrom):
 
     def fill_span(self, uffd: Userfaultfd, lo: int, data: bytes) -> None:
         """Copy every missing page of ours, in place, whose bytes lie within ``data``
-        (the source's bytes from ``lo``)."""
+        (the source's bytes from ``lo``); zero pages for a zero chunk's."""
+        if (
+            self._zero_chunk is not None
+            and lo % self._chunk_size == 0
+            and len(data) <= self._chunk_size
+            and self._zero_chunk(lo // self._chunk_size)
+        ):
+            self.zero_span(uffd, lo, lo + len(data))
+            return
         size = self._page_size
         first = max(0, -(-(lo - self._offset) // size))
         last = min(self._pages, (lo + len(data) - self._offset) // size)

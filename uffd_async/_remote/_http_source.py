@@ -22,9 +22,10 @@ What it checks, and why:
   different range or a compressed body (``Accept-Encoding: identity`` is sent,
   since a range of a compressed representation is not the object's bytes) is
   an error, never copied into anyone's memory.
-* Connection errors, timeouts, bodies cut short and 5xx are retried with
-  exponential backoff and full jitter, up to ``retries`` times; other 4xx are
-  not (the request itself is wrong: it would fail the same way again).
+* Connection errors, timeouts, bodies cut short and 5xx are retried (by
+  :class:`~._chunked_source.ChunkedSource`: backoff with full jitter), up to
+  ``retries`` times; other 4xx are not (the request itself is wrong: it would
+  fail the same way again).
 * URLs are shown without their query string, fragment or user info: a
   presigned URL carries its credentials in the query. (httpx logs full URLs
   at INFO on its ``httpx`` logger; the CLI keeps that logger at WARNING.)
@@ -33,54 +34,50 @@ What it checks, and why:
 from __future__ import annotations
 
 import errno
-import random
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import anyio
 import attrs
 
-from .._capture._identity import identity_of, identity_samples
-from .._core._abi import PAGE_SIZE
-from .._core._checks import check_int, check_seconds
+from .._core._checks import check_seconds
 from .._core._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
-from .._restore._guest_mapping import GuestMapping
-from .._restore._source import SnapshotSource
-from .._serve._resolvers import CopyFrom
-from ._chunked_copy import ChunkedCopy
-from ._chunks import Chunks, ChunkStats
+from ._chunk_cache import HostChunkCache
+from ._chunked_source import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    ChunkedSource,
+    FetchStats,
+    Retry,
+    refuse_readahead,
+)
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "HttpSource", "HttpStats", "display_url", "is_url", "url_problem"]
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "HttpSource",
+    "HttpStats",
+    "display_url",
+    "is_url",
+    "refuse_readahead",
+    "url_problem",
+]
 
-#: The default chunk: one request per MiB (see the README's HTTP benchmark for the choice).
-DEFAULT_CHUNK_SIZE = 1 << 20
-DEFAULT_CONCURRENCY = 16
-DEFAULT_CACHE_BYTES = 64 << 20
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_RETRIES = 5
-_BACKOFF = 0.05  # seconds before the first retry, doubled at each one
-_BACKOFF_CAP = 2.0
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 
 def is_url(source: object) -> bool:
     """Whether ``source`` names an HTTP(S) object rather than a file."""
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
-
-
-def refuse_readahead(readahead: int, chunk_size: int | None = None) -> None:
-    """Readahead means nothing for a chunked source: its chunk size plays that part."""
-    if readahead:
-        size = "" if chunk_size is None else f" ({chunk_size} bytes)"
-        raise InvalidArgument(
-            errno.EINVAL,
-            "readahead does not apply to an HttpSource: a fault copies every missing page "
-            f"of its chunk{size}; choose chunk_size instead",
-        )
 
 
 def display_url(url: str) -> str:
@@ -111,24 +108,12 @@ def url_problem(url: str) -> str | None:
 
 
 @attrs.define(kw_only=True)
-class HttpStats(ChunkStats):
-    """What an :class:`HttpSource` did; read it while it runs or after."""
-
-    #: HTTP requests sent (retries included) and body bytes received.
-    requests: int = 0
-    bytes: int = 0
-    #: Requests retried (a connection error, a timeout, a cut-short body, a 5xx).
-    retries: int = 0
+class HttpStats(FetchStats):
+    """What an :class:`HttpSource` did; read it while it runs or after (requests are
+    HTTP requests, bytes their bodies')."""
 
 
-class _Retry(Exception):
-    """A failure worth trying again; ``error`` is what to raise when the retries run out."""
-
-    def __init__(self, error: FetchError) -> None:
-        self.error = error
-
-
-class HttpSource(SnapshotSource):
+class HttpSource(ChunkedSource):
     """A snapshot object served over HTTP(S) Range requests, fetched a chunk at a time.
 
     Use it open: ``async with HttpSource(url) as source:``. Then give it to
@@ -148,6 +133,8 @@ class HttpSource(SnapshotSource):
     ``httpx.AsyncClient`` of yours (proxies, certificates); it is not closed.
     """
 
+    stats: HttpStats
+
     def __init__(
         self,
         url: str,
@@ -158,19 +145,20 @@ class HttpSource(SnapshotSource):
         retries: int = DEFAULT_RETRIES,
         headers: Mapping[str, str] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        host_cache: HostChunkCache | None = None,
         http2: bool = False,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         if not is_url(url):
             raise InvalidArgument(errno.EINVAL, f"not an http:// or https:// URL: {url!r}")
-        check_int("chunk_size", chunk_size, minimum=PAGE_SIZE)
-        if chunk_size % PAGE_SIZE:
-            raise InvalidArgument(
-                errno.EINVAL, f"chunk_size must be a multiple of {PAGE_SIZE}: {chunk_size}"
-            )
-        check_int("concurrency", concurrency, minimum=1)
-        check_int("retries", retries, minimum=0)
-        check_int("cache_bytes", cache_bytes, minimum=0)
+        super().__init__(
+            chunk_size=chunk_size,
+            concurrency=concurrency,
+            retries=retries,
+            cache_bytes=cache_bytes,
+            stats=HttpStats(),
+            host_cache=host_cache,
+        )
         check_seconds("timeout", timeout)
         try:
             import httpx
@@ -183,39 +171,22 @@ class HttpSource(SnapshotSource):
         self.url = display_url(url)
         #: What errors call this source: the URL without credentials.
         self.path = self.url
-        self.chunk_size = chunk_size
-        self.concurrency = concurrency
-        self.retries = retries
         self._timeout = float(timeout)
         self._headers = {**(headers or {}), "Accept-Encoding": "identity"}
         self._http2 = http2
         self._client = client
         self._own_client = client is None
         self._httpx = httpx
-        self.stats = HttpStats()
-        self._chunks = Chunks(
-            self._fetch_chunk, concurrency=concurrency, cache_bytes=cache_bytes, stats=self.stats
-        )
-        self._opened = False
-        self._closed = False
-        self._changed: SourceChanged | None = None
-        self._changed_event: anyio.Event | None = None  # made by wait_changed(), in a loop
         self._condition: dict[str, str] = {}
         self._etag: str | None = None
         self._modified: str | None = None
-        self.size = 0
-        self._identity: bytes | None = None
 
-    # -- opening and closing ----------------------------------------------------
+    # -- the ChunkedSource seam ---------------------------------------------------------
 
-    async def open(self) -> HttpSource:
-        """Learn the object's size and version (one request). Idempotent."""
-        if self._closed:
-            raise SnapshotClosed(self.url)
-        if self._opened:
-            return self
-        httpx = self._httpx
+    async def _open_object(self) -> None:
+        """One ``GET`` of byte 0: its size, ETag and Last-Modified (the module says why)."""
         if self._client is None:
+            httpx = self._httpx
             self._client = httpx.AsyncClient(
                 http2=self._http2,
                 timeout=httpx.Timeout(self._timeout),
@@ -224,13 +195,7 @@ class HttpSource(SnapshotSource):
                 ),
                 follow_redirects=True,
             )
-        try:
-            await self._retrying(0, 0, self._first_request)
-        except BaseException:
-            await self.aclose()
-            raise
-        self._opened = True
-        return self
+        await self._first_request(0, 0)
 
     async def _first_request(self, start: int, end: int) -> bytes:
         response, body = await self._get(start, end, {})
@@ -248,10 +213,17 @@ class HttpSource(SnapshotSource):
             self._condition = {"If-Unmodified-Since": modified}
         return body
 
-    async def aclose(self) -> None:
-        """Close the connections (not a client given to us). Idempotent."""
-        self._closed = True
-        self._chunks.clear()
+    async def _fetch(self, start: int, end: int) -> bytes:
+        return await self._ranged(start, end)
+
+    def _pinned(self) -> str | None:
+        if not self._etag and not self._modified:
+            return None  # nothing names the version: never cached across processes
+        etag, modified = self._etag or "", self._modified or ""
+        return f"size={self.size} etag={etag} modified={modified}"
+
+    async def _close_object(self) -> None:
+        """Close the connections (not a client given to us)."""
         client, self._client = self._client, None
         if client is not None and self._own_client:
             await client.aclose()
@@ -259,120 +231,12 @@ class HttpSource(SnapshotSource):
     async def __aenter__(self) -> HttpSource:
         return await self.open()
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     @property
     def validator(self) -> str | None:
         """What each request checks the object against: ``If-Match: "etag"``, say."""
         return next((f"{k}: {v}" for k, v in self._condition.items()), None)
 
-    # -- reading ------------------------------------------------------------------
-
-    async def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset``: one checked, retried Range request (no chunking)."""
-        self.check_open()
-        self.check_span(offset, length)
-        return await self._retrying(offset, offset + length - 1, self._ranged)
-
-    async def chunk(self, index: int, *, demand: bool = True) -> bytes:
-        """Chunk ``index`` (``chunk_size`` bytes, the last one shorter), fetched once however
-        many ask for it at a time. ``demand=False`` (prefetch) yields to demand faults."""
-        self.check_open()
-        if not 0 <= index < self.chunk_count:
-            raise InvalidArgument(errno.EINVAL, f"no chunk {index}: there are {self.chunk_count}")
-        return await self._chunks.get(index, demand=demand)
-
-    def cached(self, index: int) -> bytes | None:
-        """Chunk ``index`` if it is at hand now (recently fetched), without awaiting."""
-        return self._chunks.cached(index)
-
-    @property
-    def chunk_count(self) -> int:
-        return -(-self.size // self.chunk_size)
-
-    async def identity(self) -> bytes:
-        """What a working set recorded for this object carries (see ``snapshot_identity``):
-        the same as the local file's, from 64 small Range requests."""
-        if self._identity is None:
-            samples = identity_samples(self.size)
-            blocks: list[bytes] = [b""] * len(samples)
-            limiter = anyio.Semaphore(self.concurrency)
-
-            async def one(n: int, offset: int, length: int) -> None:
-                async with limiter:
-                    blocks[n] = await self.read(offset, length)
-
-            async with anyio.create_task_group() as tg:
-                for n, (offset, length) in enumerate(samples):
-                    tg.start_soon(one, n, offset, length)
-            self._identity = identity_of(self.size, blocks)
-        return self._identity
-
-    async def wait_changed(self) -> SourceChanged:
-        """Return the :class:`~uffd_async.SourceChanged` that stopped this source, once
-        one did (at once if one already has): a server stops taking new processes then."""
-        if self._changed is None:
-            if self._changed_event is None:
-                self._changed_event = anyio.Event()
-            await self._changed_event.wait()
-        assert self._changed is not None
-        return self._changed
-
-    # -- the SnapshotSource interface --------------------------------------------------
-
-    @property
-    def fetch_unit(self) -> int:
-        """A chunk: a fault awaits its whole chunk, which fills every missing page of it."""
-        return self.chunk_size
-
-    @property
-    def mappable(self) -> bool:
-        return False
-
-    async def version(self) -> bytes:
-        """Its :meth:`identity`."""
-        return await self.identity()
-
-    def copier(self, mapping: GuestMapping, *, readahead: int = 0, wp: bool = False) -> CopyFrom:
-        """The resolver of ``mapping``'s pages, a chunk at a time (no readahead: the chunk
-        size plays that part)."""
-        refuse_readahead(readahead, self.chunk_size)
-        return ChunkedCopy(
-            self,
-            offset=mapping.offset,
-            base=mapping.base_host_virt_addr,
-            size=mapping.size,
-            page_size=mapping.page_size,
-            wp=wp,
-        )
-
-    def group(self, copiers: Sequence[CopyFrom]) -> None:
-        """A chunk that lands for one mapping fills every mapping's pages within it."""
-        chunked = [copier for copier in copiers if isinstance(copier, ChunkedCopy)]
-        for copier in chunked:
-            copier._together = chunked
-
     # -- the requests -------------------------------------------------------------
-
-    def check_open(self) -> None:
-        if self._closed or not self._opened:
-            raise (
-                SnapshotClosed(self.url)
-                if self._closed
-                else RuntimeError("open the HttpSource first: async with HttpSource(url) as source")
-            )
-        if self._changed is not None:
-            raise self._changed
-
-    async def _fetch_chunk(self, index: int) -> bytes:
-        start = index * self.chunk_size
-        end = min(self.size, start + self.chunk_size) - 1
-        return await self._retrying(start, end, self._ranged)
 
     async def _ranged(self, start: int, end: int) -> bytes:
         response, body = await self._get(start, end, self._condition)
@@ -396,32 +260,6 @@ class HttpSource(SnapshotSource):
                 response,
             )
         return body
-
-    async def _retrying(
-        self, start: int, end: int, attempt: Callable[[int, int], Awaitable[bytes]]
-    ) -> bytes:
-        """``attempt(start, end)``, retried as the module says."""
-        tries = 0
-        while True:
-            if self._changed is not None:
-                raise self._changed
-            try:
-                return await attempt(start, end)
-            except _Retry as retry:
-                if tries >= self.retries:
-                    if tries:
-                        retry.error.strerror = (
-                            f"{retry.error.strerror} (after {tries + 1} attempts)"
-                        )
-                    raise retry.error from None
-            except SourceChanged as exc:
-                self._changed = exc
-                if self._changed_event is not None:
-                    self._changed_event.set()
-                raise
-            self.stats.retries += 1
-            await anyio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF * 2**tries)))
-            tries += 1
 
     async def _get(
         self, start: int, end: int, condition: Mapping[str, str]
@@ -461,10 +299,10 @@ class HttpSource(SnapshotSource):
         except httpx.TransportError as exc:  # connect, read, write, timeouts, protocol
             self.stats.bytes += received
             detail = str(exc).replace(self._url, self.url) or type(exc).__name__
-            raise _Retry(self._error(f"{type(exc).__name__}: {detail}", start, end, None)) from None
+            raise Retry(self._error(f"{type(exc).__name__}: {detail}", start, end, None)) from None
         self.stats.bytes += received
         if received != expected:
-            raise _Retry(self._error(f"{received} of {expected} bytes arrived", start, end, 206))
+            raise Retry(self._error(f"{received} of {expected} bytes arrived", start, end, 206))
         return response, b"".join(pieces)
 
     def _check_status(self, response: httpx.Response, start: int, end: int) -> None:
@@ -488,7 +326,7 @@ class HttpSource(SnapshotSource):
             )
         error = self._error(f"HTTP {status} {response.reason_phrase}".rstrip(), start, end, status)
         if status >= 500:
-            raise _Retry(error)
+            raise Retry(error)
         raise error
 
     def _check_range(self, response: httpx.Response, start: int, end: int) -> int:

@@ -1,4 +1,5 @@
-"""Which snapshot source a spec names, decided in one place: a file, a base with layers, a URL.
+"""Which snapshot source a spec names, decided in one place: a file, a base with layers, a URL,
+an object in a cloud's store.
 
 The command line and :class:`~uffd_async.HandoffServer` both take a source by name;
 both ask here, so a new kind (an object store's ``s3://``, say) is added once. A spec
@@ -9,6 +10,11 @@ source.
   here and opened by ``async with`` (one request). Anything else is a path: a
   :class:`~uffd_async.Snapshot` file, or with ``layers`` a
   :class:`~uffd_async.LayeredSnapshot`, mapped when made.
+* An object URL (``s3://``, ``gs://``, ``az://``, ``azure://``) is an
+  :class:`~uffd_async.ObjectSource`: ``store`` holds its settings (obstore's
+  names), and of ``http`` the options every chunked source takes.
+* A pack's index (a file that starts with the pack magic, written by
+  ``python -m uffd_async pack``) is a :class:`~uffd_async.PackSource`.
 * What a source cannot do is refused before anything is opened or served
   (:func:`check_source`): readahead from a source fetched by chunks, layers on
   a URL.
@@ -25,7 +31,11 @@ from .._core._errors import InvalidArgument
 from .._restore._layered import LayeredSnapshot
 from .._restore._snapshot import Snapshot
 from .._restore._source import SnapshotSource
-from ._http_source import HttpSource, is_url, refuse_readahead
+from ._chunked_source import refuse_readahead
+from ._http_source import HttpSource, is_url
+from ._object_source import ObjectSource, is_object_url
+from ._pack_format import is_pack_index
+from ._pack_source import PackSource
 
 __all__ = ["SourceSpec", "check_source", "open_source"]
 
@@ -38,12 +48,15 @@ def open_source(
     *,
     layers: Sequence[str | os.PathLike[str]] = (),
     http: Mapping[str, Any] | None = None,
+    store: Mapping[str, str] | None = None,
 ) -> SnapshotSource:
     """The source ``spec`` names; use it with ``async with`` (which opens a URL's).
 
     ``layers``: layer files on top of the file ``spec``, oldest first. ``http``:
     keyword arguments of :class:`~uffd_async.HttpSource` for a URL (chunk size,
-    headers, ...). A spec that is a source already is returned as it is.
+    headers, ...). ``store``: settings of an object URL's store (``endpoint``,
+    ``region``, credentials; see :class:`~uffd_async.ObjectSource`). A spec that is
+    a source already is returned as it is.
     """
     if isinstance(spec, SnapshotSource):
         if layers:
@@ -62,6 +75,27 @@ def open_source(
                 errno.EINVAL, "layers are files on top of a local base image, not of a URL"
             )
         return HttpSource(path, **(http or {}))
+    if is_object_url(path):
+        if layers:
+            raise InvalidArgument(
+                errno.EINVAL, "layers are files on top of a local base image, not of a URL"
+            )
+        chunked = dict(http or {})
+        if chunked.pop("headers", None) or chunked.pop("http2", False):
+            raise InvalidArgument(
+                errno.EINVAL,
+                "headers and http2 apply to an http(s):// URL; an object store's settings "
+                "go in store",
+            )
+        return ObjectSource(path, options=store, **chunked)
+    if store:
+        raise InvalidArgument(errno.EINVAL, "store options apply to an s3://, gs:// or az:// URL")
+    if is_pack_index(path):
+        if layers:
+            raise InvalidArgument(
+                errno.EINVAL, f"{path} is a pack index: pack the layers into it instead"
+            )
+        return PackSource(path)
     if layers:
         return LayeredSnapshot(path, *layers)
     return Snapshot(path)
@@ -73,6 +107,7 @@ def check_source(spec: SourceSpec, *, readahead: int) -> None:
     if isinstance(spec, SnapshotSource):
         chunked = not spec.mappable
     else:
-        chunked = isinstance(spec, (str, os.PathLike)) and is_url(os.fspath(spec))
+        name = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else None
+        chunked = name is not None and (is_url(name) or is_object_url(name) or is_pack_index(name))
     if chunked:
         refuse_readahead(readahead)

@@ -35,8 +35,10 @@ import errno
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
+import anyio
+
 from .._core._checks import check_int
-from .._core._errors import InvalidArgument
+from .._core._errors import InvalidArgument, SourceChanged
 from .._serve._resolvers import CopyFrom
 from ._guest_mapping import GuestMapping
 from ._snapshot_resolver import SnapshotResolver
@@ -117,6 +119,13 @@ class SnapshotSource(abc.ABC):
                 errno.EINVAL,
                 f"bytes {offset}-{offset + length - 1} are past the source's {self.size} bytes",
             )
+
+    async def wait_changed(self) -> SourceChanged:
+        """Return the :class:`~uffd_async.SourceChanged` that stopped it, once one did: a
+        server stops taking new processes then. A source whose bytes are pinned for as
+        long as it is open (a mapped file) never returns."""
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- opening and closing --------------------------------------------------------------
 

@@ -271,6 +271,17 @@ class CopyFrom(Resolver):
     def _fill_runs(self, uffd: Userfaultfd, first: int, count: int, origin: int) -> None:
         """``_fill_ahead`` from the bytes of source page ``i`` at ``origin + i * page_size``
         (only those of pages ``[first, first + count)`` are read)."""
+        size = self._page_size
+
+        def copy(i: int, j: int) -> None:
+            uffd.copy(self._base + i * size, origin + i * size, (j - i) * size, wp=self._wp)
+
+        self._each_missing_run(first, count, copy)
+
+    def _each_missing_run(self, first: int, count: int, fill: Callable[[int, int], None]) -> None:
+        """``fill(i, j)`` for each run ``[i, j)`` of pages among ``[first, first + count)``
+        still missing and in place, one ioctl each. Pages a demand fault got to first (EEXIST)
+        are skipped, and so is a range gone (ENOENT); what stops all filling is raised."""
         populated = self._populated
         size = self._page_size
         untouched = not self._changed  # no event yet: every page is where it was mapped
@@ -283,7 +294,7 @@ class CopyFrom(Resolver):
             while j < end and not populated[j] and (untouched or self._in_place(j)):
                 j += 1
             try:
-                uffd.copy(self._base + i * size, origin + i * size, (j - i) * size, wp=self._wp)
+                fill(i, j)
             except PageExists as exc:  # a demand fault (or its readahead) got there first
                 done = exc.done // size
                 populated[i : i + done + 1] = b"\1" * (done + 1)
