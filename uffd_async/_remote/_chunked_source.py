@@ -307,6 +307,28 @@ class ChunkedSource(SnapshotSource):
         if self._changed is not None:
             raise self._changed
 
+    # -- errors, named without credentials ------------------------------------------
+
+    def _error(self, what: str, start: int, end: int, status: int | None) -> FetchError:
+        return FetchError(
+            f"GET {self.path} bytes={start}-{end}: {what}",
+            url=self.path,
+            start=start,
+            end=end,
+            status=status,
+        )
+
+    def _changed_error(
+        self, what: str, start: int, end: int, status: int | None = None
+    ) -> SourceChanged:
+        return SourceChanged(
+            f"GET {self.path} bytes={start}-{end}: {what}; nothing more is fetched from it",
+            url=self.path,
+            start=start,
+            end=end,
+            status=status,
+        )
+
     # -- fetching, retried --------------------------------------------------------------
 
     async def _fetch_chunk(self, index: int) -> bytes:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .._core._checks import check_seconds
-from .._core._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
+from .._core._errors import InvalidArgument, SnapshotClosed
 from ._chunk_cache import HostChunkCache
 from ._chunked_source import (
     DEFAULT_CACHE_BYTES,
@@ -243,12 +243,18 @@ class HttpSource(ChunkedSource):
         total = self._check_range(response, start, end)
         if total != self.size:
             raise self._changed_error(
-                f"the object is now {total} bytes, not {self.size}", start, end, response
+                f"the object is now {total} bytes, not {self.size}",
+                start,
+                end,
+                response.status_code,
             )
         etag = response.headers.get("ETag")
         if self._etag and etag and _opaque(etag) != _opaque(self._etag):
             raise self._changed_error(
-                f"the object's ETag is now {etag}, not {self._etag}", start, end, response
+                f"the object's ETag is now {etag}, not {self._etag}",
+                start,
+                end,
+                response.status_code,
             )
         modified = response.headers.get("Last-Modified")
         strong = "If-Match" in self._condition
@@ -257,7 +263,7 @@ class HttpSource(ChunkedSource):
                 f"the object's Last-Modified is now {modified}, not {self._modified}",
                 start,
                 end,
-                response,
+                response.status_code,
             )
         return body
 
@@ -314,7 +320,7 @@ class HttpSource(ChunkedSource):
                 f"the object changed since it was opened ({self.validator} failed)",
                 start,
                 end,
-                response,
+                status,
             )
         if status == 200:
             raise self._error(
@@ -339,26 +345,6 @@ class HttpSource(ChunkedSource):
         if (first, last) != (start, end):
             raise self._error(f"the server sent bytes {first}-{last} instead", start, end, 206)
         return int(match.group(3))
-
-    def _error(self, what: str, start: int, end: int, status: int | None) -> FetchError:
-        return FetchError(
-            f"GET {self.url} bytes={start}-{end}: {what}",
-            url=self.url,
-            start=start,
-            end=end,
-            status=status,
-        )
-
-    def _changed_error(
-        self, what: str, start: int, end: int, response: httpx.Response
-    ) -> SourceChanged:
-        return SourceChanged(
-            f"GET {self.url} bytes={start}-{end}: {what}; nothing more is fetched from it",
-            url=self.url,
-            start=start,
-            end=end,
-            status=response.status_code,
-        )
 
     def __repr__(self) -> str:
         state = " closed" if self._closed else "" if self._opened else " unopened"

@@ -52,7 +52,7 @@ import anyio.to_thread
 import attrs
 
 from .._core._checks import check_seconds
-from .._core._errors import FetchError, InvalidArgument, SourceChanged
+from .._core._errors import FetchError, InvalidArgument
 from ._chunk_cache import HostChunkCache
 from ._chunked_source import (
     DEFAULT_CACHE_BYTES,
@@ -407,26 +407,6 @@ class ObjectSource(ChunkedSource):
             what = f"HTTP {status}{said}" if status else _transport_kind(text)
             return Retry(self._error(what, start, end, status))
         return self._error(f"{type(exc).__name__}{said}", start, end, status)
-
-    def _error(self, what: str, start: int, end: int, status: int | None) -> FetchError:
-        return FetchError(
-            f"GET {self.url} bytes={start}-{end}: {what}",
-            url=self.url,
-            start=start,
-            end=end,
-            status=status,
-        )
-
-    def _changed_error(
-        self, what: str, start: int, end: int, status: int | None = None
-    ) -> SourceChanged:
-        return SourceChanged(
-            f"GET {self.url} bytes={start}-{end}: {what}; nothing more is fetched from it",
-            url=self.url,
-            start=start,
-            end=end,
-            status=status,
-        )
 
 
 def _transport_kind(text: str) -> str:
