@@ -397,8 +397,8 @@ async def _rounds(
 # -- the scenario ---------------------------------------------------------------
 
 
-def _run(function: Callable[..., Any], *args: Any, backend: str) -> Any:
-    """``anyio.run``, with a failure inside task groups raised as one RestoreFailed."""
+def _run(function: Callable[..., Any], *args: Any, backend: str, scenario: str = "7") -> Any:
+    """``anyio.run`` on ``backend``, a failure inside task groups raised as one RestoreFailed."""
     try:
         return _anyio_run(function, *args, backend=backend)
     except Exception as exc:
@@ -407,7 +407,7 @@ def _run(function: Callable[..., Any], *args: Any, backend: str) -> Any:
             leaf = leaf.exceptions[0]
         if isinstance(leaf, RestoreFailed):
             raise leaf from None
-        raise RestoreFailed(f"scenario 7 on {backend}: {leaf!r}") from exc
+        raise RestoreFailed(f"scenario {scenario} on {backend}: {leaf!r}") from exc
 
 
 def _chunks(pages: list[int], chunk_size: int) -> set[int]:

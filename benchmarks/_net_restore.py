@@ -51,7 +51,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any, Literal
@@ -61,7 +60,7 @@ import attrs
 
 import uffd_async as ua
 
-from ._http_restore import _anyio_run, backends
+from ._http_restore import _run, backends
 from ._memory_image import describe_image, memory_image
 from ._network import (
     Link,
@@ -75,7 +74,7 @@ from ._network import (
 from ._restore import RestoreFailed, _write_runs, boot_set, handoff_over, page_order, peer_program
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
 PAGES = 65536  # 256 MiB
 QUICK_PAGES = 2048  # 8 MiB
@@ -362,19 +361,6 @@ async def _all_runs(
     return out
 
 
-def _run(function: Callable[..., Any], *args: Any, backend: str) -> Any:
-    """``anyio.run`` on ``backend``, a failure inside task groups raised as one RestoreFailed."""
-    try:
-        return _anyio_run(function, *args, backend=backend)
-    except Exception as exc:
-        leaf: BaseException = exc
-        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
-            leaf = leaf.exceptions[0]
-        if isinstance(leaf, RestoreFailed):
-            raise leaf from None
-        raise RestoreFailed(f"scenario 10 on {backend}: {leaf!r}") from exc
-
-
 # -- the scenario ------------------------------------------------------------------
 
 
@@ -453,11 +439,13 @@ def measure(*, quick: bool, rounds: int, timeout: float) -> dict[str, Any]:
                     timeout=timeout,
                 )
                 recorded = directory / "a.ws"
-                _run(_record, setup, recorded, backend="asyncio")
+                _run(_record, setup, recorded, backend="asyncio", scenario="10")
                 working_set = ua.WorkingSet.load(recorded)
                 results: list[dict[str, Any]] = []
                 for backend in found:
-                    samples = _run(_all_runs, setup, working_set, skip, rounds, backend=backend)
+                    samples = _run(
+                        _all_runs, setup, working_set, skip, rounds, backend=backend, scenario="10"
+                    )
                     results.extend(_summary(backend, samples, ideals, chunk_size))
         except LinkUnavailable as exc:  # here (root, ip and tc present): a failure
             raise RestoreFailed(f"scenario 10: the shaped link: {exc}") from exc
