@@ -106,4 +106,12 @@ MUTANTS = [
         tests=CHUNKED,
         why="a fork child's chunk fills copy into the parent's memory (and never its own)",
     ),
+    Mutant(
+        id="chunked-mappings-not-together",
+        file=F,
+        old="        copier._together = chunked",
+        new="        pass",
+        tests=["tests/test_http_handoff.py"],
+        why="a chunk that lands for one mapping no longer fills the process's other mappings",
+    ),
 ]

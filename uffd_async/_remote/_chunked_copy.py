@@ -37,7 +37,7 @@ the rest of the chunk never faults. Facts this relies on, beyond
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -55,7 +55,7 @@ from .._serve._resolvers import CopyFrom, NoSourcePage
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["ChunkedCopy"]
+__all__ = ["ChunkedCopy", "fill_together"]
 
 
 async def _no_fetch(offset: int, length: int) -> bytes:
@@ -282,3 +282,11 @@ def _first(group: BaseExceptionGroup[Any]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def fill_together(copiers: Sequence[CopyFrom]) -> None:
+    """Make the chunked copiers of one process's mappings fill each other: a chunk that
+    lands for one fills every mapping's pages within it (a source's ``group``)."""
+    chunked = [copier for copier in copiers if isinstance(copier, ChunkedCopy)]
+    for copier in chunked:
+        copier._together = chunked

@@ -55,7 +55,7 @@ from .._restore._source import SnapshotSource
 from .._serve._resolvers import CopyFrom
 from ._chunk_cache import HostChunkCache
 from ._chunk_cache_format import ChunkKey
-from ._chunked_copy import ChunkedCopy
+from ._chunked_copy import ChunkedCopy, fill_together
 from ._chunks import Chunks, ChunkStats
 
 __all__ = [
@@ -292,9 +292,7 @@ class ChunkedSource(SnapshotSource):
 
     def group(self, copiers: Sequence[CopyFrom]) -> None:
         """A chunk that lands for one mapping fills every mapping's pages within it."""
-        chunked = [copier for copier in copiers if isinstance(copier, ChunkedCopy)]
-        for copier in chunked:
-            copier._together = chunked
+        fill_together(copiers)
 
     def check_open(self) -> None:
         if self._closed or not self._opened:

@@ -39,7 +39,7 @@ from .._core._errors import InvalidArgument, SnapshotClosed
 from .._restore._guest_mapping import GuestMapping
 from .._restore._source import SnapshotSource
 from .._serve._resolvers import CopyFrom
-from ._chunked_copy import ChunkedCopy
+from ._chunked_copy import ChunkedCopy, fill_together
 from ._chunked_source import DEFAULT_CACHE_BYTES, refuse_readahead
 from ._chunks import Chunks, ChunkStats
 from ._pack_format import PackError, PackIndex, chunk_digest, read_index, zstd
@@ -198,9 +198,7 @@ class PackSource(SnapshotSource):
 
     def group(self, copiers: Sequence[CopyFrom]) -> None:
         """A chunk that lands for one mapping fills every mapping's pages within it."""
-        chunked = [copier for copier in copiers if isinstance(copier, ChunkedCopy)]
-        for copier in chunked:
-            copier._together = chunked
+        fill_together(copiers)
 
     async def aclose(self) -> None:
         """Close it (drop the chunks kept). Idempotent."""
