@@ -25,6 +25,7 @@ from uffd_async._core._checks import (
     check_instance,
     check_int,
     check_page_size,
+    check_percentile,
     check_seconds,
     is_page_size,
 )
@@ -201,6 +202,30 @@ def test_check_instance() -> None:
         lambda: check_instance("uffd", 3, ua.Userfaultfd), "uffd must be a Userfaultfd, not int"
     )
     refused_type(lambda: check_instance("populate", 1, bool), "populate must be a bool, not int")
+
+
+# -- check_percentile --------------------------------------------------------------------------
+
+
+def test_percentiles_from_0_to_100() -> None:
+    assert [check_percentile("percentile", p) for p in (0, 50, 99.9, 100)] == [0, 50, 99.9, 100]
+    for bad in (-1, 100.5, math.nan):
+        refused_value(
+            lambda bad=bad: check_percentile("percentile", bad),
+            f"percentile must be a number from 0 to 100, not {bad!r}",
+        )
+    refused_type(
+        lambda: check_percentile("percentile", True),
+        "percentile must be a number from 0 to 100, not bool",
+    )
+
+
+def test_a_server_s_latency_percentile_is_checked() -> None:
+    stats = ua.ServerStats()
+    assert stats.latency_us(50) == 0.0  # no fault yet
+    refused_value(
+        lambda: stats.latency_us(101), "percentile must be a number from 0 to 100, not 101"
+    )
 
 
 # -- the error tree ------------------------------------------------------------------------------

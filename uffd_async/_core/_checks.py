@@ -27,6 +27,7 @@ __all__ = [
     "check_instance",
     "check_int",
     "check_page_size",
+    "check_percentile",
     "check_seconds",
     "is_page_size",
 ]
@@ -92,6 +93,17 @@ def check_seconds(
         raise InvalidArgument(
             errno.EINVAL, f"{name} must be a finite number of seconds {wanted}, not {value!r}"
         )
+    return value
+
+
+def check_percentile(name: str, value: object) -> float:
+    """``value`` if it is a number from 0 to 100 (NaN is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentType(
+            f"{name} must be a number from 0 to 100, not {type(value).__name__}"
+        )
+    if not 0 <= value <= 100:  # NaN fails both comparisons
+        raise InvalidArgument(errno.EINVAL, f"{name} must be a number from 0 to 100, not {value!r}")
     return value
 
 

@@ -13,6 +13,8 @@ from array import array
 
 import attrs
 
+from .._core._checks import check_percentile
+
 __all__ = ["LatencyHistogram", "ServerStats"]
 
 _LATENCY_SAMPLES = 4096
@@ -93,8 +95,7 @@ class ServerStats:
 
     def latency_us(self, percentile: float) -> float:
         """Resolution latency (fault read to resolved) at ``percentile``, over recent faults."""
-        if not 0 <= percentile <= 100:
-            raise ValueError("percentile must be within [0, 100]")
+        check_percentile("percentile", percentile)
         samples = sorted(self._latencies)
         if not samples:
             return 0.0
