@@ -98,7 +98,7 @@ def check_seconds(
 
 def check_percentile(name: str, value: object) -> float:
     """``value`` if it is a number from 0 to 100 (NaN is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise InvalidArgumentType(
             f"{name} must be a number from 0 to 100, not {type(value).__name__}"
         )
