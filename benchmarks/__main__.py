@@ -16,7 +16,9 @@
 # over a link shaped like a real network (a real memory image in nginx behind 20 ms to
 # the first byte, 100 MB/s a connection, 1 Gbit/s; as root; benchmarks/_net_restore.py),
 # live snapshots of memory that C threads keep writing (benchmarks/_live.py), and two
-# tenants on one loop, one faulting without pause (benchmarks/_fairness.py).
+# tenants on one loop, one faulting without pause (benchmarks/_fairness.py), and a
+# successor taking over from a running server under a steady fault stream
+# (benchmarks/_takeover.py).
 # Each case runs every runner alternately for several rounds; the table shows medians
 # and each runner's speed as a fraction of the C handler's in the same invocation.
 # After every run, every page is checked against the source (or, for write tracking,
@@ -57,6 +59,8 @@ from ._restore import measure as measure_restore
 from ._run import RunFailed, RunnerSkipped, Sample, run_once
 from ._runners import BASELINE, all_runners
 from ._scenarios import Scenario, scenarios
+from ._takeover import TakeoverFailed, takeover_table
+from ._takeover import measure as measure_takeover
 from ._wpasync import measure as measure_wp_async
 from ._wpasync import wp_async_table
 
@@ -67,6 +71,7 @@ STANDALONE: dict[str, tuple[Any, Any, tuple[type[Exception], ...]]] = {
     "8": (measure_live, live_table, (LiveFailed,)),
     "9": (measure_fairness, fairness_table, (FairnessFailed,)),
     "10": (measure_net_restore, net_restore_table, (RestoreFailed,)),
+    "11": (measure_takeover, takeover_table, (TakeoverFailed,)),
 }
 
 
@@ -79,7 +84,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3, quick 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
-        "--scenario", action="append", metavar="KEY", help="run only these (1-10; repeatable)"
+        "--scenario", action="append", metavar="KEY", help="run only these (1-11; repeatable)"
     )
     parser.add_argument(
         "--runner", action="append", metavar="NAME", help="run only these (repeatable)"

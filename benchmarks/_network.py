@@ -10,7 +10,11 @@
 * in front of it, in the namespace, a small proxy (this module's ``proxy``
   command) that holds every response until 20 ms after its request arrived and
   paces each connection at 100 MB/s, as one S3 or GCS connection gives. It
-  counts the requests and the bytes it sends; :meth:`Link.counters` reads them.
+  counts the requests and the bytes it sends; :meth:`Link.counters` reads them;
+* with ``s3=True``, an S3 store too: ``moto[server]`` in the namespace (its
+  signature checks off: the client signs every request all the same), behind
+  a second proxy of the same shape, with a bucket ``S3_BUCKET``
+  (:meth:`Link.s3_options` reaches it).
 
 :func:`measure_shape` checks that the link has the shape asked for: time to
 first byte, one connection's rate, and 16 connections' aggregate.
@@ -61,6 +65,10 @@ ROOT = Path(__file__).parent.parent
 PREFIX = "uffdnet"  # namespaces and veth ends are named PREFIX/ufh/ufn + this process's pid
 NGINX_PORT = 18080  # on the namespace's loopback
 PROXY_PORT = 18081  # on the namespace's end of the veth
+MOTO_PORT = 18082  # in the namespace, reached directly (unshaped by the proxy) for uploads
+S3_PROXY_PORT = 18083  # on the namespace's end of the veth
+S3_BUCKET = "snapshots"
+S3_REGION = "us-east-1"
 PIECE = 64 << 10  # the proxy's read and paced write size
 
 
@@ -98,23 +106,51 @@ class Link:
     shape: Shape
     proxy_pid: int
     nginx_pid: int
+    s3_control: Path | None = None  # the S3 store's proxy (s3=True)
 
     def url(self, name: str) -> str:
         return f"http://{self.store_address}:{PROXY_PORT}/{name}"
 
+    def s3_options(self, *, direct: bool = False) -> dict[str, str]:
+        """ObjectSource options that reach the S3 store: moto through its proxy, or
+        ``direct``ly (for uploads: the proxy shapes what comes back, not what goes)."""
+        port = MOTO_PORT if direct else S3_PROXY_PORT
+        return {
+            "endpoint": f"http://{self.store_address}:{port}",
+            "region": S3_REGION,
+            "access_key_id": "AKIAIOSFODNN7EXAMPLE",
+            "secret_access_key": "benchmark",
+            "allow_http": "true",
+        }
+
     def counters(self) -> dict[str, Any]:
-        """Cumulative: requests and response bytes the proxy saw, bytes the host's end of
-        the link received (IP packets: headers included), the proxy's CPU seconds."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(10)
-            conn.connect(str(self.control))
-            conn.sendall(b"stats\n")
-            data = b""
-            while piece := conn.recv(4096):
-                data += piece
-        proxy = json.loads(data)
+        """Cumulative: requests and response bytes the proxies saw (both stores'), bytes
+        the host's end of the link received (IP packets: headers included), the proxies'
+        CPU seconds."""
+        total: dict[str, Any] = {"requests": 0, "bytes": 0, "ranges": {}, "proxy_cpu_s": 0.0}
+        for control in (self.control, self.s3_control):
+            if control is None:
+                continue
+            proxy = _ask(control)
+            for key in ("requests", "bytes", "proxy_cpu_s"):
+                total[key] += proxy[key]
+            for key, count in proxy["ranges"].items():
+                total["ranges"][key] = total["ranges"].get(key, 0) + count
         rx = Path(f"/sys/class/net/{self.host_device}/statistics/rx_bytes").read_text()
-        return {**proxy, "link_bytes": int(rx)}
+        return {**total, "link_bytes": int(rx)}
+
+
+def _ask(control: Path) -> dict[str, Any]:
+    """A proxy's counters, from its control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(control))
+        conn.sendall(b"stats\n")
+        data = b""
+        while piece := conn.recv(4096):
+            data += piece
+    answer: dict[str, Any] = json.loads(data)
+    return answer
 
 
 def refusal() -> str | None:
@@ -274,9 +310,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def open_link(
-    root: Path, shape: Shape = Shape(), *, say: Callable[[str], None] = print
+    root: Path, shape: Shape = Shape(), *, say: Callable[[str], None] = print, s3: bool = False
 ) -> Iterator[Link]:
-    """The shaped link, with nginx serving ``root`` behind the proxy; removed on exit."""
+    """The shaped link, with nginx serving ``root`` behind the proxy (and with ``s3``, an
+    S3 store behind another); removed on exit."""
     problem = refusal()
     if problem:
         raise LinkUnavailable(problem)
@@ -326,6 +363,10 @@ def open_link(
             _wait_ready(
                 proxy, "the proxy (or nginx behind it)", [proxy_log, work / "nginx-error.log"]
             )
+            s3_control = None
+            if s3:
+                s3_control = work / "s3-proxy.sock"
+                processes.extend(_start_s3(namespace, store_address, shape, work, s3_control))
             yield Link(
                 namespace=namespace,
                 host_device=host_device,
@@ -334,12 +375,66 @@ def open_link(
                 shape=shape,
                 proxy_pid=proxy.pid,
                 nginx_pid=server.pid,
+                s3_control=s3_control,
             )
         finally:
             for process in reversed(processes):
                 _stop(process)
             _remove_namespace(namespace)
             subprocess.run(["ip", "link", "del", host_device], capture_output=True, timeout=30)
+
+
+def _start_s3(
+    namespace: str, address: str, shape: Shape, work: Path, control: Path
+) -> list[subprocess.Popen[bytes]]:
+    """moto in the namespace, its proxy in front, and the bucket made (through the proxy)."""
+    started: list[subprocess.Popen[bytes]] = []
+    with open(work / "moto.log", "wb") as log:
+        moto = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", "moto.server",
+             "-H", "0.0.0.0", "-p", str(MOTO_PORT)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    started.append(moto)
+    with open(work / "s3-proxy.log", "wb") as log:
+        proxy = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", "benchmarks._network",
+             "proxy", address, str(S3_PROXY_PORT), str(MOTO_PORT), str(control),
+             str(shape.first_byte_ms), str(shape.connection_rate)],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+            start_new_session=True,
+        )  # fmt: skip
+    started.append(proxy)
+    try:
+        logs = [work / "s3-proxy.log", work / "moto.log"]
+        _wait_ready(proxy, "the S3 proxy (or moto behind it)", logs)
+        conn = http.client.HTTPConnection(address, S3_PROXY_PORT, timeout=60)
+        conn.request("PUT", f"/{S3_BUCKET}")
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        if answer.status != 200:
+            raise LinkUnavailable(f"moto did not make the bucket: HTTP {answer.status}")
+    except BaseException:
+        for process in reversed(started):
+            _stop(process)
+        raise
+    return started
+
+
+def put_s3(link: Link, key: str, path: Path) -> None:
+    """Upload the file ``path`` to the S3 store's bucket as ``key`` (one PUT, unsigned:
+    moto checks no signature here), straight to moto."""
+    conn = http.client.HTTPConnection(link.store_address, MOTO_PORT, timeout=600)
+    with open(path, "rb") as body:
+        size = os.fstat(body.fileno()).st_size
+        conn.request("PUT", f"/{S3_BUCKET}/{key}", body=body, headers={"Content-Length": str(size)})
+        answer = conn.getresponse()
+        answer.read()
+    conn.close()
+    if answer.status != 200:
+        raise LinkUnavailable(f"moto refused the upload of {key}: HTTP {answer.status}")
 
 
 # -- measuring the shape ---------------------------------------------------------
@@ -432,6 +527,7 @@ async def _pump_requests(
     pending = b""  # the request head being received
     while data := await reader.read(PIECE):
         *heads, pending = (pending + data).split(b"\r\n\r\n")
+        pending = pending[-PIECE:]  # an upload's body is no head: never kept whole
         if heads:
             counts.requests += len(heads)
             gate[0] = loop.time() + delay

@@ -123,7 +123,8 @@ def scenarios(*, quick: bool) -> tuple[Scenario, ...]:
             title="Restore to ready",
             note=(
                 "a process hands its uffd over as Firecracker does and touches a boot-like "
-                "working set; lazy, readahead, prefetch, REAP-style, eager (benchmarks/_restore.py)"
+                "working set; lazy, readahead, prefetch, REAP-style, eager, against the floor "
+                "(the set copied alone), and on zero-heavy snapshots (benchmarks/_restore.py)"
             ),
             cases=(),
         ),
@@ -164,6 +165,16 @@ def scenarios(*, quick: bool) -> tuple[Scenario, ...]:
                 "byte and 100 MB/s a connection (a namespace, tbf, a proxy; needs root): "
                 "download-then-serve, HttpSource lazy and with prefetch, a host cache, 16 "
                 "processes at once (benchmarks/_net_restore.py)"
+            ),
+            cases=(),
+        ),
+        Scenario(
+            key="11",
+            title="Takeover under a steady fault stream",
+            note=(
+                "a peer and its fork child fault at a steady pace while a successor takes over "
+                "from the running server: the longest fault wait across the takeover vs "
+                "without one (benchmarks/_takeover.py)"
             ),
             cases=(),
         ),

@@ -44,9 +44,15 @@ def test_quick_benchmark_checks_out() -> None:
     assert report["machine"]["kernel"].startswith("Linux")
     scenarios = report["scenarios"]
     assert [s["key"] for s in scenarios] == [
-        "1", "2", "3", "4", "4b", "5", "6", "7", "8", "9", "10"
+        "1", "2", "3", "4", "4b", "5", "6", "7", "8", "9", "10", "11"
     ]  # fmt: skip
     for scenario in scenarios:
+        if scenario["key"] == "11":  # a takeover: a peer process, the library's loops
+            assert {r["loop"] for r in scenario["results"]} == set(LOOPS)
+            assert all(
+                r["takeover_max_ms"] > 0 and r["alone_max_ms"] > 0 for r in scenario["results"]
+            )
+            continue
         if scenario["key"] == "10":  # a shaped link (as root): a namespace, nginx, a proxy
             check_net_restore(scenario)
             continue
@@ -152,10 +158,11 @@ def check_net_restore(scenario: dict[str, Any]) -> None:
     assert 0 < shape["one_connection_mb_s"] <= 120
     assert 0 <= scenario["image"]["zero_pages"] <= 1 and scenario["image"]["mapped_bytes"] > 0
     plan = {
-        "a": {"download", "lazy", "lazy_small", "prefetch", "local"},
-        "b": {"download", "lazy", "prefetch", "local"},
-        "c": {"download", "lazy", "prefetch", "local"},
+        "a": {"download", "lazy", "lazy_small", "prefetch", "object", "pack", "local"},
+        "b": {"download", "lazy", "lazy_noahead", "prefetch", "object", "pack", "local"},
+        "c": {"download", "lazy", "prefetch", "servers", "local"},
         "d": {"lazy", "cache", "local"},
+        "e": {"download", "lazy", "pack", "local"},
     }
     skipped = set(scenario["skipped_runners"])
     results = {(r["backend"], r["workload"], r["runner"]): r for r in scenario["results"]}
@@ -176,10 +183,16 @@ def check_net_restore(scenario: dict[str, Any]) -> None:
             assert result["body_bytes"] >= size and result["most_fetches"] == 1, where
         elif runner == "cache":  # warm: every chunk from the host cache, none over the link
             assert result["requests"] == 0 and result["most_fetches"] == 0, where
+            assert result["cold"]["requests"] > 0, where  # a fresh cache: the cold run fetched
+        elif runner == "pack":  # zstd chunks: fewer bytes than the raw chunks
+            raw = results[(backend, workload, "lazy")]
+            assert 0 < result["body_bytes"] < raw["body_bytes"], where
         else:
             assert result["requests"] > 0 and result["link_bytes"] > 0, where
         if workload == "c" and runner != "local":  # one server for all: chunks fetched once
             assert result["most_fetches"] >= 1, where
+        if runner == "lazy_noahead":  # one chunk in flight: as many faults as chunks
+            assert result["faults"] >= -(-size // scenario["chunk_size"]), where
     assert {t["backend"] for t in scenario["targets"]} == {"asyncio", "trio"}
     assert not [name for name in _namespaces() if not _alive(int(name[len("uffdnet") :]))]
 

@@ -122,6 +122,7 @@ def wait_gone(path: Path) -> None:
         (["--interval", "nan"], "argument --interval: must be more than 0 seconds"),
         (["--concurrency", "0"], "argument --concurrency: must be 1 or more, not 0"),
         (["--retries", "-1"], "argument --retries: must be 0 or more, not -1"),
+        (["--chunk-readahead", "-1"], "argument --chunk-readahead: must be 0 or more, not -1"),
         (["--readahead", "-1"], "argument --readahead: must be 0 or more"),
         (["--allow-uid", "-5"], "argument --allow-uid: must be 0 or more"),
         (["--chunk-size", "1000"], "argument --chunk-size: '1000' is not a positive multiple"),
@@ -144,6 +145,7 @@ def test_numbers_and_options_that_cannot_work_with_a_url(
     [
         ["--chunk-size", "64KiB"],
         ["--concurrency", "4"],
+        ["--chunk-readahead", "4"],
         ["--retries", "0"],
         ["--http-timeout", "3"],
         ["--header", "X-A: b"],

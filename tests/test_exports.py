@@ -69,7 +69,9 @@ EXPECTED = {
     "SnapshotResolver",
     "SnapshotSource",
     "SourceChanged",
+    "SourcePolicy",
     "Support",
+    "TakeoverError",
     "UffdClosed",
     "UffdError",
     "UffdPermissionError",
@@ -155,19 +157,20 @@ def test_error_hierarchy() -> None:
     assert issubclass(ua.HandoffRefused, ua.HandoffError)
     assert issubclass(ua.HandoffRefused, PermissionError)
     assert issubclass(ua.HandoffTimeout, ua.HandoffError)
+    assert issubclass(ua.TakeoverError, ua.HandoffError)
     assert issubclass(ua.HandoffTimeout, TimeoutError)
 
 
 def test_handoff_server_surface() -> None:
-    for name in ["serve", "stats", "allowed_uids"]:
+    for name in ["serve", "stats", "allowed_uids", "drain", "draining", "peers"]:
         assert hasattr(ua.HandoffServer, name), name
     for name in ["resolver", "close", "closed"]:
         assert hasattr(ua.Snapshot, name), name
     assert issubclass(ua.SnapshotResolver, ua.Resolver)
     assert [f.name for f in attrs.fields(ua.HandoffStats)] == [
-        "connections", "served", "active", "refused", "failed",
+        "connections", "served", "active", "refused", "over_limit", "failed",
         "faults", "resolved", "pages", "errors", "events", "forks", "prefetched", "resident",
-        "populated", "populated_pages", "mapped_pages",
+        "populated", "populated_pages", "mapped_pages", "draining",
     ]  # fmt: skip
 
 

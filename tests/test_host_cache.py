@@ -26,6 +26,7 @@ import anyio
 import pytest
 
 from uffd_async._core._errors import InvalidArgument
+from uffd_async._remote import _chunk_cache_format as fmt
 from uffd_async._remote._chunk_cache import HostChunkCache
 from uffd_async._remote._chunk_cache_format import HEADER_SIZE, CacheLayoutError, ChunkKey
 
@@ -135,8 +136,19 @@ def flip(path: str, offset: int) -> None:
 
 @pytest.mark.parametrize(
     "offset",
-    [0, 12, 16, 24, 40, HEADER_SIZE, HEADER_SIZE + SMALL // 2, HEADER_SIZE + SMALL - 1],
-    ids=["magic", "key-length", "length", "digest", "key", "data-first", "data-mid", "data-last"],
+    [0, 8, 12, 16, 20, 28, 44, HEADER_SIZE, HEADER_SIZE + SMALL // 2, HEADER_SIZE + SMALL - 1],
+    ids=[
+        "magic",
+        "layout",
+        "check-kind",
+        "key-length",
+        "length",
+        "digest",
+        "key",
+        "data-first",
+        "data-mid",
+        "data-last",
+    ],
 )
 def test_a_flipped_bit_is_a_miss_and_the_file_goes(cache: HostChunkCache, offset: int) -> None:
     cache.put(key(5), chunk_bytes(key(5)))
@@ -146,6 +158,78 @@ def test_a_flipped_bit_is_a_miss_and_the_file_goes(cache: HostChunkCache, offset
     assert key(5) not in cache
     assert cache.put(key(5), chunk_bytes(key(5)))
     assert read(cache, key(5)) == chunk_bytes(key(5))
+
+
+def set_check_kind(path: str, kind: int) -> None:
+    with open(path, "r+b") as file:
+        file.seek(12)
+        file.write(kind.to_bytes(4, "little"))
+
+
+def check_kind(path: str) -> int:
+    with open(path, "rb") as file:
+        file.seek(12)
+        return int.from_bytes(file.read(4), "little")
+
+
+def test_files_carry_xxh3_when_xxhash_is_installed(cache: HostChunkCache) -> None:
+    assert fmt.can_check(fmt.XXH3_128)  # the test extra installs xxhash
+    cache.put(key(1), chunk_bytes(key(1)))
+    assert check_kind(cache.path_of(key(1))) == fmt.XXH3_128
+    assert read(cache, key(1)) == chunk_bytes(key(1))
+
+
+@pytest.mark.parametrize("kind", [fmt.BLAKE2B_128, fmt.XXH3_128])
+def test_a_digest_read_as_the_other_kind_is_a_miss(cache: HostChunkCache, kind: int) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        if kind == fmt.BLAKE2B_128:
+            patch.setattr(fmt, "xxhash", None)
+        cache.put(key(2), chunk_bytes(key(2)))
+    path = cache.path_of(key(2))
+    assert check_kind(path) == kind
+    set_check_kind(path, fmt.BLAKE2B_128 + fmt.XXH3_128 - kind)
+    assert cache.get(key(2)) is None
+    assert cache.stats.damaged == 1 and key(2) not in cache
+
+
+def test_without_xxhash_files_carry_blake2b_and_every_kind_is_read_that_can_be(
+    cache: HostChunkCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache.put(key(3), chunk_bytes(key(3)))  # xxh3, while xxhash is there
+    monkeypatch.setattr(fmt, "xxhash", None)
+    cache.put(key(4), chunk_bytes(key(4)))
+    assert check_kind(cache.path_of(key(4))) == fmt.BLAKE2B_128
+    assert read(cache, key(4)) == chunk_bytes(key(4))
+    assert cache.get(key(3)) is None  # an xxh3 file this process cannot check: a miss
+    assert cache.stats.damaged == 1 and key(3) not in cache
+    monkeypatch.undo()
+    assert read(cache, key(4)) == chunk_bytes(key(4))  # blake2b, read where xxh3 is written
+    assert cache.stats.hits == 2
+
+
+def layout_1_directory(top: Path, chunks: int) -> None:
+    """A directory as layout 1 left it: its layout file, a lock, chunk files."""
+    top.mkdir(mode=0o700)
+    (top / "layout").write_text("uffd_async host chunk cache\nlayout 1\n")
+    (top / "lock").write_bytes((chunks * FILE).to_bytes(8, "little"))
+    for n in range(chunks):
+        shard = top / "chunks" / f"{n:02x}"
+        shard.mkdir(parents=True, exist_ok=True)
+        (shard / ("0" * 30)).write_bytes(bytes(FILE))
+
+
+def test_a_layout_1_directory_is_taken_over_its_chunks_dropped(tmp_path: Path) -> None:
+    top = tmp_path / "cache"
+    layout_1_directory(top, 3)
+    with HostChunkCache(top, 64 * FILE) as cache:
+        assert (top / "layout").read_text() == fmt.LAYOUT_TEXT
+        assert files(top) == []
+        assert cache.get(key(1)) is None and cache.stats.damaged == 0
+        assert cache.put(key(1), chunk_bytes(key(1)))
+        assert read(cache, key(1)) == chunk_bytes(key(1))
+        assert int.from_bytes((top / "lock").read_bytes()[:8], "little") == FILE
+    with HostChunkCache(top, 64 * FILE) as cache:  # now a directory of this layout
+        assert read(cache, key(1)) == chunk_bytes(key(1))
 
 
 @pytest.mark.parametrize("size", [0, HEADER_SIZE - 1, HEADER_SIZE, FILE - 1, FILE + 1])
@@ -342,9 +426,9 @@ def test_bad_keys_and_oversized_puts_are_refused(cache: HostChunkCache) -> None:
 
 
 def test_a_directory_of_another_layout_is_refused_and_left_alone(tmp_path: Path) -> None:
-    (tmp_path / "layout").write_text("uffd_async host chunk cache\nlayout 2\n")
+    (tmp_path / "layout").write_text("uffd_async host chunk cache\nlayout 3\n")
     (tmp_path / "chunks").mkdir()
-    with pytest.raises(CacheLayoutError, match=rf"{tmp_path}.*layout '2'"):
+    with pytest.raises(CacheLayoutError, match=rf"{tmp_path}.*layout '3'"):
         HostChunkCache(tmp_path, 8 * FILE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chunks", "layout"]
 

@@ -71,16 +71,21 @@ async def test_a_new_version_is_never_served_from_the_cache(
     assert stats.hits == 0
 
 
+@pytest.mark.parametrize(
+    "where",
+    [-100, 12, 28],  # from the end: in the data; the header's checksum kind; its checksum
+    ids=["data", "header-check-kind", "header-checksum"],
+)
 async def test_a_damaged_cache_file_is_fetched_again_never_copied(
-    http_server: HttpObjectServer, lab: Lab, tmp_path: Path
+    http_server: HttpObjectServer, lab: Lab, tmp_path: Path, where: int
 ) -> None:
     http_server.put("snap", SOURCE)
     await restore(lab, http_server, tmp_path / "cache", TOUCHED)
     files = sorted((tmp_path / "cache" / "chunks").glob("*/*"))
     assert len(files) == len(chunks_of(TOUCHED))
-    for path in files:  # one bit flipped in the data of every chunk file
+    for path in files:  # one bit flipped in every chunk file
         with open(path, "r+b") as file:
-            file.seek(os.path.getsize(path) - 100)
+            file.seek(where % os.path.getsize(path))
             byte = file.read(1)
             file.seek(-1, os.SEEK_CUR)
             file.write(bytes([byte[0] ^ 1]))
@@ -89,6 +94,24 @@ async def test_a_damaged_cache_file_is_fetched_again_never_copied(
     assert read == {page: SOURCE[page * P : (page + 1) * P] for page in TOUCHED}
     assert sorted(served_chunks(http_server)) == sorted(chunks_of(TOUCHED))
     assert stats.damaged == len(files) and stats.hits == 0
+
+
+async def test_a_cache_of_the_older_layout_is_taken_over_and_refilled(
+    http_server: HttpObjectServer, lab: Lab, tmp_path: Path
+) -> None:
+    http_server.put("snap", SOURCE)
+    await restore(lab, http_server, tmp_path / "cache", TOUCHED)
+    layout = tmp_path / "cache" / "layout"
+    layout.write_text("uffd_async host chunk cache\nlayout 1\n")  # as layout 1 left it
+    http_server.reset()
+    read, stats = await restore(lab, http_server, tmp_path / "cache", TOUCHED)
+    assert read == {page: SOURCE[page * P : (page + 1) * P] for page in TOUCHED}
+    assert sorted(served_chunks(http_server)) == sorted(chunks_of(TOUCHED))
+    assert (stats.hits, stats.damaged, stats.stored) == (0, 0, len(chunks_of(TOUCHED)))
+    http_server.reset()
+    read, stats = await restore(lab, http_server, tmp_path / "cache", TOUCHED)
+    assert read == {page: SOURCE[page * P : (page + 1) * P] for page in TOUCHED}
+    assert served_chunks(http_server) == [] and stats.hits == len(chunks_of(TOUCHED))
 
 
 def test_the_cache_directory_is_refused_for_a_file(tmp_path: Path) -> None:

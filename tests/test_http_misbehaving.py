@@ -52,7 +52,9 @@ async def test_a_chunked_body_that_ends_early_is_never_cached_or_copied(
     http_server: HttpObjectServer, lab: Lab, action: str
 ) -> None:
     http_server.put("snap", SOURCE)
-    async with ua.HttpSource(http_server.url("snap"), chunk_size=CHUNK, retries=0) as source:
+    fail_fast = ua.SourcePolicy(on_error="poison")  # a fault fails at its first failure
+    url = http_server.url("snap")
+    async with ua.HttpSource(url, chunk_size=CHUNK, retries=0, outage=fail_fast) as source:
         async with restoring(lab, source, on_error=REFUSED) as (region, server):
             http_server.queue(action)
             first = 3 * PER_CHUNK + 1  # in the half of the chunk that did arrive

@@ -137,7 +137,9 @@ async def test_transient_failures_are_retried(
 
 async def test_the_retries_run_out(http_server: HttpObjectServer) -> None:
     http_server.put("snap", SOURCE)
-    async with ua.HttpSource(http_server.url("snap"), chunk_size=CHUNK, retries=2) as source:
+    fail_fast = ua.SourcePolicy(on_error="poison")  # waiting: tests/test_source_outage.py
+    url = http_server.url("snap")
+    async with ua.HttpSource(url, chunk_size=CHUNK, retries=2, outage=fail_fast) as source:
         http_server.queue("503", "503", "503")
         with pytest.raises(ua.FetchError) as caught:
             await source.chunk(3)

@@ -347,6 +347,22 @@ def test_without_obstore_it_says_which_extra(monkeypatch: pytest.MonkeyPatch) ->
         ua.ObjectSource("s3://bucket/key")
 
 
+def test_a_pack_store_without_obstore_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "obstore", None)
+    with pytest.raises(ImportError, match=r"packs in an object store need obstore: .*objectstore"):
+        ua.PackSource("s3://bucket/packs/guest.mem.index")
+
+
+@pytest.mark.parametrize("options", [{"region": 1}, {2: "x"}])
+def test_client_options_are_strings_naming_strings(options: Any) -> None:
+    for make in (
+        lambda: ua.ObjectSource("s3://bucket/key", options=options),
+        lambda: ua.PackSource("s3://bucket/packs/guest.mem.index", options=options),
+    ):
+        with pytest.raises(ua.InvalidArgument, match="must be a str naming a str value"):
+            make()
+
+
 def test_open_source_names_object_urls(tmp_path: Path) -> None:
     from uffd_async._remote._open_source import check_source, open_source
 

@@ -129,6 +129,7 @@ KEYWORDS: dict[str, Any] = {
     "timeout": 2.5,
     "max_message": 4096,
     "max_regions": 8,
+    "max_peers": 3,
     "readahead": 0,
     "record": "recorded.ws",
     "prefetch": None,
@@ -142,7 +143,7 @@ def objects() -> dict[str, Any]:
     return {
         "policy": ua.PeerPolicy(
             allowed_uids={1234}, socket_mode=0o660, socket_group=0, timeout=2.5,
-            max_message=4096, max_regions=8,
+            max_message=4096, max_regions=8, max_peers=3,
         ),
         "replay": ua.ReplayOptions(readahead=0, record="recorded.ws", populate=True),
         "serving": ua.ServeOptions(limit=5, on_error=ua.OnError(page="zero")),

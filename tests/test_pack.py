@@ -83,6 +83,21 @@ def chunks_touched(pages: Any) -> set[int]:
 # -- writing ------------------------------------------------------------------------
 
 
+async def dies_of_sigbus_never_a_wrong_page(place: Path, source: ua.SnapshotSource) -> None:
+    """A peer served from ``source`` through a handoff server gets SIGBUS (its page
+    poisoned) and never compares a wrong page; the server counts the error."""
+    async with running(place, source) as server:
+        with anyio.fail_after(TIMEOUT * 3):
+            result = await anyio.run_process(
+                [sys.executable, "-c", REPLAY_PEER, peer_config(place, TOUCH)],
+                check=False, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        assert result.returncode == -signal.SIGBUS, result.stdout
+        assert b"holds" not in result.stdout  # it never compared a wrong page
+        await ends_soon(server)
+        assert server.stats.errors >= 1
+
+
 def test_zero_chunks_get_no_file_and_a_second_pack_writes_only_new_chunks(place: Path) -> None:
     index = packed(place)
     chunk_dir = place / "pack" / "chunks"
@@ -168,16 +183,7 @@ async def test_a_corrupted_chunk_is_refused_and_its_pages_poisoned(place: Path) 
     async with ua.PackSource(index) as source:
         with pytest.raises(PackError, match=r"chunk 4 .*(digest|zstd)"):
             await source.chunk(4)
-        async with running(place, source) as server:
-            with anyio.fail_after(TIMEOUT * 3):
-                result = await anyio.run_process(
-                    [sys.executable, "-c", REPLAY_PEER, peer_config(place, TOUCH)],
-                    check=False, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-            assert result.returncode == -signal.SIGBUS, result.stdout
-            assert b"holds" not in result.stdout  # it never compared a wrong page
-            await ends_soon(server)
-            assert server.stats.errors >= 1
+        await dies_of_sigbus_never_a_wrong_page(place, source)
         assert source.stats.failed >= 1
 
 
@@ -208,7 +214,11 @@ async def test_a_missing_chunk_file_is_a_pack_error(place: Path) -> None:
     index = packed(place)
     os.unlink(read_index(index).chunk_path(0))
     async with ua.PackSource(index) as source:
-        with pytest.raises(PackError, match=r"chunk 0 .* cannot be read"):
+        # read() is not a fault: it fails now, however long a fault would wait (SourcePolicy).
+        with (
+            anyio.fail_after(TIMEOUT),
+            pytest.raises(PackError, match=r"chunk 0 .* cannot be read"),
+        ):
             await source.read(0, P)
 
 
@@ -355,3 +365,22 @@ async def test_a_layered_chain_packs_as_the_image_it_makes(tmp_path: Path) -> No
     async with ua.PackSource(result.index) as source:
         assert await source.read(0, source.size) == chain.expected
         assert await source.version() == identity  # the squashed image's, as a working set's
+
+
+async def test_mappings_that_split_a_chunk_are_filled_together(place: Path) -> None:
+    """The peer's two regions of 56 pages meet inside chunk 3 (pages 48-63): a fault in
+    the first region's part of it fills the second region's part too (``group``)."""
+    pages = 56
+    raw = place / "guest.mem"
+    raw.write_bytes(image()[: 2 * pages * P])
+    index = ua.pack_snapshot(raw, place / "pack", chunk_size=CHUNK).index
+    async with ua.PackSource(index) as source:
+        async with running(place, source) as server:
+            # Page 50 is the first region's, 60 and 58 the second's: one fault for the three.
+            await run_peer(peer_config(place, [50, 60, 58, 55, 63], pages=pages))
+            await ends_soon(server)
+            assert server.stats.faults == 1 and source.stats.reads == 1
+            # And the other way round, every page compared, in a second process.
+            await run_peer(peer_config(place, [57, 49], pages=pages, all=True))
+            await ends_soon(server)
+            assert (server.stats.served, server.stats.errors) == (2, 0)

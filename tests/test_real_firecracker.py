@@ -327,3 +327,28 @@ def test_a_jailed_firecracker_of_a_uid_not_allowed(
         vm.close()
         served = server.stop()
     assert (served.connections, served.refused, served.pages) == (1, 1, 0), served.log
+
+
+@pytest.mark.parametrize("backend", ["auto", "trio"])
+def test_a_takeover_mid_restore(
+    firecracker: Binaries, snapshot: Snapshot, place: Path, backend: str
+) -> None:
+    """The guest resumes through one server, a successor (``serve --takeover``) takes
+    over, and the guest reads all its memory back through the successor: every byte right,
+    and the first server exits 0 by itself."""
+    sock = place / "uffd.sock"
+    with serving(snapshot.memory, sock, "--backend", backend) as first:
+        with Firecracker.plain(firecracker.firecracker, place, "takeover") as vm:
+            vm.restore(str(snapshot.state), str(sock))  # resumed: it faults its first pages
+            with serving(snapshot.memory, sock, "--backend", backend, "--takeover") as second:
+                _, rest = first.process.communicate(timeout=30)
+                assert first.process.returncode == 0, (first.log + rest).decode()
+                assert b"handed over to a successor" in rest
+                vm.poke()  # it reads every page it filled, now through the successor
+                line = vm.next_hash(PAGES)
+                vm.close()
+                served = second.stop()
+    assert served.errors == 0 and served.failed == 0, served.log
+    assert served.connections == 1 and served.active == 0, served.log
+    assert served.faults >= PAGES  # the first server's faults are counted on
+    check_intact(line, snapshot)

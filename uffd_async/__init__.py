@@ -29,6 +29,7 @@ from ._core._errors import PageExists as PageExists
 from ._core._errors import ProcessExited as ProcessExited
 from ._core._errors import SnapshotClosed as SnapshotClosed
 from ._core._errors import SourceChanged as SourceChanged
+from ._core._errors import TakeoverError as TakeoverError
 from ._core._errors import UffdClosed as UffdClosed
 from ._core._errors import UffdError as UffdError
 from ._core._errors import UffdPermissionError as UffdPermissionError
@@ -65,6 +66,7 @@ from ._remote._http_source import HttpSource as HttpSource
 from ._remote._http_source import HttpStats as HttpStats
 from ._remote._object_source import ObjectSource as ObjectSource
 from ._remote._object_source import ObjectStats as ObjectStats
+from ._remote._outage import SourcePolicy as SourcePolicy
 from ._remote._pack_format import PackError as PackError
 from ._remote._pack_source import PackSource as PackSource
 from ._remote._pack_source import PackStats as PackStats
@@ -153,7 +155,9 @@ __all__ = [
     "SnapshotResolver",
     "SnapshotSource",
     "SourceChanged",
+    "SourcePolicy",
     "Support",
+    "TakeoverError",
     "UffdClosed",
     "UffdError",
     "UffdPermissionError",

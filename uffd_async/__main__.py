@@ -3,8 +3,10 @@
 for working sets and snapshot layers.
 
 ``probe`` exits with status 0 when a userfaultfd can be opened, 1 when not (the
-output then says exactly what to change). ``serve`` runs until SIGINT or
-SIGTERM, then removes its socket and exits with status 0; with 1 when it cannot
+output then says exactly what to change). ``serve`` runs until SIGINT (or a
+SIGTERM that drains: no new process accepted, those served until they exit,
+unless a second signal or ``--drain-timeout`` comes first), then removes its
+socket (unless socket activation passed it) and exits with status 0; with 1 when it cannot
 start, or when the object behind its URL changed. Every command exits with 2 on
 a usage error, said in one line that names the flag.
 """
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import anyio
+from anyio.abc import TaskStatus
 
 from ._capture._layer import Layer
 from ._capture._squash import check_output, squash
@@ -33,11 +36,14 @@ from ._core._checks import check_seconds
 from ._core._errors import InvalidArgument, LayerError, SourceChanged
 from ._core._loops import LOOPS, choose_backend, describe_loop
 from ._core._open import probe
+from ._handoff._fdstore import fd_store_available
+from ._handoff._listener import passed_listening_socket
 from ._handoff._metrics import MetricsExporter, parse_address
 from ._handoff._options import PeerPolicy, ReplayOptions, check_record_path
 from ._handoff._server import HandoffServer, HandoffStats, serve_handoffs
+from ._handoff._systemd import listen_fds, notify
 from ._remote._chunk_cache import HostChunkCache
-from ._remote._chunked_source import FetchStats
+from ._remote._chunked_source import DEFAULT_READAHEAD_CHUNKS, FetchStats
 from ._remote._http_source import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
@@ -51,7 +57,11 @@ from ._remote._http_source import (
 )
 from ._remote._object_source import ObjectSource, is_object_url, parse_object_url
 from ._remote._open_source import open_source
-from ._remote._pack_writer import DEFAULT_LEVEL, pack_snapshot, summarize
+from ._remote._outage import DEFAULT_SOURCE_DEADLINE, SourcePolicy
+from ._remote._pack_format import is_pack_index
+from ._remote._pack_source import PackSource
+from ._remote._pack_store import is_pack_url
+from ._remote._pack_writer import DEFAULT_LEVEL, DEFAULT_UPLOADS, pack_snapshot, summarize
 from ._restore._layered import LayeredSnapshot
 from ._restore._source import SnapshotSource
 from ._restore._working_set import WorkingSet, WorkingSetError
@@ -119,7 +129,19 @@ def _progress(
             f"  fetched {http.bytes / 2**20:,.1f} MiB in {http.requests:,} requests "
             f"({http.retries} retried, {http.cache_hits:,} cache hits, {http.failed} failed)"
         )
+    if stats.over_limit:
+        line += f"  refused over --max-peers {stats.over_limit}"
+    if stats.draining:
+        line += "  draining"
     return line
+
+
+def _status(server: HandoffServer) -> str:
+    """The service manager's STATUS= line."""
+    stats = server.stats
+    if stats.draining:
+        return f"draining: {len(server.peers)} peers"
+    return f"serving {stats.active} processes ({stats.served} served, {stats.refused} refused)"
 
 
 async def _report(server: HandoffServer, interval: float) -> None:
@@ -133,6 +155,7 @@ async def _report(server: HandoffServer, interval: float) -> None:
             rate = (stats.faults - last.faults) / (now - last_time)
             line = _progress(stats, now - started, rate, server.http_stats)
             print(line, file=sys.stderr, flush=True)
+            notify(f"STATUS={_status(server)}")
         last, last_time = stats, now
 
 
@@ -145,11 +168,13 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         http: dict[str, Any] = {
             "chunk_size": args.chunk_size,
             "concurrency": args.concurrency,
+            "chunk_readahead": args.chunk_readahead,
             "timeout": args.http_timeout,
             "retries": args.retries,
             "headers": dict(args.header),
             "cache_bytes": args.cache_size,
             "http2": args.http2,
+            "outage": SourcePolicy(on_error=args.on_source_error, deadline=args.source_deadline),
         }
         if host_cache is not None:
             http["host_cache"] = host_cache
@@ -170,6 +195,13 @@ def _described(spec: str, source: SnapshotSource) -> str:
             f"{source.url} ({source.size:,} bytes, {source.chunk_size // 1024:,} KiB chunks, "
             f"{source.concurrency} at a time, checked by {checked})"
         )
+    if isinstance(source, PackSource):
+        index = source.index
+        zero = sum(1 for n in range(index.count) if index.zero(n))
+        return (
+            f"{source.path} (a pack: {source.size:,} bytes, {index.count:,} chunks of "
+            f"{source.chunk_size // 1024:,} KiB, {zero:,} of them zero)"
+        )
     return spec
 
 
@@ -180,6 +212,7 @@ def _handoff_options(args: argparse.Namespace) -> tuple[PeerPolicy, ReplayOption
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
         timeout=args.timeout,
+        max_peers=args.max_peers,
     )
     replay = ReplayOptions(
         readahead=args.readahead,
@@ -194,9 +227,12 @@ async def _serve_source(args: argparse.Namespace, source: SnapshotSource, descri
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
             policy, replay = _handoff_options(args)
-            server: HandoffServer = await tg.start(
-                functools.partial(serve_handoffs, args.socket, source, policy=policy, replay=replay)
-            )
+            serving = functools.partial(
+                serve_handoffs, args.socket, source, policy=policy, replay=replay,
+                listening_socket=args.listening_socket, takeover=args.takeover,
+                fd_store=fd_store_available(), stored_fds=getattr(args, "passed_fds", []),
+            )  # fmt: skip
+            server: HandoffServer = await tg.start(_serve_until_drained, serving, tg.cancel_scope)
             if args.metrics is not None:
                 host, port = args.metrics
                 try:
@@ -217,13 +253,68 @@ async def _serve_source(args: argparse.Namespace, source: SnapshotSource, descri
                 file=sys.stderr,
                 flush=True,
             )
+            notify("READY=1", f"STATUS={_status(server)}")
             tg.start_soon(_report, server, args.interval)
             async for signum in signals:
-                print(f"{signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+                name = signal.Signals(signum).name
+                if signum == signal.SIGTERM and not server.draining:
+                    print(
+                        f"{name}: stopping: draining: no new process is accepted, the "
+                        f"{len(server.peers)} connected are served until they exit (SIGINT or "
+                        "another SIGTERM stops at once)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    server.drain()
+                    notify("STOPPING=1", f"STATUS={_status(server)}")
+                    if args.drain_timeout is not None:
+                        tg.start_soon(_drain_deadline, server, args.drain_timeout, tg.cancel_scope)
+                    continue
+                print(f"{name}: stopping", file=sys.stderr, flush=True)
                 break
             tg.cancel_scope.cancel()
     final = _progress(server.stats, 0, 0, server.http_stats)
+    if server.handed_over:  # a successor (serve --takeover) serves every process from now on
+        print("handed over to a successor; " + final.split("] ", 1)[1], file=sys.stderr)
+        return
     print("stopped; " + final.split("] ", 1)[1], file=sys.stderr)
+
+
+async def _serve_until_drained(
+    serving: Callable[..., Any],
+    scope: anyio.CancelScope,
+    *,
+    task_status: TaskStatus[HandoffServer] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    await serving(task_status=task_status)
+    scope.cancel()  # drained: the signals, the progress lines and the metrics end with it
+
+
+async def _drain_deadline(server: HandoffServer, seconds: float, scope: anyio.CancelScope) -> None:
+    await anyio.sleep(seconds)
+    left = ", ".join(f"pid {pid}" for pid, _ in server.peers)
+    print(
+        f"--drain-timeout {seconds:g}: stopping; still served, whose faults are no longer "
+        f"answered: {left}",
+        file=sys.stderr,
+        flush=True,
+    )
+    scope.cancel()
+
+
+def _take_passed_socket(args: argparse.Namespace) -> str | None:
+    """Take socket activation's fds (once: the environment is cleared); the handoff socket
+    becomes ``args.listening_socket``. What is wrong, or None."""
+    args.listening_socket, args.passed_fds = passed_listening_socket(listen_fds())
+    if args.listening_socket is None:
+        return None if args.socket else "--socket is required (no socket activation socket)"
+    name = args.listening_socket.getsockname()
+    name = name if isinstance(name, str) else "@" + name[1:].decode(errors="replace")
+    if args.socket is None:
+        args.socket = name
+    elif os.path.abspath(args.socket) != os.path.abspath(name):
+        return f"--socket {args.socket}, but socket activation passed a socket bound to {name}"
+    return None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -235,6 +326,10 @@ def _serve(args: argparse.Namespace) -> int:
     # httpx logs every request's full URL at INFO: a presigned URL's credentials with it.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        problem = _take_passed_socket(args)
+        if problem:
+            print(f"cannot serve: {problem}", file=sys.stderr)
+            return 1
         backend, options = choose_backend(args.backend)
         anyio.run(_serve_until_signalled, args, backend=backend, backend_options=options)
     except BaseException as exc:
@@ -340,8 +435,8 @@ def _pack(args: argparse.Namespace) -> int:
         if args.dest is None or args.layer:
             return _usage_error(args, "pack show takes one INDEX and no --layer")
         try:
-            summary = summarize(args.dest)
-        except (OSError, ValueError) as exc:
+            summary = summarize(args.dest, options=dict(args.store_option or ()))
+        except (OSError, ValueError, ImportError) as exc:
             print(f"cannot read the pack: {exc}", file=sys.stderr)
             return 1
         print("\n".join(summary.lines()))
@@ -351,7 +446,8 @@ def _pack(args: argparse.Namespace) -> int:
     try:
         result = pack_snapshot(
             args.snapshot, args.dest, layers=args.layer, chunk_size=args.chunk_size,
-            level=args.level, name=args.name,
+            level=args.level, name=args.name, options=dict(args.store_option or ()),
+            uploads=args.uploads,
         )  # fmt: skip
     except (OSError, ValueError, ImportError) as exc:
         print(f"cannot pack: {exc}", file=sys.stderr)
@@ -480,6 +576,7 @@ URL_ENV = "UFFD_ASYNC_URL"
 _HTTP_ONLY = {
     "chunk_size": DEFAULT_CHUNK_SIZE,
     "concurrency": DEFAULT_CONCURRENCY,
+    "chunk_readahead": DEFAULT_READAHEAD_CHUNKS,
     "retries": DEFAULT_RETRIES,
     "http_timeout": DEFAULT_TIMEOUT,
     "header": [],
@@ -487,6 +584,8 @@ _HTTP_ONLY = {
     "cache_dir": None,
     "http2": False,
 }
+#: Of those, what a pack in a local directory takes too.
+_PACK_TOO = {"cache_size", "cache_dir", "concurrency", "chunk_readahead"}
 #: The host chunk cache's bound when --cache-dir is given without --cache-size.
 DEFAULT_HOST_CACHE_BYTES = 4 << 30
 
@@ -505,6 +604,8 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
 
 def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse alone cannot check, before anything is opened: each error names its flag."""
+    if args.socket is None and not os.environ.get("LISTEN_FDS"):
+        parser.error("argument --socket: required (unless started by socket activation)")
     if args.snapshot is None:
         args.snapshot = os.environ.get(URL_ENV, "").strip()
         if not args.snapshot:
@@ -536,8 +637,10 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if args.readahead:
             parser.error(
                 "argument --readahead: does not apply to a URL (a fault brings its whole "
-                "chunk): choose --chunk-size instead"
+                "chunk): choose --chunk-size (and --chunk-readahead) instead"
             )
+        if is_pack_url(args.snapshot) and args.chunk_size is not None:
+            parser.error("argument --chunk-size: a pack's chunks are the size its index says")
     elif is_url(args.snapshot):
         problem = url_problem(args.snapshot)
         if problem:
@@ -547,13 +650,25 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if args.readahead:
             parser.error(
                 "argument --readahead: does not apply to a URL (a fault brings its whole "
-                "chunk): choose --chunk-size instead"
+                "chunk): choose --chunk-size (and --chunk-readahead) instead"
             )
     else:
+        pack = is_pack_index(args.snapshot)
         for name in _HTTP_ONLY:
-            if getattr(args, name) not in (None, []):
+            if getattr(args, name) not in (None, []) and not (pack and name in _PACK_TOO):
                 flag = "--" + name.replace("_", "-")
                 parser.error(f"argument {flag}: applies only when SNAPSHOT is an http(s):// URL")
+        for flag, value in (("--on-source-error", args.on_source_error),
+                            ("--source-deadline", args.source_deadline)):  # fmt: skip
+            if value is not None and not pack:
+                parser.error(
+                    f"argument {flag}: applies only when SNAPSHOT is a URL or a pack index "
+                    "(a snapshot file is not fetched: it cannot fail that way)"
+                )
+    if args.source_deadline is not None and args.on_source_error == "poison":
+        parser.error("argument --source-deadline: applies with --on-source-error wait only")
+    args.on_source_error = args.on_source_error or "wait"
+    args.source_deadline = args.source_deadline or DEFAULT_SOURCE_DEADLINE
     args.host_cache_size = None
     if args.cache_dir is not None:  # --cache-size bounds the host cache then
         given = args.cache_size
@@ -585,7 +700,10 @@ def main(argv: list[str] | None = None) -> int:
         help="serve a snapshot file to every process that hands its uffd over a Unix socket",
         description="Serve the page faults of every process that connects to SOCKET and sends "
         "its userfaultfd with Firecracker's JSON mappings, from the SNAPSHOT file (the "
-        "mappings' offsets are positions in it). Stops on SIGINT or SIGTERM. Secrets stay "
+        "mappings' offsets are positions in it). Stops on SIGINT; SIGTERM drains first: no "
+        "new process is accepted and those connected are served until they exit (a second "
+        "signal, or --drain-timeout, stops at once). Under socket activation (systemd, "
+        "systemd-socket-activate) it serves on the passed socket and says READY=1. Secrets stay "
         "out of the command line, which every local user can read: give a presigned URL "
         f"as @FILE (the URL is FILE's first line) or in ${URL_ENV} (SNAPSHOT left out), "
         "and headers as --header @FILE. If the object behind a URL changes, no new process "
@@ -604,7 +722,10 @@ def main(argv: list[str] | None = None) -> int:
         f"FILE's first line; left out, it is read from ${URL_ENV}",
     )
     serve_parser.add_argument(
-        "--socket", required=True, metavar="PATH", help="the Unix socket path to listen on"
+        "--socket",
+        metavar="PATH",
+        help="the Unix socket path to listen on (left out under socket activation: the "
+        "passed socket named 'handoff', or the only one)",
     )
     serve_parser.add_argument(
         "--layer",
@@ -676,6 +797,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"requests at once (default {DEFAULT_CONCURRENCY})",
     )
     http.add_argument(
+        "--chunk-readahead",
+        type=_at_least(0),
+        metavar="CHUNKS",
+        help="chunks fetched ahead of faults that walk the chunks in order, so that one "
+        f"thread reading in order is not one request at a time (default "
+        f"{DEFAULT_READAHEAD_CHUNKS}; 0: none; --readahead is pages, for files only)",
+    )
+    http.add_argument(
         "--retries",
         type=_at_least(0),
         metavar="N",
@@ -713,6 +842,22 @@ def main(argv: list[str] | None = None) -> int:
         "--http2", action="store_true", default=None, help="HTTP/2 (needs uffd_async[http2])"
     )
     http.add_argument(
+        "--on-source-error",
+        choices=["wait", "poison"],
+        help="what a fault does when its chunk still cannot be fetched after --retries "
+        "(a connection error, a timeout, a 5xx; a pack's I/O error): wait (the default: its "
+        "thread waits while the source is tried again, with backoff, until "
+        "--source-deadline, then its page is poisoned: SIGBUS) or poison (SIGBUS at once). "
+        "A 4xx, a changed object or a damaged chunk is never waited on",
+    )
+    http.add_argument(
+        "--source-deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"seconds a fault waits on a failing source before its page is poisoned "
+        f"(default {DEFAULT_SOURCE_DEADLINE:g}: a store's failover or an NFS restart fits)",
+    )
+    http.add_argument(
         "--store-option",
         type=_store_option,
         action="append",
@@ -729,6 +874,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         default=5.0,
         help="seconds a connected peer has to send its uffd (default 5)",
+    )
+    serve_parser.add_argument(
+        "--max-peers",
+        type=_at_least(1),
+        metavar="N",
+        help="processes served at once; one more is refused with a warning and its "
+        "connection closed (default: no limit)",
+    )
+    serve_parser.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take over from the server running on --socket: its listening socket, every "
+        "process it serves and its counters and recording come over, with no fault lost or "
+        "left waiting; it then exits 0 (same user only)",
+    )
+    serve_parser.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="after SIGTERM, stop at once if processes are still served after this long "
+        "(default: wait for them all)",
     )
     serve_parser.add_argument(
         "--interval",
@@ -788,10 +954,11 @@ def main(argv: list[str] | None = None) -> int:
         "pack",
         help="write a snapshot as zstd chunks named by their digest, or show a pack",
         description="pack SNAPSHOT DEST: write SNAPSHOT (a raw image file, with --layer "
-        "files on top) into the directory DEST as an index, DEST/NAME.index, and zstd "
+        "files on top) into DEST (a directory, or an object-store prefix such as "
+        "s3://BUCKET/PREFIX/, gs://, az://) as an index, DEST/NAME.index, and zstd "
         "chunks, DEST/chunks/<sha256>, that every index in DEST shares: a chunk DEST has "
         "already is not written again, and an all-zero chunk is not stored. The last "
-        "line printed is the index's path; serve it with `serve INDEX`. "
+        "line printed is the index's path or URL; serve it with `serve INDEX`. "
         "pack show INDEX: its sizes, chunk counts, dedup and compression ratios.",
     )
     pack_parser.add_argument("snapshot", metavar="SNAPSHOT|show")
@@ -809,6 +976,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"zstd level, -7..22 (default {DEFAULT_LEVEL})",
     )  # fmt: skip
     pack_parser.add_argument("--name", help="the index's NAME (default: the SNAPSHOT file's name)")
+    pack_parser.add_argument(
+        "--uploads", type=int, default=DEFAULT_UPLOADS, choices=range(1, 257), metavar="N",
+        help=f"chunks written at once (default {DEFAULT_UPLOADS})",
+    )  # fmt: skip
+    pack_parser.add_argument(
+        "--store-option", type=_store_option, action="append", metavar="KEY=VALUE",
+        help="a setting of an s3://, gs:// or az:// DEST's (or INDEX's) store, as serve's "
+        "--store-option (repeatable; KEY=@FILE reads the value from FILE; never shown)",
+    )  # fmt: skip
     pack_parser.set_defaults(run=_pack)
     args = parser.parse_args(argv)
     if args.run is _serve:

@@ -9,7 +9,7 @@
  *   [{"base_host_virt_addr":A,"size":S,"offset":0,"page_size":4096,"page_size_kib":4096}]
  * (1.12's serde_json output, page_size_kib holding bytes as that release
  * does) with the uffd as the only SCM_RIGHTS fd, and keeps the connection
- * open until it exits, as 1.12 does. The clock starts when sendmsg returns.
+ * open until it exits, as 1.12 does. The clock starts as sendmsg is called.
  * With WAIT=1 it then blocks until one byte arrives on stdin (the handler's
  * "go": REAP-style and eager handlers copy first and only then let it run).
  *
@@ -250,9 +250,13 @@ int main(int argc, char **argv)
     cmsg->cmsg_type = SCM_RIGHTS;
     cmsg->cmsg_len = CMSG_LEN(sizeof(int));
     memcpy(CMSG_DATA(cmsg), &uffd, sizeof uffd);
+    /* The clock starts just before sendmsg: taken after it, it could start late, as the
+     * server that the message wakes may take this CPU and run a whole copy-first
+     * restore before this process runs again (on 2 loaded cores it did: REAP-style
+     * and eager then measured ~0 ms). */
+    int64_t start = now_ns();
     if (sendmsg(sock, &msg, 0) != length)
         die("sendmsg");
-    int64_t start = now_ns();
 
     if (wait_go) {
         char go;

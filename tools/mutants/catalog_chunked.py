@@ -4,6 +4,8 @@ from mutant import Mutant
 
 F = "uffd_async/_remote/_chunked_copy.py"
 CHUNKED = ["tests/test_chunked_copy.py"]
+AHEAD = ["tests/test_chunk_readahead.py"]
+CHUNKS = "uffd_async/_remote/_chunks.py"
 
 MUTANTS = [
     Mutant(
@@ -39,8 +41,8 @@ MUTANTS = [
     Mutant(
         id="chunked-fill-first-floor",
         file=F,
-        old="        first = max(0, -(-(lo - self._offset) // size))",
-        new="        first = max(0, (lo - self._offset) // size)",
+        old="        first = max(0, -(-(lo + skip - self._offset) // size))",
+        new="        first = max(0, (lo + skip - self._offset) // size)",
         tests=CHUNKED,
         why="a chunk fill copies a page only partly inside the chunk",
     ),
@@ -113,5 +115,91 @@ MUTANTS = [
         new="        pass",
         tests=["tests/test_http_handoff.py"],
         why="a chunk that lands for one mapping no longer fills the process's other mappings",
+    ),
+    Mutant(
+        id="ahead-not-only-at-a-chunks-start",
+        file=CHUNKS,
+        old=(
+            "        if first and self._last >= 0 and self._last < chunk"
+            " <= max(self._last, self._end) + 1:"
+        ),
+        new="        if self._last >= 0 and self._last < chunk <= max(self._last, self._end) + 1:",
+        tests=AHEAD,
+        why="threads faulting mid-chunk in chunks that happen to follow start a sequence",
+    ),
+    Mutant(
+        id="ahead-past-the-end",
+        file=CHUNKS,
+        old="        stop = min(chunk + self._ahead + 1, self._count)",
+        new="        stop = chunk + self._ahead + 1",
+        tests=AHEAD,
+        why="chunks past the object's end are asked for",
+    ),
+    Mutant(
+        id="ahead-starts-after-two",
+        file=CHUNKS,
+        old="        if self._streak < self.START:",
+        new="        if self._streak < self.START - 1:",
+        tests=AHEAD,
+        why="two faults in chunks that follow (chance, with many threads) start a sequence",
+    ),
+    Mutant(
+        id="ahead-as-demand",
+        file=F,
+        old="            data = await self._source.chunk(chunk, demand=False)",
+        new="            data = await self._source.chunk(chunk, demand=True)",
+        tests=AHEAD,
+        why="chunks asked for ahead go before a stopped thread's fault",
+    ),
+    Mutant(
+        id="ahead-fetches-what-is-there",
+        file=F,
+        old="            and any(copier.chunk_missing(n) for copier in self._together)",
+        new="            and True",
+        tests=AHEAD,
+        why="chunks a prefetch already filled are fetched again ahead",
+    ),
+    Mutant(
+        id="ahead-marker-not-kept",
+        file=F,
+        old="        self._markers[chunk] = data[:PAGE_SIZE]",
+        new="        pass",
+        tests=AHEAD,
+        why="a marker's fault is served from memory and asks for nothing more: the sequence "
+        "stalls every few chunks",
+    ),
+    Mutant(
+        id="ahead-no-marker",
+        file=F,
+        old="                copier.fill_span(uffd, lo, data, skip=PAGE_SIZE)",
+        new="                copier.fill_span(uffd, lo, data, skip=0)",
+        tests=AHEAD,
+        why="a chunk fetched ahead is filled whole: no fault tells the sequence goes on",
+    ),
+    Mutant(
+        id="ahead-marker-inline",
+        file=F,
+        old="        if self._markers and self._chunks_of(index)[0] in self._markers:",
+        new="        if False:",
+        tests=AHEAD,
+        why="a marker's fault is served inline, never awaited: nothing more is asked for",
+    ),
+    Mutant(
+        id="ahead-marker-refetched",
+        file=F,
+        old="        served = marker is not None and self._serve_marker(fault, uffd, marker)",
+        new="        served = False",
+        tests=AHEAD,
+        why="a marker's page is fetched again (its chunk no longer in memory)",
+    ),
+    Mutant(
+        id="ahead-marker-counts-missing",
+        file=F,
+        old=(
+            "        skip = PAGE_SIZE if chunk in self._markers else 0  # a marker is left to fault"
+        ),
+        new="        skip = 0",
+        tests=AHEAD,
+        why="a prefetch fetches again a chunk whose only missing page is its marker",
     ),
 ]

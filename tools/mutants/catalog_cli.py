@@ -34,8 +34,11 @@ MUTANTS = [
     Mutant(
         id="cli-http-only-truthy",
         file=F,
-        old="            if getattr(args, name) not in (None, []):",
-        new="            if getattr(args, name):",
+        old=(
+            "            if getattr(args, name) not in (None, [])"
+            " and not (pack and name in _PACK_TOO):"
+        ),
+        new="            if getattr(args, name) and not (pack and name in _PACK_TOO):",
         tests=ERRORS,
         why="--retries 0 with a file source is silently ignored",
     ),

@@ -1,6 +1,7 @@
 """Mutants of packs: the format (_pack_format.py), the writer (_pack_writer.py), PackSource
-(_pack_source.py) and the zero-chunk path of ChunkedCopy (each catalog: one list named
-MUTANTS)."""
+(_pack_source.py), where a pack is kept (_pack_store.py: a directory or an object-store
+prefix), its host cache by digest, the command line's pack paths, and the zero-chunk path
+of ChunkedCopy (each catalog: one list named MUTANTS)."""
 
 from mutant import Mutant
 
@@ -8,7 +9,11 @@ FORMAT = "uffd_async/_remote/_pack_format.py"
 WRITER = "uffd_async/_remote/_pack_writer.py"
 SOURCE = "uffd_async/_remote/_pack_source.py"
 COPY = "uffd_async/_remote/_chunked_copy.py"
+STORE = "uffd_async/_remote/_pack_store.py"
+OPEN = "uffd_async/_remote/_open_source.py"
+MAIN = "uffd_async/__main__.py"
 TESTS = ["tests/test_pack.py"]
+STORE_TESTS = ["tests/test_pack_store.py"]
 
 MUTANTS = [
     Mutant(
@@ -70,8 +75,8 @@ MUTANTS = [
     Mutant(
         id="pack-writer-rewrites-existing-chunks",
         file=WRITER,
-        old="                stored = os.stat(path).st_size",
-        new="                raise FileNotFoundError",
+        old="                known: int | Future[int] | None = have.get(key, started.get(key))",
+        new="                known: int | Future[int] | None = started.get(key)",
         tests=TESTS,
         why="a second pack into the same DEST writes every chunk again",
     ),
@@ -141,5 +146,133 @@ MUTANTS = [
         new="            pass\n        if not was and self._populated[index]:",
         tests=TESTS,
         why="a working set recorded on a pack misses the pages of its zero chunks",
+    ),
+    Mutant(
+        id="pack-store-create-overwrites",
+        file=STORE,
+        old=(
+            "                obstore.put(store, self.prefix + name,"
+            ' data, mode="create", use_multipart=False)'
+        ),
+        new="                obstore.put(store, self.prefix + name, data, use_multipart=False)",
+        tests=STORE_TESTS,
+        why="a chunk another writer put there meanwhile is uploaded again, over it",
+    ),
+    Mutant(
+        id="pack-store-listing-ignored",
+        file=WRITER,
+        old='        have = self.store.sizes(CHUNK_DIR + "/")',
+        new="        have: dict[str, int] = {}",
+        tests=STORE_TESTS,
+        why="a second snapshot into the same prefix uploads every chunk again",
+    ),
+    Mutant(
+        id="pack-store-missing-not-typed",
+        file=STORE,
+        old='        if failure.kind == "missing":',
+        new="        if False:",
+        tests=STORE_TESTS,
+        why="a missing object is an I/O error like any other, not FileNotFoundError",
+    ),
+    Mutant(
+        id="pack-store-transient-not-retried",
+        file=STORE,
+        old='            if failure.kind != "transient" or tries >= self.retries:',
+        new="            if True:",
+        tests=STORE_TESTS,
+        why="one dropped connection to the store fails the chunk (or the pack) at once",
+    ),
+    Mutant(
+        id="pack-host-cache-keeps-unchecked",
+        file=SOURCE,
+        old='            fresh.append(await self._in_thread(self._unpack, index, frame, ""))',
+        new="            pass",
+        tests=STORE_TESTS,
+        why="a damaged chunk is kept in the host cache before its check: every process gets it",
+    ),
+    Mutant(
+        id="pack-host-cache-keyed-by-pack",
+        file=SOURCE,
+        old=(
+            '        key = ChunkKey(object=f"sha256:{digest.hex()}",'
+            ' version="zstd", chunk_size=stored, index=0)'
+        ),
+        new=(
+            "        key = ChunkKey(object=self.path,"
+            ' version="zstd", chunk_size=stored, index=index)'
+        ),
+        tests=STORE_TESTS,
+        why="two packs that share chunks fetch each of them once per pack, not once per host",
+    ),
+    Mutant(
+        id="pack-host-bad-entry-kept",
+        file=SOURCE,
+        old="        await self._in_thread(self.host_cache.put, key, frame)",
+        new="        pass",
+        tests=STORE_TESTS,
+        why="a cache entry that fails the digest stays: every process reads the pack again",
+    ),
+    Mutant(
+        id="pack-host-hit-not-checked",
+        file=SOURCE,
+        old=(
+            "            return await self._in_thread(self._unpack,"
+            ' index, kept, "the host cache\'s copy ")'
+        ),
+        new="            return bytes(kept)",
+        tests=STORE_TESTS,
+        why="a cache hit goes into the guest as the compressed frame, unchecked",
+    ),
+    Mutant(
+        id="pack-url-served-as-raw-object",
+        file=OPEN,
+        old="        if is_pack_url(path):",
+        new="        if False:",
+        tests=STORE_TESTS,
+        why="serve s3://.../NAME.index copies the index's bytes into the guest",
+    ),
+    Mutant(
+        id="pack-cli-store-options-dropped",
+        file=MAIN,
+        old="            level=args.level, name=args.name, options=dict(args.store_option or ()),",
+        new="            level=args.level, name=args.name,",
+        tests=STORE_TESTS,
+        why="pack --store-option is ignored: the credentials or endpoint given are not used",
+    ),
+    Mutant(
+        id="pack-cli-cache-dir-refused-for-packs",
+        file=MAIN,
+        old="        pack = is_pack_index(args.snapshot)",
+        new="        pack = False",
+        tests=STORE_TESTS,
+        why="serve INDEX --cache-dir is a usage error for a local pack",
+    ),
+    Mutant(
+        id="pack-show-counts-itself",
+        file=WRITER,
+        old=(
+            "        neighbours = [other for other in"
+            ' store.sizes("", INDEX_SUFFIX) if other != name]'
+        ),
+        new='        neighbours = list(store.sizes("", INDEX_SUFFIX))',
+        tests=TESTS,
+        why="pack show says every chunk is shared with another index (its own)",
+    ),
+    Mutant(
+        id="pack-read-waits-out-an-outage",
+        file=SOURCE,
+        old="        parts = [await self.chunk(n, outage=False) for n in range(first, last + 1)]",
+        new="        parts = [await self.chunk(n) for n in range(first, last + 1)]",
+        tests=TESTS,
+        timeout=400.0,
+        why="read() of a missing chunk waits the fault deadline (5 min), not failing",
+    ),
+    Mutant(
+        id="pack-mappings-not-together",
+        file=COPY,
+        old="        copier._together = chunked",
+        new="        copier._together = [copier]",
+        tests=["tests/test_pack.py::test_mappings_that_split_a_chunk_are_filled_together"],
+        why="a chunk fetched for one mapping leaves the other mapping's part of it to fault",
     ),
 ]

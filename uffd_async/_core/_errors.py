@@ -135,6 +135,12 @@ class HandoffTimeout(HandoffError, TimeoutError):
     _ERRNO: ClassVar[int] = _errno.ETIMEDOUT
 
 
+class TakeoverError(HandoffError):
+    """Taking over from a running server failed: it is not there, it refused (another
+    control protocol version, another uid), or the exchange broke off. The running
+    server keeps serving whatever it served."""
+
+
 class NoSourcePage(UffdError, LookupError):
     """The fault is outside what the resolver can serve (past the source, or unmapped)."""
 

@@ -14,6 +14,10 @@ Kernel facts this module relies on:
   (``connect`` gets ECONNREFUSED): it is replaced. A path where someone
   listens, or that is not a socket, is left alone. On the way out the socket
   file is removed, unless something else has replaced it since.
+* A listening socket passed in (systemd's socket activation, a predecessor's
+  handover) has its file made and owned by whoever bound it: systemd keeps
+  listening on its own copy after ours is closed, so closing ours never
+  removes the file. ``SO_ACCEPTCONN`` says whether a socket listens.
 * ``accept()`` fails with EMFILE, ENFILE, ENOBUFS or ENOMEM when fds or
   memory run out for a moment: worth a retry after a pause, not the end.
 """
@@ -26,17 +30,21 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Sequence
 
 import anyio
 
 from .._core._errors import InvalidArgument
 
-__all__ = ["Listener"]
+__all__ = ["LISTEN_FD_NAME", "Listener", "passed_listening_socket"]
 
 logger = logging.getLogger("uffd_async")
 
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _RESOURCE_BACKOFF = 0.1
+#: The name (``FileDescriptorName=``, ``systemd-socket-activate --fdname``) that marks the
+#: handoff socket among the fds socket activation passes.
+LISTEN_FD_NAME = "handoff"
 
 
 def check_socket_access(path: str, mode: int | None, group: int | str | None) -> int | None:
@@ -77,6 +85,33 @@ class Listener:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> Listener:
+        """Wrap a listening socket passed in (socket activation); closing it closes this
+        copy only and never removes its file, which belongs to whoever bound it.
+        Anything but a listening Unix stream socket is refused (:class:`InvalidArgument`)."""
+        problem = _not_listening(sock)
+        if problem:
+            raise InvalidArgument(
+                errno.EINVAL,
+                f"the socket passed in (fd {sock.fileno()}) {problem}: the handoff server "
+                "needs a listening Unix stream socket",
+            )
+        listener = cls.__new__(cls)
+        name = sock.getsockname()
+        listener.path = name if isinstance(name, str) else name.decode(errors="replace")
+        listener._sock = sock
+        listener._identity = None  # not ours to unlink
+        sock.setblocking(False)
+        return listener
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def keep_file(self) -> None:
+        """Leave the socket file when closing: a successor listens on it now."""
+        self._identity = None
 
     def _bind(self) -> None:
         path = self.path
@@ -140,6 +175,75 @@ class Listener:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def passed_listening_socket(
+    passed: Sequence[tuple[int, str]],
+) -> tuple[socket.socket | None, list[tuple[int, str]]]:
+    """The handoff socket among the ``(fd, name)`` socket activation passed, and the fds
+    left for others (a service's fd store). It is the one named :data:`LISTEN_FD_NAME`,
+    else the only listening socket passed (or the only socket); None when no socket was
+    passed (bind as usual).
+    Several unnamed listening sockets, or a named fd that is no listening Unix stream
+    socket, are refused (:class:`InvalidArgument`)."""
+    named = [fd for fd, name in passed if name == LISTEN_FD_NAME]
+    if len(named) > 1:
+        raise InvalidArgument(
+            errno.EINVAL, f"socket activation passed {len(named)} fds named {LISTEN_FD_NAME!r}"
+        )
+    if named:
+        chosen = named[0]
+    else:
+        listening = [fd for fd, _ in passed if _listens(fd)]
+        if not listening:  # the only socket passed, if one: refused below, saying why
+            listening = [fd for fd, _ in passed if stat.S_ISSOCK(os.fstat(fd).st_mode)]
+        if not listening:
+            return None, list(passed)
+        if len(listening) > 1:
+            raise InvalidArgument(
+                errno.EINVAL,
+                f"socket activation passed {len(listening)} sockets: name the handoff "
+                f"one FileDescriptorName={LISTEN_FD_NAME} (--fdname={LISTEN_FD_NAME})",
+            )
+        chosen = listening[0]
+    try:
+        sock = socket.socket(fileno=chosen)
+    except OSError as exc:
+        raise InvalidArgument(
+            errno.EINVAL, f"the fd passed as the handoff socket ({chosen}) is not a socket: {exc}"
+        ) from None
+    problem = _not_listening(sock)
+    if problem:
+        sock.detach()  # still the service manager's fd: left as it came
+        raise InvalidArgument(
+            errno.EINVAL,
+            f"the socket passed in (fd {chosen}) {problem}: the handoff server needs a "
+            "listening Unix stream socket (ListenStream=/a/path in the .socket unit)",
+        )
+    return sock, [(fd, name) for fd, name in passed if fd != chosen]
+
+
+def _listens(fd: int) -> bool:
+    """Whether ``fd`` is a listening socket (of any kind), without taking it over."""
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return False  # not a socket: a uffd, a memfd
+    try:
+        return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    finally:
+        probe.detach()
+
+
+def _not_listening(sock: socket.socket) -> str | None:
+    """What keeps ``sock`` from being a listening Unix stream socket, or None."""
+    if sock.family != socket.AF_UNIX:
+        return f"is not a Unix socket ({getattr(sock.family, 'name', sock.family)})"
+    if sock.type != socket.SOCK_STREAM:
+        return f"is not a stream socket ({getattr(sock.type, 'name', sock.type)})"
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return "does not listen"
+    return None
 
 
 def _abstract(path: str) -> bool:

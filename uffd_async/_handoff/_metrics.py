@@ -146,7 +146,11 @@ class MetricsExporter:
         handoffs.add_metric(["refused"], stats.refused)
         handoffs.add_metric(["failed"], stats.failed)
         yield handoffs
+        yield counter("refused_over_limit", "Peers refused because max_peers were being served "
+                      "(also in handoffs{outcome=refused}).", stats.over_limit)  # fmt: skip
         yield gauge("active_handoffs", "Handoffs being served now.", stats.active)
+        yield gauge("draining", "1 while draining: no new peer accepted, the connected "
+                    "ones served until they exit.", int(stats.draining))  # fmt: skip
         yield gauge("populated_ratio", "populated_pages / mapped_pages (0 with none active).",
                     stats.populated)  # fmt: skip
         yield gauge("populated_pages", "Base pages populated now in the active handoffs' "
@@ -174,6 +178,16 @@ class MetricsExporter:
         yield counter("http_failed_fetches", "Fetches that failed for good.", http.failed)
         yield gauge("http_in_flight", "Requests under way.", http.in_flight)
         yield gauge("http_queued", "Fetches waiting for a connection.", http.queued)
+        yield gauge("source_faults_waiting", "Faults waiting now on a source that is failing.",
+                    http.faults_waiting)  # fmt: skip
+        yield counter("source_faults_waited", "Faults that waited on a failing source.",
+                      http.faults_waited)  # fmt: skip
+        yield counter("source_outages", "Times the source began failing (after the retries).",
+                      http.outages)  # fmt: skip
+        yield counter("source_outage_seconds", "Seconds the source has been failing, in all.",
+                      http.outage_seconds)  # fmt: skip
+        yield counter("source_deadline_failures", "Faults poisoned because the source was "
+                      "still failing at --source-deadline.", http.deadline_failures)  # fmt: skip
 
 
 def _bound(bound: float) -> str:

@@ -64,6 +64,11 @@ def _max_regions(instance: object, attribute: Any, value: object) -> None:
     check_int("max_regions", value, minimum=1)
 
 
+def _max_peers(instance: object, attribute: Any, value: object) -> None:
+    if value is not None:
+        check_int("max_peers", value, minimum=1)
+
+
 @attrs.frozen(kw_only=True)
 class PeerPolicy:
     """Who may hand a uffd over, and the bounds on what a peer sends.
@@ -75,7 +80,9 @@ class PeerPolicy:
     jail's group, or ``0o666`` in a directory only it can reach); ``None``
     leaves them as ``bind()`` made them. ``timeout`` (seconds), ``max_message``
     (bytes), ``max_regions``: bounds on the handshake, as in
-    :func:`~uffd_async.receive_uffd`.
+    :func:`~uffd_async.receive_uffd`. ``max_peers``: how many peers may be
+    connected or served at once (``None``: no limit); one more is refused with
+    a warning and its connection closed unread.
     """
 
     allowed_uids: frozenset[int] = attrs.field(default=frozenset(), converter=_uids)
@@ -84,6 +91,7 @@ class PeerPolicy:
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=_timeout)
     max_message: int = attrs.field(default=DEFAULT_MAX_MESSAGE, validator=_max_message)
     max_regions: int = attrs.field(default=DEFAULT_MAX_REGIONS, validator=_max_regions)
+    max_peers: int | None = attrs.field(default=None, validator=_max_peers)
 
 
 def _path(value: str | os.PathLike[str] | None) -> str | None:

@@ -31,6 +31,18 @@ the handshake, :mod:`uffd_async._serve._peer_lifetime` for watching the peer,
 * Whatever a peer sends after the handshake is read and dropped (with any
   fds it carries, which ``recv()`` never installs), so that it cannot keep
   the socket readable forever. Firecracker sends nothing more.
+* Draining (SIGTERM, :meth:`HandoffServer.drain`) closes the listening
+  socket, so a new peer's ``connect()`` fails at once (ENOENT once the file
+  is gone, ECONNREFUSED before), and those being served are served until
+  they exit. Stopping instead (cancellation) closes our copies of their
+  uffds: each peer keeps its own, so a fault it has pending stays blocked
+  until it exits (a frozen guest), while a fork child's uffd, held by us
+  alone, is unregistered and its missing pages then read as zeros.
+* ``max_peers`` is checked when a connection is accepted, before anything
+  is read: one more is closed unread. A peer that has already sent its uffd
+  (Firecracker sends at once) learns nothing from that: Firecracker's load
+  fails with EPIPE only when the close comes before its ``sendmsg``;
+  otherwise it goes on and its first fault blocks for good.
 * Peers are untrusted: the uid check, the bounds on the message and on the
   time to send it, and the checks on the mappings are :func:`receive_uffd`'s.
   A refused or failing peer ends its own connection, never the server.
@@ -38,13 +50,16 @@ the handshake, :mod:`uffd_async._serve._peer_lifetime` for watching the peer,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import itertools
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -52,7 +67,13 @@ import attrs
 from anyio.abc import TaskStatus
 
 from .._core._abi import PAGE_SIZE, Feature
-from .._core._errors import HandoffError, InvalidArgument, SourceChanged
+from .._core._errors import (
+    HandoffError,
+    InvalidArgument,
+    SourceChanged,
+    TakeoverError,
+    UffdClosed,
+)
 from .._remote._chunked_source import ChunkedSource, FetchStats
 from .._remote._open_source import SourceSpec, check_source, open_source
 from .._restore._prefetch import PrefetchStats
@@ -65,8 +86,12 @@ from .._serve._peer_lifetime import PROBE_INTERVAL, PeerExit, Watch, memory_gone
 from .._serve._resolvers import AnyResolver
 from .._serve._server import DEFAULT_SPIN, OnError, ServerStats, serve
 from .._serve._stats import LatencyHistogram
+from ._fdstore import STATE_INTERVAL, FdStore, stored_state
+from ._handover import Handover, LiveHandoff, adopt, carry, wake_everything
 from ._listener import Listener, check_socket_access
 from ._options import PeerPolicy, ReplayOptions, check_record_path
+from ._succession import VERSIONS, CarriedHandoff, Succession, encode_state
+from ._takeover import ControlSocket, Offered, Taken, offer, take_over
 from ._transfer import (
     Handoff,
     allowed_uid_set,
@@ -91,6 +116,8 @@ logger = logging.getLogger("uffd_async")
 ResolverFactory = Callable[[Handoff], AnyResolver]
 
 _DRAIN = 4096
+#: Seconds between the lines that say who is still being served while draining.
+DRAIN_REPORT_INTERVAL = 5.0
 
 
 @attrs.define(kw_only=True)
@@ -102,8 +129,10 @@ class HandoffStats:
     #: Handoffs received and served; ``active`` of them are being served now.
     served: int = 0
     active: int = 0
-    #: Handoffs refused: a uid not allowed, a bad message, no or wrong fds, silence.
+    #: Handoffs refused: a uid not allowed, a bad message, no or wrong fds, silence,
+    #: or ``over_limit``: ``policy.max_peers`` peers were being served already.
     refused: int = 0
+    over_limit: int = 0
     #: Connections whose serving failed after the handoff (each one logged).
     failed: int = 0
     #: Summed over every handed-over uffd and every fork child's (see :class:`ServerStats`):
@@ -126,11 +155,17 @@ class HandoffStats:
     populated_pages: int = 0
     mapped_pages: int = 0
 
+    #: Whether the server has stopped accepting and serves its peers until they exit.
+    draining: bool = False
+
     def as_dict(self) -> dict[str, float]:
         return attrs.asdict(self)
 
 
 _SUMMED = ("faults", "resolved", "pages", "errors", "events", "forks")
+_CARRIED_TOTALS = frozenset(
+    name for name, field in attrs.fields_dict(HandoffStats).items() if field.type in ("int", int)
+)
 
 
 class HandoffServer:
@@ -144,7 +179,26 @@ class HandoffServer:
     factory ``(handoff) -> resolver``. Each connection
     gets its own :func:`~uffd_async.serve` under the server's task group,
     until its process exits (see the module's notes). See :meth:`serve` for
-    what ends the server.
+    what ends the server, :meth:`drain` for ending it without stopping anyone.
+
+    ``listening_socket``: a listening Unix stream socket to accept on instead
+    of binding ``path`` (socket activation: systemd made it and owns its
+    file, which is never removed here; the server closes this copy when it
+    ends). ``path`` then only names it in the logs.
+
+    ``takeover``: take over from the server running on ``path`` (same uid)
+    instead of binding it: its listening socket, every process it serves (fork
+    children too) and its counters and recording come over, and it returns
+    from :meth:`serve` (:attr:`handed_over`). Every server offers that to a
+    successor, on a control socket of its own (see :mod:`._takeover`).
+    A :class:`~uffd_async.HandoffError` (``TakeoverError``) if it cannot be
+    done; the running server then serves on.
+
+    ``fd_store``: keep every fd a successor needs in systemd's fd store (see
+    :mod:`._fdstore`; the command line turns it on when ``$FDSTORE`` is set), so
+    that a crash or a restart closes no uffd. ``stored_fds``: the ``(fd, name)``
+    pairs a restarted service got back from it (``$LISTEN_FDS``, less the
+    listening socket): what they served is served again, from here.
 
     The options come as three objects (see each one): ``policy``, a
     :class:`~uffd_async.PeerPolicy` (who may connect, bounds on the
@@ -177,12 +231,17 @@ class HandoffServer:
         timeout: float | None = None,
         max_message: int | None = None,
         max_regions: int | None = None,
+        max_peers: int | None = None,
         readahead: int | None = None,
         limit: int | None = None,
         on_error: OnError | None = None,
         record: str | os.PathLike[str] | None = None,
         prefetch: str | os.PathLike[str] | WorkingSet | None = None,
         populate: bool | None = None,
+        listening_socket: socket.socket | None = None,
+        takeover: bool = False,
+        fd_store: bool = False,
+        stored_fds: Sequence[tuple[int, str]] = (),
     ) -> None:
         self.path = os.fspath(path)
         if not self.path:
@@ -191,6 +250,7 @@ class HandoffServer:
             PeerPolicy, "policy", policy,
             allowed_uids=allowed_uids, socket_mode=socket_mode, socket_group=socket_group,
             timeout=timeout, max_message=max_message, max_regions=max_regions,
+            max_peers=max_peers,
         )  # fmt: skip
         self._replay_options = from_keywords(
             ReplayOptions, "replay", replay,
@@ -207,6 +267,22 @@ class HandoffServer:
             )
         policy, replay = self._policy, self._replay_options
         self._socket_gid = check_socket_access(self.path, policy.socket_mode, policy.socket_group)
+        if listening_socket is not None and (policy.socket_mode, self._socket_gid) != (None, None):
+            raise InvalidArgument(
+                errno.EINVAL,
+                "a socket passed in has its file's mode and group set by whoever made it "
+                "(SocketMode=, SocketGroup= in a .socket unit): drop socket_mode/socket_group",
+            )
+        self._listening_socket = listening_socket
+        if takeover and listening_socket is not None:
+            raise InvalidArgument(
+                errno.EINVAL, "takeover gets the listening socket from the running server: "
+                "pass no listening_socket",
+            )  # fmt: skip
+        self._takeover = takeover
+        self._fd_store = FdStore(name for _, name in stored_fds) if fd_store else None
+        self._stored_fds = list(stored_fds)
+        self._serials = itertools.count(1)
         if isinstance(source, SnapshotSource) or callable(source):
             self._source: str | SnapshotSource | ResolverFactory = source
         else:
@@ -234,6 +310,46 @@ class HandoffServer:
         self._running = False
         self._opened: SnapshotSource | None = None
         self._latency = LatencyHistogram()  # of the handoffs that ended
+        self._peers: dict[int, tuple[int, float]] = {}  # id(conn) -> pid, since (monotonic)
+        self._draining = False
+        self._accepting: anyio.CancelScope | None = None
+        self._no_peers: anyio.Event | None = None
+        # Takeover (see _handover, _takeover): the handoffs being served, the connections
+        # not yet handed over (id(conn)), the handover under way, and whether it is done.
+        self._handing: dict[int, LiveHandoff] = {}
+        self._handshaking: set[int] = set()
+        self._handover: Handover | None = None
+        self._accept_wait: anyio.CancelScope | None = None
+        self._handed_over = False
+
+    def drain(self) -> None:
+        """Stop accepting (the socket is closed at once, its file removed unless it was
+        passed in) and serve every peer connected until it exits; :meth:`serve` then
+        returns. Call it from the event loop's thread, while :meth:`serve` runs; calling
+        it again does nothing. To stop at once after all, cancel :meth:`serve`."""
+        if not self._running:
+            raise RuntimeError("drain() a HandoffServer while it serves")
+        if self._draining:
+            return
+        self._draining = self._totals.draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    @property
+    def handed_over(self) -> bool:
+        """Whether a successor took everything over (:meth:`serve` then returned)."""
+        return self._handed_over
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called: no new peer is accepted."""
+        return self._draining
+
+    @property
+    def peers(self) -> list[tuple[int, float]]:
+        """Each connected peer's pid and for how many seconds it has been connected."""
+        now = time.monotonic()
+        return [(pid, now - since) for pid, since in self._peers.values()]
 
     def latency_histogram(self) -> tuple[tuple[float, ...], list[int], float]:
         """Every resolution's latency so far, over all handoffs: (each finite bucket's
@@ -314,6 +430,7 @@ class HandoffServer:
         if self._running:
             raise RuntimeError("this HandoffServer is already serving")
         self._running = True
+        self._draining = self._totals.draining = False
         try:
             if isinstance(self._source, SnapshotSource):  # the caller's: they close it
                 await self._listen(await self._source.open(), task_status)
@@ -331,30 +448,110 @@ class HandoffServer:
         if snapshot is not None and self._replay.active:
             self._replay.open(snapshot.size, await snapshot.version())
         changed: list[SourceChanged] = []
+        adopted: list[LiveHandoff] = []
+        control: ControlSocket | None = None
         try:
             # Bound before the task group: a path that cannot be bound raises as itself.
-            listener = Listener(self.path, mode=self._policy.socket_mode, gid=self._socket_gid)
+            if self._takeover:
+                listener, control, adopted = await self._take_over(snapshot)
+            elif self._listening_socket is not None:
+                listener = Listener.adopt(self._listening_socket)
+            else:
+                listener = Listener(self.path, mode=self._policy.socket_mode, gid=self._socket_gid)
+            if not self._takeover:
+                control = _control_socket(self.path)
+            if self._stored_fds:  # a restart under systemd: what its fd store kept
+                stored, self._stored_fds = self._stored_fds, []
+                adopted += self._resume_stored(stored, snapshot)
             async with anyio.create_task_group() as tg:
-                with listener:
+                with listener, contextlib.ExitStack() as closing:
+                    for live in adopted:
+                        tg.start_soon(self._adopted, live)
+                    if self._fd_store is not None:
+                        tg.start_soon(self._keep_fd_store, self._fd_store)
+                    if control is not None:
+                        closing.enter_context(control)
+                        tg.start_soon(self._offer_takeovers, control, listener, tg.cancel_scope)
                     with anyio.CancelScope() as accepting:
+                        self._accepting = accepting
+                        if self._draining:  # drain() came before the socket
+                            self._accepting.cancel()
                         if snapshot is not None:
                             tg.start_soon(_stop_on_change, snapshot, accepting, changed)
                         task_status.started(self)
                         while True:
-                            conn = await listener.accept()
+                            if self._handover is not None:  # stopped for a successor
+                                await self._handover.over.wait()
+                                if self._handed_over:
+                                    await anyio.sleep_forever()
+                                continue
+                            conn = None  # stays None if a handover cancels the wait
+                            with anyio.CancelScope() as self._accept_wait:
+                                conn = await listener.accept()
                             if conn is not None:
-                                tg.start_soon(self._connection, conn, snapshot)
+                                self._handshaking.add(id(conn))
+                                tg.start_soon(self._handshake, conn, snapshot)
                 if changed:  # the socket is gone: a new process cannot connect, let alone hang
                     logger.error(
                         "%s; no new process is accepted, the %d being served are served "
                         "until they exit", changed[0], self._totals.active,
                     )  # fmt: skip
+                elif self._draining:
+                    await self._drained()
+                    tg.cancel_scope.cancel()  # nothing left but the watch on the source
         finally:
+            self._accepting = None
             self._replay.save()
         if changed:
             raise changed[0]
 
+    async def _drained(self) -> None:
+        """Return once every peer connected has gone; say who is left every few seconds."""
+        self._no_peers = anyio.Event()
+        logger.info(
+            "draining: no new process is accepted (%s closed); %d served until they exit",
+            self.path, len(self._peers),
+        )  # fmt: skip
+        while self._peers:
+            with anyio.move_on_after(DRAIN_REPORT_INTERVAL):
+                await self._no_peers.wait()
+            if self._peers:
+                left = ", ".join(f"pid {pid} for {age:.0f} s" for pid, age in self.peers)
+                logger.info("draining: still serving %d: %s", len(self._peers), left)
+        logger.info("drained: every process served has exited")
+
+    @contextlib.contextmanager
+    def _slot(self, conn: socket.socket, *, always: bool = False) -> Iterator[bool]:
+        """Whether this peer is admitted (``policy.max_peers``, unless ``always``: one
+        already served, taken over); it counts while inside (the drain waits for it)."""
+        pid, uid, _ = peer_credentials(conn)
+        limit = self._policy.max_peers
+        if limit is not None and len(self._peers) >= limit and not always:
+            self._totals.refused += 1
+            self._totals.over_limit += 1
+            logger.warning(
+                "refused pid %d (uid %d): %d processes are being served, the limit "
+                "(max_peers %d); its connection is closed unread",
+                pid, uid, len(self._peers), limit,
+            )  # fmt: skip
+            yield False
+            return
+        key = id(conn)
+        self._peers[key] = (pid, time.monotonic())
+        try:
+            yield True
+        finally:
+            del self._peers[key]
+            if not self._peers and self._no_peers is not None:
+                self._no_peers.set()
+
     # -- one connection -------------------------------------------------------
+
+    async def _handshake(self, conn: socket.socket, snapshot: SnapshotSource | None) -> None:
+        try:
+            await self._connection(conn, snapshot)
+        finally:
+            self._handshaking.discard(id(conn))
 
     async def _connection(self, conn: socket.socket, snapshot: SnapshotSource | None) -> None:
         totals = self._totals
@@ -367,7 +564,9 @@ class HandoffServer:
                 totals.failed += 1
                 logger.error("cannot learn who connected: %s", exc)
                 return
-            with peer:
+            with peer, self._slot(conn) as admitted:
+                if not admitted:
+                    return
                 try:
                     handoff = await receive_uffd(
                         conn,
@@ -427,8 +626,18 @@ class HandoffServer:
         return attrs.evolve(serving, on_error=on_error, page_size=_page_size(handoff), spin=spin)
 
     async def _serve_handoff(
-        self, conn: socket.socket, handoff: Handoff, resolver: AnyResolver, peer: PeerExit
+        self,
+        conn: socket.socket,
+        handoff: Handoff,
+        resolver: AnyResolver,
+        peer: PeerExit,
+        live: LiveHandoff | None = None,
     ) -> None:
+        if live is None:
+            live = LiveHandoff(handoff=handoff, conn=conn, resolver=resolver, peer=peer)
+        self._handing[id(handoff)] = live  # from now on a successor takes it over
+        live.serial = next(self._serials)
+        self._handshaking.discard(id(conn))
         totals = self._totals
         totals.served += 1
         totals.active += 1
@@ -444,12 +653,13 @@ class HandoffServer:
         peer_gone = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(
-                    self._run_server, handoff, resolver, served, tg.cancel_scope, peer_gone
-                )
+                tg.start_soon(self._run_server, live, served, tg.cancel_scope, peer_gone)
                 await _gone(conn, handoff, peer)
                 peer_gone.set()  # serving ends once the fork children it serves have exited
         finally:
+            self._handing.pop(id(handoff), None)
+            live.stopped.set()  # a handover under way need not wait for it
+            live.close_children()
             totals.active -= 1
             self._resolvers.pop(id(handoff), None)
             for stats in served:
@@ -461,6 +671,8 @@ class HandoffServer:
                 totals.prefetched += prefetching[0].prefetched
                 totals.resident += prefetching[0].populated
             self._replay.save()
+        if self._handed_over:
+            return  # the successor serves it: nothing is done
         summed = [stats.with_children() for stats in served]
         logger.info(
             "pid %d: done: %d faults, %d pages, %d forks",
@@ -470,21 +682,40 @@ class HandoffServer:
 
     async def _run_server(
         self,
-        handoff: Handoff,
-        resolver: AnyResolver,
+        live: LiveHandoff,
         served: list[ServerStats],
         handoff_scope: anyio.CancelScope,
         peer_gone: anyio.Event,
     ) -> None:
         """Serve until cancelled. Serving that ends by itself (the memory is gone: ESRCH,
         or the peer gone, and in both cases every fork child exited) ends the handoff;
-        serving that failed leaves the fds be until the peer is gone."""
+        serving that failed leaves the fds be until the peer is gone. Serving stopped for
+        a successor (a round, see ``_handover``) waits for the handover: over if it took
+        everything, else the next round serves on."""
+        while await self._serve_round(live, served, handoff_scope, peer_gone):
+            handover = self._handover
+            assert handover is not None
+            await handover.over.wait()
+            if handover.committed:
+                return
+            live.resume()
+
+    async def _serve_round(
+        self,
+        live: LiveHandoff,
+        served: list[ServerStats],
+        handoff_scope: anyio.CancelScope,
+        peer_gone: anyio.Event,
+    ) -> bool:
+        """One round of serving; True if it stopped for a successor."""
+        handoff, resolver = live.handoff, live.resolver
         try:
             async with anyio.create_task_group() as tg:
 
                 def counted(server: Any) -> None:
                     served.append(server.stats)
                     self._live[id(server.stats)] = server
+                    live.started(server)
 
                 async def serving(*, task_status: TaskStatus[Any]) -> None:
                     await serve(
@@ -498,22 +729,246 @@ class HandoffServer:
                 server = await tg.start(serving)
                 tg.start_soon(_stop_when, peer_gone, server, handoff.pid)
                 if self._replay.active and isinstance(resolver, SnapshotResolver):
-                    prefetching = PrefetchStats()
-                    self._prefetching[id(handoff)] = (prefetching, resolver)
-                    tg.start_soon(self._replay.run, handoff.uffd, resolver, prefetching)
+                    if live.prefetching is None:
+                        live.prefetching = PrefetchStats()
+                    self._prefetching[id(handoff)] = (live.prefetching, resolver)
+                    tg.start_soon(
+                        self._replay.run,
+                        handoff.uffd, resolver, live.prefetching, live.resume_prefetch,
+                    )  # fmt: skip
         except Exception as exc:
             self._totals.failed += 1
+            self._handing.pop(id(handoff), None)  # nothing left to hand over
+            live.stopped.set()
             logger.error(
                 "serving pid %d failed: its faults are no longer served (the others' are)",
                 handoff.pid,
                 exc_info=_single(exc),
             )
         else:
+            if live.stopping:
+                live.round_stopped()
+                return True
             # Only ESRCH or the peer's end end serve() here (we never close the uffd while
             # it runs), and it returns once the fork children it served have exited too.
             if not peer_gone.is_set():
                 logger.info("pid %d: its memory is gone (ESRCH)", handoff.pid)
             handoff_scope.cancel()
+        return False
+
+    # -- takeover: handing everything to a successor, or taking it over --------
+
+    async def _offer_takeovers(
+        self, control: ControlSocket, listener: Listener, listen_scope: anyio.CancelScope
+    ) -> None:
+        """Offer the control socket to successors, one at a time, until one took over."""
+        while True:
+            try:
+                conn = await control.accept()
+            except anyio.ClosedResourceError:
+                return  # closed with the listener: draining, or the source changed
+            with conn:
+                stop = functools.partial(self._stop_for_successor, listener, control, listen_scope)
+                if await offer(conn, stop, timeout=self._policy.timeout):
+                    return
+
+    async def _stop_for_successor(
+        self,
+        listener: Listener,
+        control: ControlSocket,
+        listen_scope: anyio.CancelScope,
+        version: int,
+    ) -> Offered:
+        """Stop accepting and serving (waking what was read and not answered); what a
+        successor needs. :class:`TakeoverError` (serving resumed) if that cannot be done."""
+        if self._draining:
+            raise TakeoverError("this server is draining: it takes no successor")
+        handover = self._handover = Handover()
+        if self._accept_wait is not None:
+            self._accept_wait.cancel()
+        try:
+            with anyio.fail_after(self._policy.timeout):
+                while self._handshaking:  # a peer mid-handshake is served, then handed over
+                    await anyio.sleep(0.001)
+                lives = list(self._handing.values())
+                for live in lives:
+                    live.stop()
+                for live in lives:
+                    await live.stopped.wait()
+        except TimeoutError:
+            self._resume(handover)
+            raise TakeoverError("the handoffs did not stop in time") from None
+        fds = [listener.fileno(), control.sock.fileno()]
+        carried = [carry(live, fds) for live in lives if id(live.handoff) in self._handing]
+        histogram = LatencyHistogram()
+        histogram.merge(self._latency)
+        for server in self._live.values():
+            histogram.merge(server.stats.latency_histogram())
+        state = self._state(version, fds, carried, histogram, listener=0, control=1)
+        return Offered(
+            state=state,
+            fds=fds,
+            resume=functools.partial(self._resume, handover),
+            commit=functools.partial(self._commit, handover, listener, listen_scope),
+        )
+
+    def _state(
+        self,
+        version: int,
+        fds: list[int],
+        carried: list[CarriedHandoff],
+        histogram: LatencyHistogram,
+        **more: Any,
+    ) -> Succession:
+        recorder = self._replay.recorder
+        return Succession(
+            version=version,
+            fds=len(fds),
+            handoffs=tuple(carried),
+            totals={
+                name: value
+                for name, value in attrs.asdict(self.stats).items()
+                if isinstance(value, int) and not isinstance(value, bool)
+            },
+            latency=tuple(histogram.counts),
+            latency_ns=histogram.total_ns,
+            recording=None if recorder is None else tuple(recorder.working_set().pages),
+            **more,
+        )
+
+    async def _keep_fd_store(self, store: FdStore) -> None:
+        """Keep systemd's fd store equal to what is served (see ``_fdstore``)."""
+        last: object = None
+        while True:
+            lives = list(self._handing.values())
+            fds: list[int] = []
+            names: dict[int, str] = {}
+            try:
+                carried = [carry(live, fds, now=True) for live in lives]
+                for live in lives:
+                    serial, handoff = live.serial, live.handoff
+                    names[handoff.uffd.fileno()] = f"uffd.{serial}"
+                    names[live.conn.fileno()] = f"conn.{serial}"
+                    if handoff.memfd is not None:
+                        names[handoff.memfd] = f"memfd.{serial}"
+                    children = [uffd for uffd, _, _ in live.children]
+                    if live.server is not None:
+                        children += [uffd for uffd, _ in live.server.children_now()]
+                    for uffd in children:
+                        names[uffd.fileno()] = store.child_name(serial, uffd)
+            except UffdClosed:  # a child ended just now: next time
+                await anyio.sleep(STATE_INTERVAL)
+                continue
+            recorder = self._replay.recorder
+            now = (
+                tuple(names[fd] for fd in fds),
+                [(len(h.events), [len(c.events) for c in h.children]) for h in carried],
+                0 if recorder is None else len(recorder),
+            )
+            if now != last:  # fds, events or recording changed: push them
+                histogram = LatencyHistogram()
+                state = self._state(VERSIONS[-1], fds, carried, histogram, names=now[0])
+                store.sync(dict(zip(now[0], fds, strict=True)), encode_state(state))
+                last = now
+            await anyio.sleep(STATE_INTERVAL)
+
+    def _resume_stored(
+        self, stored: list[tuple[int, str]], snapshot: SnapshotSource | None
+    ) -> list[LiveHandoff]:
+        """Serve on what a predecessor left in systemd's fd store (it crashed, or stopped)."""
+        taken = stored_state(stored)
+        if taken is None:
+            return []
+        adopted: list[LiveHandoff] = []
+        try:
+            for carried in taken.state.handoffs:
+                try:
+                    live = adopt(taken, carried, lambda h: self._resolver(h, snapshot))
+                except (TakeoverError, OSError) as exc:
+                    logger.warning("pid %d is not served again: %s", carried.pid, exc)
+                    continue
+                adopted.append(live)
+                wake_everything(live)  # what the dead server read and never answered
+            self._carry_on(taken.state, adopted)
+        finally:
+            taken.close()
+        logger.info("resumed from the fd store: %d processes served again", len(adopted))
+        return adopted
+
+    def _resume(self, handover: Handover) -> None:
+        self._handover = None
+        handover.over.set()
+
+    def _commit(
+        self, handover: Handover, listener: Listener, listen_scope: anyio.CancelScope
+    ) -> None:
+        """The successor holds everything: never serve again, and leave the socket file."""
+        handover.committed = self._handed_over = True
+        self._replay.handed_over()
+        listener.keep_file()
+        handover.over.set()
+        listen_scope.cancel()
+
+    async def _take_over(
+        self, snapshot: SnapshotSource | None
+    ) -> tuple[Listener, ControlSocket, list[LiveHandoff]]:
+        """Receive everything the server running on ``path`` serves; it then exits."""
+        taken = await take_over(self.path, timeout=self._policy.timeout)
+        try:
+            return await self._adopt_taken(taken, snapshot)
+        finally:
+            taken.close()
+
+    async def _adopt_taken(
+        self, taken: Taken, snapshot: SnapshotSource | None
+    ) -> tuple[Listener, ControlSocket, list[LiveHandoff]]:
+        state = taken.state
+        if state.listener is None or state.control is None:
+            raise TakeoverError("the running server sent no listening socket")
+        listener = Listener.adopt(socket.socket(fileno=taken.take(state.listener)))
+        control = ControlSocket(self.path, socket.socket(fileno=taken.take(state.control)))
+        adopted: list[LiveHandoff] = []
+        try:
+            for carried in state.handoffs:
+                adopted.append(adopt(taken, carried, lambda h: self._resolver(h, snapshot)))
+            await taken.confirm()
+        except BaseException:
+            for live in adopted:
+                live.close_children()
+                live.peer.close()
+                live.handoff.close()
+                live.conn.close()
+            listener.close()
+            control.close()
+            raise
+        self._carry_on(state, adopted)
+        logger.info(
+            "took over %s: %d processes served, %d faults so far",
+            self.path, len(adopted), self._totals.faults,
+        )  # fmt: skip
+        return listener, control, adopted
+
+    def _carry_on(self, state: Succession, adopted: list[LiveHandoff]) -> None:
+        """Go on from the predecessor's counters, histogram and recording."""
+        totals = self._totals
+        now = ("active", "populated_pages", "mapped_pages")  # what is served now, not so far
+        for name, value in state.totals.items():
+            if name in _CARRIED_TOTALS and name not in now:
+                setattr(totals, name, value)
+        totals.served -= len(adopted)  # each is counted again as it is served here
+        for live in adopted:  # counted again by the prefetch that goes on here
+            totals.prefetched -= live.prefetching.prefetched if live.prefetching else 0
+        if len(state.latency) == len(self._latency.counts):
+            for index, count in enumerate(state.latency):
+                self._latency.counts[index] += count
+            self._latency.total_ns += state.latency_ns
+        if state.recording and self._replay.recorder is not None:
+            self._replay.recorder.record_pages(state.recording)
+
+    async def _adopted(self, live: LiveHandoff) -> None:
+        """Serve a handoff a predecessor handed over (a lower ``max_peers`` drops none)."""
+        with live.conn, live.peer, live.handoff, self._slot(live.conn, always=True):
+            await self._serve_handoff(live.conn, live.handoff, live.resolver, live.peer, live)
 
 
 async def serve_handoffs(
@@ -529,26 +984,32 @@ async def serve_handoffs(
     timeout: float | None = None,
     max_message: int | None = None,
     max_regions: int | None = None,
+    max_peers: int | None = None,
     readahead: int | None = None,
     limit: int | None = None,
     on_error: OnError | None = None,
     record: str | os.PathLike[str] | None = None,
     prefetch: str | os.PathLike[str] | WorkingSet | None = None,
     populate: bool | None = None,
+    listening_socket: socket.socket | None = None,
+    takeover: bool = False,
+    fd_store: bool = False,
+    stored_fds: Sequence[tuple[int, str]] = (),
     task_status: TaskStatus[HandoffServer] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every process that hands its uffd over on ``path``, until cancelled.
 
     ``HandoffServer(path, source, ...).serve()``, with the same options;
     ``task_status.started()`` receives the :class:`HandoffServer`, whose
-    ``stats`` you may read.
+    ``stats`` you may read, and whose ``drain()`` ends it without stopping anyone.
     """
     server = HandoffServer(
         path, source, policy=policy, replay=replay, serving=serving,
         allowed_uids=allowed_uids, socket_mode=socket_mode, socket_group=socket_group,
         timeout=timeout, max_message=max_message, max_regions=max_regions,
         readahead=readahead, record=record, prefetch=prefetch, populate=populate,
-        limit=limit, on_error=on_error,
+        limit=limit, on_error=on_error, max_peers=max_peers, listening_socket=listening_socket,
+        takeover=takeover, fd_store=fd_store, stored_fds=stored_fds,
     )  # fmt: skip
     await server.serve(task_status=task_status)
 
@@ -613,6 +1074,15 @@ async def _stop_when(peer_gone: anyio.Event, server: Any, pid: int) -> None:
     if server.stats.forks:
         logger.info("pid %d: gone; its fork children are served until they exit", pid)
     server.process_exited()
+
+
+def _control_socket(path: str) -> ControlSocket | None:
+    """The control socket a successor connects to; None (logged) if it cannot be had."""
+    try:
+        return ControlSocket(path)
+    except TakeoverError as exc:
+        logger.warning("%s: no successor can take over", exc)
+        return None
 
 
 async def _hangup(conn: socket.socket) -> None:

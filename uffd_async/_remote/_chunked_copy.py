@@ -32,6 +32,18 @@ the rest of the chunk never faults. Facts this relies on, beyond
   fetch, for every missing page of the chunk; a prefetched zero chunk too. Not
   under write-protect mode or for huge pages (ZEROPAGE has no WP mode, and
   hugetlbfs refuses it): there the zeros are copied.
+* Faults that walk the chunks in order (``ahead`` > 0, see
+  :class:`~._chunks.Sequential`) have the next chunks fetched as prefetches
+  by the fault's task, after its own page is served (its thread is already
+  running). Each such chunk fills every missing page of it but its first: the
+  thread's fault there (a marker, served from that page's bytes, kept: the
+  chunk may have left memory) tells the sequence goes on, and the next chunk
+  is asked for, as the kernel's asynchronous readahead does. A marker does not
+  count as missing (a prefetch does not fetch its chunk again). Chunks with no
+  page missing in any mapping and zero chunks are skipped (a prefetch's chunks
+  are not fetched twice). A fetch ahead that fails is dropped: the faults
+  there fetch it again, and fail as they must. Nothing is fetched ahead while a
+  working set is recorded.
 """
 
 from __future__ import annotations
@@ -43,14 +55,13 @@ from typing import Any
 import anyio
 
 from .._core._abi import PAGE_SIZE
-from .._core._errors import (
-    FetchError,
-)
+from .._core._errors import FetchError, UffdError
 from .._core._events import PageFault
 from .._core._memory import buffer_address
 from .._core._uffd import Userfaultfd
 from .._serve._chunk_fill import ChunkFill, ChunkSource
 from .._serve._resolvers import CopyFrom, NoSourcePage
+from ._chunks import ChunkStats, Sequential
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -75,9 +86,16 @@ class ChunkedCopy(CopyFrom):
         page_size: int,
         wp: bool,
         zero: Callable[[int], bool] | None = None,
+        ahead: int = 0,
+        stats: ChunkStats | None = None,
     ) -> None:
         super().__init__(_no_fetch, base=base, size=size, readahead=0, wp=wp, page_size=page_size)
         self._source = source
+        self._ahead = ahead  # chunks fetched ahead of a sequential reader (0: none)
+        self._sequential = Sequential(ahead, -(-source.size // source.chunk_size))
+        # Chunks filled ahead but for their first page -> that page's bytes (a marker).
+        self._markers: dict[int, bytes] = {}
+        self._stats = stats
         self._offset = offset
         self._chunk_size = source.chunk_size
         self._zero_chunk = zero  # chunk -> whether it is all zeros (never fetched)
@@ -91,6 +109,8 @@ class ChunkedCopy(CopyFrom):
         assert isinstance(child, ChunkedCopy)
         child._together = [child]
         child.chunk_fill = child
+        child._sequential = Sequential(self._ahead, -(-self._source.size // self._chunk_size))
+        child._markers = {}
         return child
 
     @property
@@ -107,6 +127,8 @@ class ChunkedCopy(CopyFrom):
         if self._all_zero(index):
             self._serve_zeros(uffd, page, index)
             return True
+        if self._markers and self._chunks_of(index)[0] in self._markers:
+            return False  # a marker: the sequence goes on, and asks for more (awaited)
         span = self._cached_span(index)
         if span is None:
             return False
@@ -114,6 +136,34 @@ class ChunkedCopy(CopyFrom):
         return True
 
     async def resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
+        ahead, marker = self._plan_ahead(fault)
+        # A marker served from its kept bytes: only the chunks ahead are left to fetch.
+        served = marker is not None and self._serve_marker(fault, uffd, marker)
+        if not ahead:
+            if not served:
+                await self._resolve(fault, uffd)
+            return
+        try:
+            async with anyio.create_task_group() as tg:
+                for chunk in ahead:
+                    tg.start_soon(self._read_ahead, uffd, chunk)
+                if not served:
+                    await self._resolve(fault, uffd)
+        except BaseExceptionGroup as group:
+            raise _first(group) from None
+
+    def _serve_marker(self, fault: PageFault, uffd: Userfaultfd, marker: bytes) -> bool:
+        """Serve a fault in a marker page from the bytes kept for it (no fetch: the chunk
+        need not be in memory any more); False if the fault is not in it."""
+        page, index, _, removed = self._plan(fault)
+        start = self._offset + index * self._page_size
+        lo = start - start % self._chunk_size
+        if removed or start + self._page_size > lo + len(marker):
+            return False
+        self._serve(uffd, page, index, lo, marker, self._populated[index])
+        return True
+
+    async def _resolve(self, fault: PageFault, uffd: Userfaultfd) -> None:
         page, index, _, removed = self._plan(fault)
         was = self._populated[index]
         if not removed and self._all_zero(index):
@@ -158,6 +208,51 @@ class ChunkedCopy(CopyFrom):
             address, _, keep = buffer_address(data)
             self._copy(uffd, page, index, 1, address + self._offset + index * self._page_size - lo)
             del keep
+
+    # -- reading ahead of a sequential reader ---------------------------------
+
+    def _plan_ahead(self, fault: PageFault) -> tuple[list[int], bytes | None]:
+        """(The chunks to fetch ahead after this fault, the bytes of its chunk's marker
+        page if it has one: see the module)."""
+        if not self._ahead or self._recorder is not None:
+            return [], None
+        try:
+            _, index, _, removed = self._plan(fault)
+        except NoSourcePage:
+            return [], None
+        if removed:
+            return [], None
+        chunks = self._chunks_of(index)
+        marker = self._markers.pop(chunks[0], None)
+        first = (self._offset + index * self._page_size) % self._chunk_size < self._page_size
+        zero = self._zero_chunk
+        wanted = [
+            n
+            for n in self._sequential.note(chunks[-1], first)
+            if not (zero is not None and zero(n))
+            and any(copier.chunk_missing(n) for copier in self._together)
+        ]
+        if self._stats is not None:
+            self._stats.readahead += len(wanted)
+        return wanted, marker
+
+    async def _read_ahead(self, uffd: Userfaultfd, chunk: int) -> None:
+        """Fetch ``chunk`` as a prefetch and fill every missing page of it but the first."""
+        if not any(copier.chunk_missing(chunk) for copier in self._together):
+            return  # filled since it was planned (a prefetch, another fault)
+        try:
+            data = await self._source.chunk(chunk, demand=False)
+        except UffdError:  # a FetchError, or the source closed
+            return  # the faults there fetch it again, and fail as they must
+        if self._recorder is not None:
+            return
+        lo = chunk * self._chunk_size
+        try:
+            for copier in self._together:
+                copier.fill_span(uffd, lo, data, skip=PAGE_SIZE)
+        except UffdError:
+            return  # an event unread, or serving ended: the pages fault as usual
+        self._markers[chunk] = data[:PAGE_SIZE]
 
     # -- zero chunks ----------------------------------------------------------
 
@@ -243,11 +338,13 @@ class ChunkedCopy(CopyFrom):
             raise _first(group) from None
         return lo, b"".join(parts)
 
-    def fill_span(self, uffd: Userfaultfd, lo: int, data: bytes) -> None:
+    def fill_span(self, uffd: Userfaultfd, lo: int, data: bytes, *, skip: int = 0) -> None:
         """Copy every missing page of ours, in place, whose bytes lie within ``data``
-        (the source's bytes from ``lo``); zero pages for a zero chunk's."""
+        (the source's bytes from ``lo``) but its first ``skip`` bytes; zero pages for a
+        zero chunk's."""
         if (
-            self._zero_chunk is not None
+            not skip
+            and self._zero_chunk is not None
             and lo % self._chunk_size == 0
             and len(data) <= self._chunk_size
             and self._zero_chunk(lo // self._chunk_size)
@@ -255,7 +352,7 @@ class ChunkedCopy(CopyFrom):
             self.zero_span(uffd, lo, lo + len(data))
             return
         size = self._page_size
-        first = max(0, -(-(lo - self._offset) // size))
+        first = max(0, -(-(lo + skip - self._offset) // size))
         last = min(self._pages, (lo + len(data) - self._offset) // size)
         if first < last:
             address, _, keep = buffer_address(data)
@@ -265,7 +362,8 @@ class ChunkedCopy(CopyFrom):
     def chunk_missing(self, chunk: int) -> bool:
         """Whether a page of ours within ``chunk`` is still missing."""
         lo = chunk * self._chunk_size - self._offset
-        first = max(0, lo // self._page_size)
+        skip = PAGE_SIZE if chunk in self._markers else 0  # a marker is left to fault
+        first = max(0, (lo + skip) // self._page_size)
         last = min(self._pages, -(-(lo + self._chunk_size) // self._page_size))
         return first < last and self._populated.find(0, first, last) >= 0
 

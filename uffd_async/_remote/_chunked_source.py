@@ -23,7 +23,10 @@ What the base guarantees, for every kind:
   new processes then). A process never holds two versions of a snapshot.
 * Retries use exponential backoff with full jitter (a sleep drawn uniformly
   from zero to the bound, so that many processes retrying at once spread out),
-  up to ``retries`` times after the first try.
+  up to ``retries`` times after the first try. A chunk a fault (or a prefetch)
+  waits for is then tried again while the source is down, outside its
+  connection slot, as its :class:`~._outage.SourcePolicy` says (``outage``: wait,
+  by default, until the fault's deadline; see :mod:`._outage`).
 * Chunks go through :class:`~._chunks.Chunks` (one fetch per chunk however
   many faults wait on it, demand before prefetch, a bounded cache), and
   resolvers are :class:`~._chunked_copy.ChunkedCopy` (a chunk that lands fills
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import functools
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -48,7 +52,7 @@ import attrs
 
 from .._capture._identity import identity_of, identity_samples
 from .._core._abi import PAGE_SIZE
-from .._core._checks import check_int
+from .._core._checks import check_instance, check_int
 from .._core._errors import FetchError, InvalidArgument, SnapshotClosed, SourceChanged
 from .._restore._guest_mapping import GuestMapping
 from .._restore._source import SnapshotSource
@@ -56,12 +60,14 @@ from .._serve._resolvers import CopyFrom
 from ._chunk_cache import HostChunkCache
 from ._chunk_cache_format import ChunkKey
 from ._chunked_copy import ChunkedCopy, fill_together
-from ._chunks import Chunks, ChunkStats
+from ._chunks import DEFAULT_READAHEAD_CHUNKS, Chunks
+from ._outage import Outage, OutageStats, SourcePolicy
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_READAHEAD_CHUNKS",
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT",
     "ChunkedSource",
@@ -90,13 +96,14 @@ def refuse_readahead(readahead: int, chunk_size: int | None = None) -> None:
         raise InvalidArgument(
             errno.EINVAL,
             "readahead does not apply to a source read by chunks (HttpSource, ObjectSource): "
-            f"a fault copies every missing page of its chunk{size}; choose chunk_size instead",
+            f"a fault copies every missing page of its chunk{size}; choose chunk_size instead "
+            "(and chunk_readahead, chunks fetched ahead of faults in order)",
         )
 
 
 @attrs.define(kw_only=True)
-class FetchStats(ChunkStats):
-    """What a remote source did; read it while it runs or after."""
+class FetchStats(OutageStats):
+    """What a remote source did; read it while it runs or after (its outages too)."""
 
     #: Requests sent (retries included) and body bytes received.
     requests: int = 0
@@ -130,8 +137,13 @@ class ChunkedSource(SnapshotSource):
         cache_bytes: int,
         stats: FetchStats,
         host_cache: HostChunkCache | None = None,
+        chunk_readahead: int = DEFAULT_READAHEAD_CHUNKS,
+        outage: SourcePolicy | None = None,
     ) -> None:
         check_int("chunk_size", chunk_size, minimum=PAGE_SIZE)
+        outage = SourcePolicy() if outage is None else outage
+        check_instance("outage", outage, SourcePolicy)
+        check_int("chunk_readahead", chunk_readahead, minimum=0)
         if chunk_size % PAGE_SIZE:
             raise InvalidArgument(
                 errno.EINVAL, f"chunk_size must be a multiple of {PAGE_SIZE}: {chunk_size}"
@@ -147,9 +159,14 @@ class ChunkedSource(SnapshotSource):
         #: The host chunk cache shared with other processes, or None.
         self.host_cache = host_cache
         self.chunk_size = chunk_size
+        #: Chunks fetched ahead of faults that walk the chunks in order (0: none).
+        self.chunk_readahead = chunk_readahead
         self.concurrency = concurrency
         self.retries = retries
         self.stats = stats
+        #: What a fault does when this source fails (see :class:`SourcePolicy`).
+        self.outage = outage
+        self._outage = Outage(outage, stats, lambda: self.path)
         self._chunks = Chunks(
             self._fetch_chunk, concurrency=concurrency, cache_bytes=cache_bytes, stats=stats
         )
@@ -224,7 +241,8 @@ class ChunkedSource(SnapshotSource):
         self.check_open()
         if not 0 <= index < self.chunk_count:
             raise InvalidArgument(errno.EINVAL, f"no chunk {index}: there are {self.chunk_count}")
-        return await self._chunks.get(index, demand=demand)
+        get = functools.partial(self._chunks.get, index, demand=demand)
+        return await self._outage.fetch(get, demand=demand, retries=self.retries)
 
     def cached(self, index: int) -> bytes | None:
         """Chunk ``index`` if it is at hand now (recently fetched), without awaiting."""
@@ -288,6 +306,8 @@ class ChunkedSource(SnapshotSource):
             size=mapping.size,
             page_size=mapping.page_size,
             wp=wp,
+            ahead=self.chunk_readahead,
+            stats=self.stats,
         )
 
     def group(self, copiers: Sequence[CopyFrom]) -> None:
@@ -350,7 +370,8 @@ class ChunkedSource(SnapshotSource):
                 start=start,
                 end=end,
             )
-        return bytes(data)  # the in-memory cache keeps bytes, not a view holding an fd
+        kept = data.obj  # a miss's bytes, handed on; a hit's mapping, copied out of
+        return kept if type(kept) is bytes and len(kept) == len(data) else bytes(data)
 
     async def _retrying(
         self, start: int, end: int, attempt: Callable[[int, int], Awaitable[_T]]
@@ -361,19 +382,24 @@ class ChunkedSource(SnapshotSource):
             if self._changed is not None:
                 raise self._changed
             try:
-                return await attempt(start, end)
+                result = await attempt(start, end)
             except Retry as retry:
                 if tries >= self.retries:
                     if tries:
                         retry.error.strerror = (
                             f"{retry.error.strerror} (after {tries + 1} attempts)"
                         )
-                    raise retry.error from None
+                    raise self._outage.gave_up(retry.error) from None
+                if not self._outage.quick_retry():  # it backs off outside its slot
+                    raise self._outage.gave_up(retry.error) from None
             except SourceChanged as exc:
                 self._changed = exc
                 if self._changed_event is not None:
                     self._changed_event.set()
                 raise
+            else:
+                self._outage.succeeded()
+                return result
             self.stats.retries += 1
             await anyio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF * 2**tries)))
             tries += 1

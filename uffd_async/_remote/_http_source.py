@@ -47,6 +47,7 @@ from ._chunked_source import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
+    DEFAULT_READAHEAD_CHUNKS,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     ChunkedSource,
@@ -54,6 +55,7 @@ from ._chunked_source import (
     Retry,
     refuse_readahead,
 )
+from ._outage import SourcePolicy
 
 if TYPE_CHECKING:
     import httpx
@@ -129,8 +131,11 @@ class HttpSource(ChunkedSource):
     ``retries``: tries after the first for a retriable failure. ``headers``:
     sent with every request (an ``Authorization``, say). ``cache_bytes``: recent
     chunks kept for fork children and other processes restored from this
-    source. ``http2``: HTTP/2 (needs the ``http2`` extra). ``client``: an
-    ``httpx.AsyncClient`` of yours (proxies, certificates); it is not closed.
+    source. ``chunk_readahead``: chunks fetched ahead of faults that walk the
+    chunks in order (0: none). ``outage``: what a fault does while the object cannot
+    be fetched (a :class:`~uffd_async.SourcePolicy`: wait, by default). ``http2``:
+    HTTP/2 (needs the ``http2`` extra). ``client``: an ``httpx.AsyncClient`` of yours
+    (proxies, certificates); it is not closed.
     """
 
     stats: HttpStats
@@ -146,6 +151,8 @@ class HttpSource(ChunkedSource):
         headers: Mapping[str, str] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         host_cache: HostChunkCache | None = None,
+        chunk_readahead: int = DEFAULT_READAHEAD_CHUNKS,
+        outage: SourcePolicy | None = None,
         http2: bool = False,
         client: httpx.AsyncClient | None = None,
     ) -> None:
@@ -158,6 +165,8 @@ class HttpSource(ChunkedSource):
             cache_bytes=cache_bytes,
             stats=HttpStats(),
             host_cache=host_cache,
+            chunk_readahead=chunk_readahead,
+            outage=outage,
         )
         check_seconds("timeout", timeout)
         try:
@@ -332,6 +341,8 @@ class HttpSource(ChunkedSource):
             )
         error = self._error(f"HTTP {status} {response.reason_phrase}".rstrip(), start, end, status)
         if status >= 500:
+            raise Retry(error)
+        if status in (408, 429):  # Request Timeout, Too Many Requests: try again later
             raise Retry(error)
         raise error
 

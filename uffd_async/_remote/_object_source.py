@@ -58,6 +58,7 @@ from ._chunked_source import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
+    DEFAULT_READAHEAD_CHUNKS,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     ChunkedSource,
@@ -65,11 +66,23 @@ from ._chunked_source import (
     Retry,
 )
 from ._closing_sockets import ClosingSockets
+from ._outage import SourcePolicy
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["EXTRA", "SCHEMES", "ObjectSource", "ObjectStats", "is_object_url", "parse_object_url"]
+__all__ = [
+    "EXTRA",
+    "SCHEMES",
+    "ObjectSource",
+    "ObjectStats",
+    "StoreFailure",
+    "build_store",
+    "is_object_url",
+    "parse_object_url",
+    "store_failure",
+    "store_options",
+]
 
 #: The URL schemes served here, and the cloud each names.
 SCHEMES = {"s3": "S3", "gs": "GCS", "az": "Azure", "azure": "Azure"}
@@ -108,6 +121,24 @@ def is_object_url(source: object) -> bool:
         return False
     scheme, sep, _ = source.partition("://")
     return bool(sep) and scheme.lower() in SCHEMES
+
+
+def store_options(options: Mapping[str, str] | None, *, needs: str) -> dict[str, str]:
+    """A copy of the client options, checked (str names, str values: obstore's own
+    types), once obstore is known to be installed (``needs``: who needs it, for the
+    error naming the extra)."""
+    options = dict(options or {})
+    for name, value in options.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            shown = name if isinstance(name, str) else type(name).__name__
+            raise InvalidArgument(
+                errno.EINVAL, f"options: {shown!r} must be a str naming a str value"
+            )
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{needs} obstore: {EXTRA}") from None
+    return options
 
 
 def parse_object_url(url: str) -> tuple[str, str, str]:
@@ -178,6 +209,8 @@ class ObjectSource(ChunkedSource):
         retries: int = DEFAULT_RETRIES,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         host_cache: HostChunkCache | None = None,
+        chunk_readahead: int = DEFAULT_READAHEAD_CHUNKS,
+        outage: SourcePolicy | None = None,
     ) -> None:
         if not isinstance(url, str):
             raise InvalidArgument(errno.EINVAL, f"url must be a str, not {type(url).__name__}")
@@ -189,19 +222,11 @@ class ObjectSource(ChunkedSource):
             cache_bytes=cache_bytes,
             stats=ObjectStats(),
             host_cache=host_cache,
+            chunk_readahead=chunk_readahead,
+            outage=outage,
         )
         check_seconds("timeout", timeout)
-        options = dict(options or {})
-        for name, value in options.items():
-            if not isinstance(name, str) or not isinstance(value, str):
-                shown = name if isinstance(name, str) else type(name).__name__
-                raise InvalidArgument(
-                    errno.EINVAL, f"options: {shown!r} must be a str naming a str value"
-                )
-        try:
-            import obstore  # noqa: F401
-        except ImportError:
-            raise ImportError(f"ObjectSource needs obstore: {EXTRA}") from None
+        options = store_options(options, needs="ObjectSource needs")
         self.url = f"{scheme}://{bucket}/{key}"
         #: What errors call this source: its URL (which holds no credential).
         self.path = self.url
@@ -296,36 +321,7 @@ class ObjectSource(ChunkedSource):
     # -- the calls, in worker threads ---------------------------------------------------
 
     def _build_store(self) -> ObjectStore:
-        from obstore.store import AzureStore, GCSStore, S3Store
-
-        config: dict[str, Any] = {}
-        client: dict[str, Any] = {
-            "timeout": timedelta(seconds=self._timeout),
-            "connect_timeout": timedelta(seconds=self._timeout),
-        }
-        # obstore reads client settings from the environment (AWS_ALLOW_HTTP, ...) only
-        # when given no client options at all; we give some (the timeouts), so read them.
-        prefix = _ENV_PREFIX[self.cloud]
-        for name, value in os.environ.items():
-            key = name[len(prefix) :].lower()
-            if name.startswith(prefix) and key in _CLIENT_KEYS and key != "timeout":
-                client[key] = value
-        for name, value in self._options.items():
-            (client if name.lower() in _CLIENT_KEYS else config)[name.lower()] = value
-        retry = {"max_retries": 0, "retry_timeout": timedelta(seconds=self._timeout)}
-        kinds: dict[str, Any] = {"S3": S3Store, "GCS": GCSStore, "Azure": AzureStore}
-        try:
-            store: ObjectStore = kinds[self.cloud](
-                self.bucket, config=config, client_options=client, retry_config=retry
-            )
-        except Exception as exc:  # obstore's text may quote a value: name the options only
-            names = ", ".join(sorted(self._options)) or "none"
-            raise InvalidArgument(
-                errno.EINVAL,
-                f"{self.url}: cannot configure the {self.cloud} store ({type(exc).__name__}; "
-                f"options given: {names}; check the names and the environment)",
-            ) from None
-        return store
+        return build_store(self.url, self.cloud, self.bucket, self._options, self._timeout)
 
     def _head(self, start: int, end: int) -> Any:
         import obstore
@@ -366,47 +362,111 @@ class ObjectSource(ChunkedSource):
 
     def _mapped(self, exc: Exception, start: int, end: int) -> Exception:
         """obstore's error as ours, in words built here (the module says why)."""
-        from obstore import exceptions as oe
-
-        text = str(exc)
-        match = _STATUS.search(text)
-        status = int(match.group(1)) if match else None
-        code = _CODE.search(text)
-        said = f" ({code.group(1)})" if code else ""
-        if isinstance(exc, oe.PreconditionError):
+        failure = store_failure(exc)
+        if failure.kind == "changed":
             return self._changed_error(
                 f"the object changed since it was opened ({self.validator} no longer matches)",
                 start,
                 end,
                 412,
             )
-        if isinstance(exc, (FileNotFoundError, oe.NotFoundError)):
-            if self._opened:  # the version it was opened at is gone
-                return self._changed_error(
-                    "the object (at its opened version) is gone", start, end, 404
-                )
-            return self._error(f"no such object (HTTP 404{said})", start, end, 404)
-        if isinstance(exc, oe.PermissionDeniedError):
-            return self._error(
-                f"permission denied (HTTP {status or 403}{said}): check the credentials "
-                "and their rights on the object",
-                start,
-                end,
-                status or 403,
+        if failure.kind == "missing" and self._opened:  # the version it was opened at is gone
+            return self._changed_error(
+                "the object (at its opened version) is gone", start, end, 404
             )
-        if isinstance(exc, oe.UnauthenticatedError):
-            return self._error(
-                f"not authenticated (HTTP {status or 401}{said}): check the credentials",
-                start,
-                end,
-                status or 401,
-            )
-        if isinstance(exc, oe.GenericError):
-            if status is not None and 400 <= status < 500:
-                return self._error(f"HTTP {status}{said}", start, end, status)
-            what = f"HTTP {status}{said}" if status else _transport_kind(text)
-            return Retry(self._error(what, start, end, status))
-        return self._error(f"{type(exc).__name__}{said}", start, end, status)
+        error = self._error(failure.what, start, end, failure.status)
+        return Retry(error) if failure.kind == "transient" else error
+
+
+def build_store(
+    url: str, cloud: str, bucket: str, options: Mapping[str, str], timeout: float
+) -> ObjectStore:
+    """The obstore store of ``bucket`` in ``cloud``: settings from the environment, then
+    ``options``; obstore's own retries off (ours run instead). ``url`` names it in an
+    error, which never quotes a value (it may be a secret)."""
+    from obstore.store import AzureStore, GCSStore, S3Store
+
+    config: dict[str, Any] = {}
+    client: dict[str, Any] = {
+        "timeout": timedelta(seconds=timeout),
+        "connect_timeout": timedelta(seconds=timeout),
+    }
+    # obstore reads client settings from the environment (AWS_ALLOW_HTTP, ...) only
+    # when given no client options at all; we give some (the timeouts), so read them.
+    prefix = _ENV_PREFIX[cloud]
+    for name, value in os.environ.items():
+        key = name[len(prefix) :].lower()
+        if name.startswith(prefix) and key in _CLIENT_KEYS and key != "timeout":
+            client[key] = value
+    for name, value in options.items():
+        (client if name.lower() in _CLIENT_KEYS else config)[name.lower()] = value
+    retry = {"max_retries": 0, "retry_timeout": timedelta(seconds=timeout)}
+    kinds: dict[str, Any] = {"S3": S3Store, "GCS": GCSStore, "Azure": AzureStore}
+    try:
+        store: ObjectStore = kinds[cloud](
+            bucket, config=config, client_options=client, retry_config=retry
+        )
+    except Exception as exc:  # obstore's text may quote a value: name the options only
+        names = ", ".join(sorted(options)) or "none"
+        raise InvalidArgument(
+            errno.EINVAL,
+            f"{url}: cannot configure the {cloud} store ({type(exc).__name__}; "
+            f"options given: {names}; check the names and the environment)",
+        ) from None
+    return store
+
+
+@attrs.frozen
+class StoreFailure:
+    """What a failed obstore call means, in words built here (never obstore's text).
+
+    ``kind``: ``changed`` (a precondition failed), ``exists`` (a create found the object),
+    ``missing`` (404), ``transient`` (worth trying again: a 5xx, a connection error, a
+    timeout) or ``final`` (the request itself is refused: 4xx, credentials).
+    """
+
+    kind: str
+    what: str
+    status: int | None
+
+
+def store_failure(exc: Exception) -> StoreFailure:
+    """What obstore's ``exc`` says: its class, its HTTP status and the cloud's error code
+    (such as ``SignatureDoesNotMatch``), nothing else of its text (the module says why)."""
+    from obstore import exceptions as oe
+
+    text = str(exc)
+    match = _STATUS.search(text)
+    status = int(match.group(1)) if match else None
+    code = _CODE.search(text)
+    said = f" ({code.group(1)})" if code else ""
+    if isinstance(exc, oe.PreconditionError):
+        return StoreFailure("changed", f"a precondition failed (HTTP 412{said})", 412)
+    if isinstance(exc, oe.AlreadyExistsError):
+        return StoreFailure("exists", f"it exists already (HTTP {status or 412}{said})", status)
+    if isinstance(exc, (FileNotFoundError, oe.NotFoundError)):
+        return StoreFailure("missing", f"no such object (HTTP 404{said})", 404)
+    if isinstance(exc, oe.PermissionDeniedError):
+        return StoreFailure(
+            "final",
+            f"permission denied (HTTP {status or 403}{said}): check the credentials "
+            "and their rights on the object",
+            status or 403,
+        )
+    if isinstance(exc, oe.UnauthenticatedError):
+        return StoreFailure(
+            "final",
+            f"not authenticated (HTTP {status or 401}{said}): check the credentials",
+            status or 401,
+        )
+    if isinstance(exc, oe.GenericError):
+        if status in (408, 429):  # Request Timeout, Too Many Requests: try again later
+            return StoreFailure("transient", f"HTTP {status}{said}", status)
+        if status is not None and 400 <= status < 500:
+            return StoreFailure("final", f"HTTP {status}{said}", status)
+        what = f"HTTP {status}{said}" if status else _transport_kind(text)
+        return StoreFailure("transient", what, status)
+    return StoreFailure("final", f"{type(exc).__name__}{said}", status)
 
 
 def _transport_kind(text: str) -> str:

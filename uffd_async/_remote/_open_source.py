@@ -14,7 +14,11 @@ source.
   :class:`~uffd_async.ObjectSource`: ``store`` holds its settings (obstore's
   names), and of ``http`` the options every chunked source takes.
 * A pack's index (a file that starts with the pack magic, written by
-  ``python -m uffd_async pack``) is a :class:`~uffd_async.PackSource`.
+  ``python -m uffd_async pack``) is a :class:`~uffd_async.PackSource`, and so is
+  an object URL whose name ends in ``.index`` (``s3://BUCKET/PREFIX/NAME.index``:
+  ``pack`` names every index so; reading the object to tell would cost a request
+  before the source is opened). ``http`` gives it what applies: the host cache,
+  the chunks kept and read at once, and (from a store) timeout and retries.
 * What a source cannot do is refused before anything is opened or served
   (:func:`check_source`): readahead from a source fetched by chunks, layers on
   a URL.
@@ -36,6 +40,7 @@ from ._http_source import HttpSource, is_url
 from ._object_source import ObjectSource, is_object_url
 from ._pack_format import is_pack_index
 from ._pack_source import PackSource
+from ._pack_store import is_pack_url
 
 __all__ = ["SourceSpec", "check_source", "open_source"]
 
@@ -87,6 +92,9 @@ def open_source(
                 "headers and http2 apply to an http(s):// URL; an object store's settings "
                 "go in store",
             )
+        if is_pack_url(path):
+            chunked.pop("chunk_size", None)  # a pack's chunk size is its index's
+            return PackSource(path, options=store, **chunked)
         return ObjectSource(path, options=store, **chunked)
     if store:
         raise InvalidArgument(errno.EINVAL, "store options apply to an s3://, gs:// or az:// URL")
@@ -95,10 +103,21 @@ def open_source(
             raise InvalidArgument(
                 errno.EINVAL, f"{path} is a pack index: pack the layers into it instead"
             )
-        return PackSource(path)
+        return PackSource(path, **_local_pack_options(http))
     if layers:
         return LayeredSnapshot(path, *layers)
     return Snapshot(path)
+
+
+def _local_pack_options(http: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Of the chunked sources' options, those a local pack takes (a host cache, the
+    chunks kept and read at once); the rest (chunk size, requests) mean nothing there."""
+    given = http or {}
+    return {name: given[name] for name in _LOCAL_PACK_OPTIONS if name in given}
+
+
+#: What a pack in a local directory takes of ``http``.
+_LOCAL_PACK_OPTIONS = ("host_cache", "cache_bytes", "concurrency", "chunk_readahead", "outage")
 
 
 def check_source(spec: SourceSpec, *, readahead: int) -> None:

@@ -1,7 +1,8 @@
 """A pack: a snapshot as zstd chunks named by their digest, and an index that lists them.
 
 ``python -m uffd_async pack SNAPSHOT DEST`` writes one; :class:`~uffd_async.PackSource`
-serves from it. The layout of a pack directory ``DEST``::
+serves from it. The layout of a pack ``DEST`` (a local directory, or an object-store prefix such as
+``s3://BUCKET/PREFIX/``: the same names under it, see :mod:`._pack_store`)::
 
     DEST/NAME.index        one per snapshot packed (NAME: the snapshot file's name)
     DEST/chunks/<sha256>   one zstd frame per distinct non-zero chunk, shared by every index
@@ -62,6 +63,7 @@ __all__ = [
     "PackError",
     "PackIndex",
     "chunk_digest",
+    "chunk_name",
     "decode_index",
     "encode_index",
     "is_pack_index",
@@ -146,9 +148,18 @@ class PackIndex:
     def chunk_path(self, index: int) -> str:
         return chunk_path(self.directory, self.digests[index])
 
+    def chunk_name(self, index: int) -> str:
+        """Chunk ``index``'s name within its pack (``chunks/<sha256>``), wherever it is kept."""
+        return chunk_name(self.digests[index])
+
 
 def chunk_path(directory: str, digest: bytes) -> str:
     return os.path.join(directory, CHUNK_DIR, digest.hex())
+
+
+def chunk_name(digest: bytes) -> str:
+    """The name of the chunk of SHA-256 ``digest`` within a pack."""
+    return f"{CHUNK_DIR}/{digest.hex()}"
 
 
 def encode_index(

@@ -15,14 +15,22 @@ its recorder and runs its prefetch beside its ``serve()``. Facts it relies on:
   and when the server stops, so "restore, run the workload, stop" leaves it.
 * Fork children are not prefetched: their memory is a copy of their parent's
   at the fork, populated as far as the parent's was.
+* A prefetch stopped part way (a takeover: ``_handoff._takeover``) goes on
+  from where it stopped: the working set's runs it copied are skipped (a run
+  is the same whoever plans it: the set and the run size decide it), and
+  after a handover the successor saves the recording, never the predecessor.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 
+import attrs
+
+from .._core._abi import PAGE_SIZE
 from .._core._checks import check_instance
 from .._core._errors import InvalidArgument
 from .._core._uffd import Userfaultfd
@@ -65,6 +73,7 @@ class Replay:
         self.populate = populate
         self.run_bytes = run_bytes
         self.recorder: WorkingSetRecorder | None = None
+        self._handed_over = False
 
     @property
     def prefetching(self) -> bool:
@@ -104,24 +113,55 @@ class Replay:
             return False
 
     async def run(
-        self, uffd: Userfaultfd, resolver: SnapshotResolver, stats: PrefetchStats
+        self,
+        uffd: Userfaultfd,
+        resolver: SnapshotResolver,
+        stats: PrefetchStats,
+        resume: PrefetchStats | None = None,
     ) -> None:
-        """Prefetch for one handoff, beside its ``serve()``; nothing to do without a set."""
-        if self.working_set is None and not self.populate:
+        """Prefetch for one handoff, beside its ``serve()``; nothing to do without a set.
+        ``resume``: how far an earlier prefetch for it got (its stats then); go on from there."""
+        working_set = self.working_set
+        if resume is not None and (
+            resume.populated or (resume.working_set_done and not self.populate)
+        ):
+            return
+        if working_set is not None and resume is not None:
+            done = resume.working_set_done
+            working_set = None if done else self._rest(working_set, resume.runs)
+        if working_set is None and not self.populate:
             stats.working_set_done = True
             return
         await prefetch(
             uffd,
             resolver,
-            self.working_set,
+            working_set,
             populate=self.populate,
             run_bytes=self.run_bytes,
             stats=stats,
         )
 
+    def _rest(self, working_set: WorkingSet, runs_done: int) -> WorkingSet:
+        """``working_set`` without the pages of its first ``runs_done`` runs."""
+        skipped = sum(
+            count for _, count in itertools.islice(working_set.runs(self.run_pages), runs_done)
+        )
+        return attrs.evolve(working_set, pages=working_set.pages[skipped:])
+
+    @property
+    def run_pages(self) -> int:
+        return self.run_bytes // PAGE_SIZE
+
+    def handed_over(self) -> None:
+        """A successor records from now on (it got what was recorded): never save again."""
+        self.save()
+        self._handed_over = True
+
     def save(self) -> None:
         """Write what was recorded so far (atomically), if anything."""
         if self.recorder is None or self.record_path is None or not len(self.recorder):
+            return
+        if self._handed_over:
             return
         try:
             self.recorder.working_set().save(self.record_path)

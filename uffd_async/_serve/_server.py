@@ -25,6 +25,10 @@ Kernel facts this module relies on:
   its memory is gone (the child exited or exec'd: ``_peer_lifetime``), even
   after the parent exited; closing it sooner would turn the child's missing
   pages into zeros.
+* Handing over to another process (``hand_over``, a takeover): a fault pushed
+  back onto this handle would never reach it, so each one read and not
+  answered is woken instead (``UFFDIO_WAKE``): its thread retries the access,
+  faults again, and the kernel queues a new event for whoever reads next.
 """
 
 from __future__ import annotations
@@ -111,6 +115,15 @@ class _Server:
         self._undisposed: list[PageFault] = []  # failed; on_error's answer met EAGAIN
         self._unreported: list[tuple[PageFault, Exception]] = []
         self._filled_before = uffd._filled
+        #: The Remove/Remap/Unmap events applied so far, in order: a successor's resolver
+        #: applies them again (``_handoff._succession``).
+        self.applied: list[Remap | Remove | Unmap] = []
+        self._handing_over = False
+        self._child_servers: list[_Server] = []
+        #: After :meth:`hand_over`: every fork child's uffd, resolver and applied events.
+        self.handed_children: list[
+            tuple[Userfaultfd, AnyResolver, list[Remap | Remove | Unmap]]
+        ] = []
 
     # -- the loop ----------------------------------------------------------
 
@@ -176,7 +189,8 @@ class _Server:
         self.stats.pages = (self.uffd._filled - self._filled_before) // PAGE_SIZE
 
     def _hand_back(self) -> None:
-        """Give every fault read but not resolved back to the uffd."""
+        """Give every fault read but not resolved back to the uffd (or, handing over to
+        another process, wake its page: the thread faults again, for the next reader)."""
         self.count_pages()
         unresolved = (
             self._left
@@ -195,6 +209,11 @@ class _Server:
         if unresolved and not self.uffd.closed:
             self.uffd._push_back(list(unresolved))
         self.reader.close()
+        if self._handing_over and self.uffd._unhandled:
+            events, self.uffd._unhandled = self.uffd._unhandled, []
+            pages = [e.address & self.page_mask for e in events if isinstance(e, PageFault)]
+            if pages:
+                self._wake_pages(pages)
 
     def _handle(self, events: list[Event], retried: list[PageFault] | None = None) -> None:
         """Apply non-cooperative events, then dispatch ``retried`` and the new faults."""
@@ -230,9 +249,10 @@ class _Server:
             stats.forks += 1
             child = self.resolver.fork() if isinstance(self.resolver, Resolver) else self.resolver
             assert self._children is not None
-            self._children.start_soon(self._serve_child, event.uffd, child)
+            self._children.start_soon(self._serve_child, event.uffd, child, list(self.applied))
             return
         stats.events += 1
+        self.applied.append(event)
         if self.inline is not None:
             self.inline.apply(event)
         if isinstance(event, (Remap, Unmap)):
@@ -398,6 +418,31 @@ class _Server:
         finally:
             self._retrying = False
 
+    def hand_over(self) -> None:
+        """Stop for a successor in another process: read nothing more, wake every fault read
+        and not answered (it faults again, for the successor to read), and keep the fork
+        children's uffds open (in :attr:`handed_children`) instead of closing them."""
+        self._handing_over = True
+        for child in self._child_servers:
+            child.hand_over()
+        self.process_exited()
+
+    def children_now(self) -> list[tuple[Userfaultfd, list[Remap | Remove | Unmap]]]:
+        """Each fork child's uffd served now (and its children's), with the events applied."""
+        served: list[tuple[Userfaultfd, list[Remap | Remove | Unmap]]] = []
+        for child in self._child_servers:
+            served.append((child.uffd, child.applied))
+            served.extend(child.children_now())
+        return served
+
+    def adopt_children(
+        self, children: list[tuple[Userfaultfd, AnyResolver, list[Remap | Remove | Unmap]]]
+    ) -> None:
+        """Serve fork children a predecessor served (each until it exits), as if forked here."""
+        assert self._children is not None
+        for uffd, resolver, applied in children:
+            self._children.start_soon(self._serve_child, uffd, resolver, applied)
+
     def process_exited(self) -> None:
         """The process whose memory this uffd serves is gone: nothing will fault again.
 
@@ -511,13 +556,20 @@ class _Server:
 
     # -- fork children --------------------------------------------------------
 
-    async def _serve_child(self, uffd: Userfaultfd, resolver: AnyResolver) -> None:
+    async def _serve_child(
+        self, uffd: Userfaultfd, resolver: AnyResolver, applied: list[Remap | Remove | Unmap]
+    ) -> None:
         """Serve a fork child's uffd with this server's options until the child exits
         (no pid comes with it: its memory tells, see ``_peer_lifetime``), or until
         this server stops. It is nobody else's: closing it unregisters the child's
         memory, whose missing pages would then read as zeros."""
+        if self._handing_over:  # forked as this server stopped: the successor serves it
+            self.handed_children.append((uffd, resolver, applied))
+            return
         child = _Server(uffd, resolver, self.options)
+        child.applied = applied
         self.stats.children.append(child.stats)
+        self._child_servers.append(child)
 
         async def until_it_exits() -> None:
             await memory_gone(uffd)
@@ -529,7 +581,12 @@ class _Server:
                 await child.run(anyio.TASK_STATUS_IGNORED)
                 tg.cancel_scope.cancel()
         finally:
-            uffd.close()
+            self._child_servers.remove(child)
+            if child._handing_over:
+                self.handed_children.append((uffd, resolver, child.applied))
+                self.handed_children.extend(child.handed_children)
+            else:
+                uffd.close()
 
 
 def _what_it_sees(on_error: OnError) -> str:
