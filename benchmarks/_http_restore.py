@@ -71,11 +71,11 @@ from ._restore import (
     _result,
     _write_runs,
     _write_snapshot,
-    boot_set,
     handoff_over,
     page_order,
     peer_program,
 )
+from ._runs import boot_set
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -88,7 +88,8 @@ from ._network import (
     refusal,
     shape_lines,
 )
-from ._restore import RestoreFailed, _write_runs, boot_set, handoff_over, page_order, peer_program
+from ._restore import RestoreFailed, _write_runs, handoff_over, page_order, peer_program
+from ._runs import boot_set
 
 if sys.version_info < (3, 11):
     pass

@@ -90,20 +90,29 @@ def test_quick_benchmark_checks_out() -> None:
 
 def check_restore(scenario: dict[str, Any], rounds: int) -> None:
     # The recording named every page the first process touched (the harness checks the
-    # order too), and every handler served (a) and (b) on both backends.
+    # order too), and every handler and floor served (a) and (b) on every loop.
     assert scenario["recorded_pages"] == scenario["set_pages"] > 0
     results = {(r["backend"], r["workload"], r["handler"]): r for r in scenario["results"]}
+    floors = {"floor_c", "floor_python", "floor_prefetch"}
     handlers = {"lazy", "readahead", "prefetch", "prefetch_readahead", "reap", "eager", "populate"}
     assert set(results) == {
         (backend, workload, handler)
-        for backend in ("asyncio", "trio")
+        for backend in LOOPS
         for workload in ("a", "b")
-        for handler in handlers
+        for handler in floors | handlers
     }
     for (backend, workload, handler), result in results.items():
         where = f"scenario 6 {backend} ({workload}) {handler}"
         assert len(result["samples"]) == rounds, where
         assert all(s["ready_ns"] > 0 for s in result["samples"]), where
+        assert result["vs_floor"] > 0 and result["vs_reap"] > 0, where
+        if handler == "floor_c":
+            assert result["vs_floor"] == 1.0, where
+        if handler == "reap":
+            assert result["vs_reap"] == 1.0, where
+        if handler in floors:  # the set alone, copied with no process and no fault
+            assert result["faults"] == 0, where
+            assert result["prefetched"] == scenario["set_pages"], where
         if handler == "lazy":  # one demand fault per page touched, nothing copied ahead
             assert result["faults"] == scenario["set_pages"], where
             assert result["prefetched"] == 0, where
@@ -111,7 +120,35 @@ def check_restore(scenario: dict[str, Any], rounds: int) -> None:
             assert result["prefetched"] >= scenario["set_pages"], where
             if workload == "a" or handler == "eager":
                 assert result["faults"] == 0, where
-    assert {t["backend"] for t in scenario["targets"]} == {"asyncio", "trio"}
+    assert {t["backend"] for t in scenario["targets"]} == set(LOOPS)
+    check_zero_heavy(scenario["zero_heavy"], scenario["set_pages"], rounds)
+
+
+def check_zero_heavy(zero: dict[str, Any], set_pages: int, rounds: int) -> None:
+    # Both images, each with zero pages mapped and (the library has the switch) copied,
+    # served lazily, eagerly and with prefetch + populate all, on every loop.
+    assert zero["modes"] == ["zero_pages", "copied"]
+    shares = {about["image"]: about for about in zero["images"]}
+    assert set(shares) == {"memory", "guest"}
+    assert 0.85 <= shares["guest"]["zero_pages"] <= 0.95  # 90% zeros, holes among them
+    assert 0.3 <= shares["guest"]["holes"] < shares["guest"]["zero_pages"]
+    results = {(r["backend"], r["image"], r["mode"], r["handler"]): r for r in zero["results"]}
+    assert set(results) == {
+        (backend, image, mode, handler)
+        for backend in LOOPS
+        for image in ("memory", "guest")
+        for mode in ("zero_pages", "copied")
+        for handler in ("lazy", "eager", "populate")
+    }
+    for (backend, image, mode, handler), result in results.items():
+        where = f"scenario 6 zero-heavy {backend} {image} {mode} {handler}"
+        assert len(result["samples"]) == rounds, where
+        assert all(s["ready_ns"] > 0 for s in result["samples"]), where
+        assert result["vs_copied"] > 0, where
+        if handler == "lazy":  # every page of the set a demand fault, zero or not
+            assert result["faults"] == set_pages, where
+        if handler == "eager":  # everything in place before the process ran
+            assert result["faults"] == 0, where
 
 
 def check_http_restore(scenario: dict[str, Any], rounds: int) -> None:

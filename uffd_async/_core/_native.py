@@ -85,6 +85,13 @@ def _load() -> ctypes.CDLL:
         ctypes.POINTER(FastCounts),
     ]
     lib.ua_resolve_batch.restype = ctypes.c_int
+    lib.ua_zero_pages.argtypes = [
+        ctypes.c_size_t,
+        ctypes.c_uint64,
+        ctypes.c_uint64,
+        ctypes.c_void_p,
+    ]
+    lib.ua_zero_pages.restype = ctypes.c_uint64
     return lib
 
 
@@ -104,6 +111,7 @@ class FastPath(ctypes.Structure):
         ("slots", ctypes.c_void_p),
         ("pid", ctypes.c_int64),
         ("marks", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
     ]
 
 
@@ -143,3 +151,56 @@ libc.mremap.argtypes = [
 ]
 libc.mremap.restype = ctypes.c_void_p
 libc.syscall.restype = ctypes.c_long
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+libc.mincore.restype = ctypes.c_int
+
+
+# -- ua_replay: a working set replayed off the event loop (_restore/_native_replay.py) --
+
+
+class ReplayRun(ctypes.Structure):
+    """``struct ua_replay_run``: one run of pages to copy (see _native_lib.c)."""
+
+    _fields_ = [
+        ("dst", ctypes.c_uint64),
+        ("src", ctypes.c_uint64),
+        ("pages", ctypes.c_uint64),
+        ("page_size", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("populated", ctypes.c_void_p),
+    ]
+
+
+class ReplayControl(ctypes.Structure):
+    """``struct ua_replay_ctl``: the replay's stop flag, gate and progress."""
+
+    _fields_ = [
+        ("stop", ctypes.c_int32),
+        ("lock", ctypes.c_int32),
+        ("want", ctypes.c_int32),
+        ("event", ctypes.c_int32),
+        ("runs_done", ctypes.c_uint64),
+        ("bytes_copied", ctypes.c_uint64),
+        ("eexist", ctypes.c_uint64),
+        ("error", ctypes.c_int64),
+    ]
+
+
+REPLAY_DONE, REPLAY_STOPPED, REPLAY_EAGAIN, REPLAY_ERROR = 0, 1, 2, 3
+#: Whether the loaded library has ua_replay (a build older than its source has not).
+HAS_REPLAY = hasattr(lib, "ua_replay") and hasattr(lib, "ua_gated_read")
+if HAS_REPLAY:
+    lib.ua_replay.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(ReplayRun),
+        ctypes.c_uint64,
+        ctypes.POINTER(ReplayControl),
+    ]
+    lib.ua_replay.restype = ctypes.c_int
+    lib.ua_gated_read.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.POINTER(ReplayControl),
+    ]
+    lib.ua_gated_read.restype = ctypes.c_int64

@@ -128,6 +128,10 @@ struct ua_fast {
     const int64_t *slots;
     int64_t pid;
     uint8_t *marks;
+    /* UA_COPY: one byte per page, set when the source page holds only zeros (or NULL):
+     * those are mapped with UFFDIO_ZEROPAGE, never copied (never with COPY_MODE_WP:
+     * the kernel's zero page carries no write-protect bit, so Python leaves zeros off). */
+    const uint8_t *zeros;
 };
 
 struct ua_fast_counts {
@@ -164,11 +168,29 @@ int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct 
         int rc;
         if (page < f->base || index >= f->pages)
             continue;
-        if (f->kind == UA_COPY) {
-            uint64_t count = 1;
-            if (f->populated) /* readahead: the run of unpopulated pages behind it */
+        int zero = f->kind == UA_COPY && f->zeros && f->zeros[index];
+        if (zero) {
+            uint64_t count = 1; /* readahead: the run of unpopulated zero pages behind it */
+            if (f->populated)
                 while (count <= f->readahead && index + count < f->pages &&
-                       !f->populated[index + count])
+                       !f->populated[index + count] && f->zeros[index + count])
+                    count++;
+            struct uffdio_zeropage zp = {.range = {.start = page, .len = count * f->page_size}};
+            rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zp);
+            if (rc != 0 && zp.zeropage >= (int64_t)f->page_size) {
+                count = (uint64_t)zp.zeropage / f->page_size; /* the faulting page was mapped */
+                rc = 0;
+            }
+            if (rc == 0) {
+                counts->filled += f->page_size * count;
+                if (f->populated) /* the whole zero run */
+                    memset(f->populated + index, 1, count);
+            }
+        } else if (f->kind == UA_COPY) {
+            uint64_t count = 1;
+            if (f->populated) /* readahead: the run of unpopulated data pages behind it */
+                while (count <= f->readahead && index + count < f->pages &&
+                       !f->populated[index + count] && !(f->zeros && f->zeros[index + count]))
                     count++;
             struct uffdio_copy copy = {
                 .dst = page,
@@ -262,4 +284,168 @@ int ua_resolve_batch(int uffd, const struct uffd_msg *msgs, int n, const struct 
         wake_range(uffd, start, end - start + f->page_size);
     }
     return done;
+}
+
+/* Which pages of [addr, addr + pages * page_size) hold only zero bytes: out[i] = 1 for
+ * those, 0 for the others. Reads each page until its first non-zero 64 bytes, so a data
+ * page costs little and a zero page one pass. Returns how many are zero. */
+uint64_t ua_zero_pages(uintptr_t addr, uint64_t pages, uint64_t page_size, uint8_t *out)
+{
+    uint64_t zero = 0;
+    size_t words = page_size / sizeof(uint64_t);
+    for (uint64_t i = 0; i < pages; i++) {
+        const uint64_t *p = (const uint64_t *)(addr + i * page_size);
+        uint64_t acc = 0;
+        for (size_t w = 0; w + 8 <= words && acc == 0; w += 8)
+            acc = p[w] | p[w + 1] | p[w + 2] | p[w + 3] | p[w + 4] | p[w + 5] | p[w + 6] |
+                  p[w + 7];
+        out[i] = acc == 0;
+        zero += out[i];
+    }
+    return zero;
+}
+
+/* A working set replayed off the event loop (uffd_async/_restore/_native_replay.py).
+ *
+ * ua_replay copies runs of pages with UFFDIO_COPY from a worker thread, without the
+ * GIL, while the event loop serves the demand faults. Each run names its destination,
+ * its source, its page size and mode, and its resolver's populated bitmap (one byte a
+ * page: populated pages are skipped, and copied ones are marked).
+ *
+ * The one hazard is a Remove (MADV_DONTNEED) read by the server between two copies: the
+ * kernel lets the discard go on once its event is read, so a copy issued after that read
+ * could put snapshot bytes where the discard leaves zeros, at a place the resolver
+ * already knows is gone. So each copy and each read of the uffd's records hold the same
+ * gate (ctl->lock): the loop reads through ua_gated_read, which stops the replay (at its
+ * next run) when a record is not a page fault. A copy is then either wholly before the
+ * read (and the discard that follows drops it) or never issued. A reader waiting for the
+ * gate goes first (ctl->want): the replay waits out at most one copy.
+ *
+ * Returns UA_REPLAY_DONE (every run gone through), UA_REPLAY_STOPPED (ctl->stop was set:
+ * by the loop, or by an event read), UA_REPLAY_EAGAIN (an event is unread: the loop reads
+ * it and plans again) or UA_REPLAY_ERROR (ctl->error: ESRCH, the process is gone, ...).
+ * ctl->runs_done counts the runs gone through; a run stopped part-way is not counted.
+ */
+#include <sched.h>
+
+enum { UA_REPLAY_DONE = 0, UA_REPLAY_STOPPED = 1, UA_REPLAY_EAGAIN = 2, UA_REPLAY_ERROR = 3 };
+
+struct ua_replay_run {
+    uint64_t dst;       /* address of the run's first page in the process */
+    uint64_t src;       /* address of its bytes here */
+    uint64_t pages;     /* pages in the run */
+    uint64_t page_size; /* a power of two */
+    uint64_t mode;      /* UFFDIO_COPY mode bits (COPY_MODE_WP) */
+    uint8_t *populated; /* the run's first page's byte in its resolver's bitmap */
+};
+
+struct ua_replay_ctl {
+    int32_t stop;          /* set: stop before the next copy */
+    int32_t lock;          /* held around each copy and each gated read */
+    int32_t want;          /* readers waiting for the gate */
+    int32_t event;         /* the first non-fault record a gated read saw (its event) */
+    uint64_t runs_done;    /* runs gone through */
+    uint64_t bytes_copied; /* bytes this replay copied */
+    uint64_t eexist;       /* pages found there already (a demand fault got there first) */
+    int64_t error;         /* errno of UA_REPLAY_ERROR */
+};
+
+static void gate_lock(int32_t *lock)
+{
+    while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
+        sched_yield();
+}
+
+static void gate_unlock(int32_t *lock) { __atomic_store_n(lock, 0, __ATOMIC_RELEASE); }
+
+/* Copy pages [i, j) of run r, holding the gate; returns a UA_REPLAY_* or -1: go on. */
+static int replay_copy(int uffd, const struct ua_replay_run *r, uint64_t i, uint64_t j,
+                       struct ua_replay_ctl *ctl, uint64_t *next)
+{
+    while (__atomic_load_n(&ctl->want, __ATOMIC_ACQUIRE))
+        sched_yield(); /* a read waits: it goes first */
+    gate_lock(&ctl->lock);
+    if (__atomic_load_n(&ctl->stop, __ATOMIC_ACQUIRE)) {
+        gate_unlock(&ctl->lock);
+        return UA_REPLAY_STOPPED;
+    }
+    struct uffdio_copy copy = {
+        .dst = r->dst + i * r->page_size,
+        .src = r->src + i * r->page_size,
+        .len = (j - i) * r->page_size,
+        .mode = r->mode,
+    };
+    int rc = ioctl(uffd, UFFDIO_COPY, &copy);
+    if (rc != 0 && errno == ENOMEM && copy.copy <= 0) /* hugetlbfs: see ua_resolve_batch */
+        rc = ioctl(uffd, UFFDIO_COPY, &copy);
+    int err = rc != 0 ? errno : 0;
+    uint64_t done = rc == 0 ? j - i : copy.copy > 0 ? (uint64_t)copy.copy / r->page_size : 0;
+    if (done) {
+        memset(r->populated + i, 1, done);
+        ctl->bytes_copied += done * r->page_size;
+    }
+    gate_unlock(&ctl->lock);
+    *next = i + done;
+    if (rc == 0 || done) /* stopped part-way (EAGAIN with a count): go on */
+        return -1;
+    if (err == EEXIST) { /* a demand fault got there first: skip that page */
+        r->populated[i] = 1;
+        ctl->eexist++;
+        *next = i + 1;
+        return -1;
+    }
+    if (err == ENOENT) { /* the range went away: skip it */
+        *next = j;
+        return -1;
+    }
+    if (err == EAGAIN)
+        return UA_REPLAY_EAGAIN;
+    ctl->error = err;
+    return UA_REPLAY_ERROR;
+}
+
+int ua_replay(int uffd, const struct ua_replay_run *runs, uint64_t n, struct ua_replay_ctl *ctl)
+{
+    for (uint64_t k = ctl->runs_done; k < n; k++) {
+        const struct ua_replay_run *r = &runs[k];
+        uint64_t i = 0; /* stop is checked under the gate, before each copy */
+        while (i < r->pages) {
+            if (r->populated[i]) {
+                i++;
+                continue;
+            }
+            uint64_t j = i + 1;
+            while (j < r->pages && !r->populated[j])
+                j++;
+            int status = replay_copy(uffd, r, i, j, ctl, &i);
+            if (status >= 0)
+                return status;
+        }
+        ctl->runs_done = k + 1;
+    }
+    return UA_REPLAY_DONE;
+}
+
+/* read() from the uffd holding the replay's gate; a record that is not a page fault
+ * (remove, remap, unmap, fork) stops the replay before its next copy. Returns the
+ * bytes read, or -errno. */
+int64_t ua_gated_read(int fd, void *buf, uint64_t len, struct ua_replay_ctl *ctl)
+{
+    __atomic_add_fetch(&ctl->want, 1, __ATOMIC_ACQ_REL);
+    gate_lock(&ctl->lock);
+    __atomic_sub_fetch(&ctl->want, 1, __ATOMIC_ACQ_REL);
+    ssize_t got = read(fd, buf, (size_t)len);
+    int err = errno;
+    if (got > 0) {
+        const struct uffd_msg *msgs = buf;
+        for (size_t i = 0; i < (size_t)got / sizeof *msgs; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+                if (!ctl->event)
+                    ctl->event = msgs[i].event;
+                __atomic_store_n(&ctl->stop, 1, __ATOMIC_RELEASE);
+            }
+        }
+    }
+    gate_unlock(&ctl->lock);
+    return got < 0 ? -(int64_t)err : (int64_t)got;
 }

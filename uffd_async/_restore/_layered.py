@@ -19,6 +19,10 @@ Facts this module relies on (the composition is
   (:func:`~uffd_async._capture._identity.snapshot_identity`, its samples read
   through the layers): a working set recorded on the layers replays on the
   squashed file, and back.
+* A page of the composed image that holds only zeros is mapped with
+  ``UFFDIO_ZEROPAGE``: a page from the base where the base's zero map says so
+  (a hole, or zero data: :mod:`._zero_map`), a page from a layer when the scan
+  of the layer's bytes for that mapping (made with its resolver) finds it zero.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import os
 
 from .._capture._identity import identity_of, identity_samples, snapshot_identity
 from .._capture._layer import Layer, check_chain, compose
+from .._core._abi import PAGE_SIZE
 from .._core._errors import InvalidArgument, SnapshotClosed
 from .._core._events import PageFault
 from .._core._memory import Region
+from .._core._native import lib
 from .._core._uffd import Userfaultfd
 from .._serve._resolvers import CopyFrom
 from ._guest_mapping import GuestMapping
@@ -60,8 +66,9 @@ class LayeredSnapshot(Snapshot):
         base_path: str | os.PathLike[str],
         *layer_paths: str | os.PathLike[str],
         check: bool = True,
+        zero_pages: bool = True,
     ) -> None:
-        super().__init__(base_path)
+        super().__init__(base_path, zero_pages=zero_pages)
         layers: list[Layer] = []
         try:
             for path in layer_paths:
@@ -128,9 +135,29 @@ class LayeredSnapshot(Snapshot):
     def _name(self, source: int) -> str:
         return f"the base {self.path!r}" if source == 0 else f"{self.layers[source - 1].path!r}"
 
+    def _zeros_of(self, mapping: GuestMapping) -> bytearray | None:
+        """The zero map of ``mapping``'s pages: the base's zero map where the base holds
+        them, a scan of the layer's bytes where a layer does."""
+        if self._data_ranges is None or mapping.page_size != PAGE_SIZE:
+            return None
+        base_zeros = self._zero_map
+        zeros = bytearray(mapping.size // PAGE_SIZE)
+        view = (ctypes.c_uint8 * len(zeros)).from_buffer(zeros)
+        for start, end, origin in self._spans(mapping):
+            at = origin + start * PAGE_SIZE
+            if self._address <= at < self._address + self.size:  # the base
+                from_page = (at - self._address) // PAGE_SIZE
+                zeros[start:end] = base_zeros[from_page : from_page + end - start]
+            else:
+                out = ctypes.addressof(view) + start
+                lib.ua_zero_pages(at, end - start, PAGE_SIZE, out)
+        del view
+        return zeros
+
     def _copier(self, mapping: GuestMapping, readahead: int) -> CopyFrom:
         """One mapping's resolver: from its one file when it has one, else piece by piece."""
         spans = self._spans(mapping)
+        zeros = self._zeros_of(mapping)
         if len(spans) == 1:
             return CopyFrom(
                 Region(spans[0][2], mapping.size),  # 4 KiB aligned, as UFFDIO_COPY needs
@@ -139,8 +166,9 @@ class LayeredSnapshot(Snapshot):
                 readahead=readahead,
                 wp=False,
                 page_size=mapping.page_size,
+                zeros=zeros,
             )
-        return _LayeredCopy(spans, mapping, readahead)
+        return _LayeredCopy(spans, mapping, readahead, zeros)
 
     def _view(self, mapping: GuestMapping) -> Region:
         """The mapping's bytes as one source, when one file holds them all."""
@@ -178,7 +206,11 @@ class _LayeredCopy(CopyFrom):
     """
 
     def __init__(
-        self, spans: list[tuple[int, int, int]], mapping: GuestMapping, readahead: int
+        self,
+        spans: list[tuple[int, int, int]],
+        mapping: GuestMapping,
+        readahead: int,
+        zeros: bytearray | None,
     ) -> None:
         super().__init__(
             Region(spans[0][2], mapping.size),
@@ -187,6 +219,7 @@ class _LayeredCopy(CopyFrom):
             readahead=readahead,
             wp=False,
             page_size=mapping.page_size,
+            zeros=zeros,
         )
         self._direct = self._fast_ok = False  # both copy page i from _address + i * page_size
         self._span_starts = [first for first, _, _ in spans]
@@ -205,8 +238,12 @@ class _LayeredCopy(CopyFrom):
         if removed:  # zeros: nothing of the snapshot was asked for, nothing to record
             self._zero(uffd, page, index)
             return True
-        origin = self._origins[bisect.bisect_right(self._span_starts, index) - 1]
-        self._copy(uffd, page, index, count, origin + index * self._page_size)
+        zero, count = self._zero_split(index, count)
+        if zero:
+            self._copy(uffd, page, index, count, None)
+        else:
+            origin = self._origins[bisect.bisect_right(self._span_starts, index) - 1]
+            self._copy(uffd, page, index, count, origin + index * self._page_size)
         if self._recorder is not None:
             self._record(index)
         return True

@@ -54,6 +54,7 @@ from .._core._errors import (
 from .._core._uffd import Userfaultfd
 from .._serve._chunk_fill import ChunkFill
 from .._serve._resolvers import AnyResolver
+from ._native_replay import native_replay_enabled, replay_natively
 from ._working_set import WorkingSet
 
 __all__ = ["PrefetchStats", "prefetch"]
@@ -153,7 +154,14 @@ async def prefetch(
                 await _fetch_chunks(uffd, fill, chunks, poller, stats)
         elif working_set is not None:
             resolver.guide(working_set.runs(run_pages))  # a fault ahead brings its run's rest
-            await _copy_runs(uffd, resolver, working_set.runs(run_pages), poller, stats)
+            runs: Iterable[tuple[int, int]] = working_set.runs(run_pages)
+            if native_replay_enabled():  # off by default: see _native_replay
+                runs = list(runs)
+                progress = await replay_natively(uffd, resolver, runs)
+                stats.runs += progress.runs
+                stats.prefetched += progress.pages
+                runs = runs[progress.runs :]
+            await _copy_runs(uffd, resolver, runs, poller, stats)
         stats.working_set_done = True
         stats.working_set_seconds = time.monotonic() - started
         if populate:

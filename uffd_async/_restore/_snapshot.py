@@ -10,6 +10,9 @@ Kernel facts this module relies on:
   access the file cannot back (it was truncated) makes the ioctl fail with
   EFAULT; nothing here ever touches the bytes itself (but ``read``, and the
   identity's samples).
+* Pages that hold only zeros (holes, and data pages found all zero: :mod:`._zero_map`)
+  are mapped with ``UFFDIO_ZEROPAGE``, never copied; not for hugetlbfs mappings,
+  which have no ZEROPAGE (their huge pages are copied like any other).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .._core._native import libc
 from .._serve._resolvers import CopyFrom
 from ._guest_mapping import GuestMapping
 from ._source import SnapshotSource
+from ._zero_map import data_ranges, scan_zero_pages
 
 __all__ = ["Snapshot"]
 
@@ -41,9 +45,12 @@ class Snapshot(SnapshotSource):
     serving: a resolver of a closed snapshot refuses to serve (its faults
     then get what the server's ``on_error`` says) rather than copy from an
     address that may hold something else by then.
+
+    With ``zero_pages`` (the default), its pages that hold only zeros are mapped with
+    ``UFFDIO_ZEROPAGE`` rather than copied (learnt on first need: holes, then a scan).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, zero_pages: bool = True) -> None:
         self.path = os.fspath(path)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -64,7 +71,10 @@ class Snapshot(SnapshotSource):
                     "serve BASE --layer LAYER)",
                 )
             self.size = status.st_size
+            self._data_ranges = data_ranges(fd, self.size) if zero_pages else None
             self._address = map_memory(self.size, MAP_SHARED, fd, prot=mmap.PROT_READ)
+            # Kept for the zero-page scan (see _zero_map), closed once it is done.
+            self._scan_fd = os.dup(fd) if zero_pages else -1
         finally:
             os.close(fd)  # the mapping keeps the file
 
@@ -78,6 +88,35 @@ class Snapshot(SnapshotSource):
         if self.closed:
             raise SnapshotClosed(self.path)
         return snapshot_identity(self._address, self.size)
+
+    @functools.cached_property
+    def zero_map(self) -> bytes:
+        """One byte per base page (``PAGE_SIZE``), 1 where the page holds only zeros; all
+        0 when made with ``zero_pages=False``. Scanned on first use, then kept."""
+        return bytes(self._zero_map)
+
+    @functools.cached_property
+    def _zero_map(self) -> bytearray:
+        self.check_open()
+        if self._data_ranges is None:
+            return bytearray(-(-self.size // PAGE_SIZE))
+        try:
+            return scan_zero_pages(self._scan_fd, self._address, self.size, self._data_ranges)
+        finally:
+            self._close_scan_fd()
+
+    def _close_scan_fd(self) -> None:
+        fd, self._scan_fd = self._scan_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _zeros_of(self, mapping: GuestMapping) -> bytearray | None:
+        """The zero map of ``mapping``'s base pages, or None (``zero_pages=False``); a
+        copier of huge pages ignores it (hugetlbfs has no ZEROPAGE)."""
+        if self._data_ranges is None:
+            return None
+        first = mapping.offset // PAGE_SIZE
+        return self._zero_map[first : first + mapping.size // PAGE_SIZE]
 
     # -- the SnapshotSource interface ------------------------------------------------------
 
@@ -123,6 +162,7 @@ class Snapshot(SnapshotSource):
             readahead=readahead,
             wp=False,
             page_size=mapping.page_size,
+            zeros=self._zeros_of(mapping),
         )
 
     def _view(self, mapping: GuestMapping) -> Region:
@@ -134,6 +174,7 @@ class Snapshot(SnapshotSource):
     def close(self) -> None:
         """Unmap the file. Idempotent."""
         address, self._address = self._address, 0
+        self._close_scan_fd()
         if address:
             libc.munmap(address, self.size)
 

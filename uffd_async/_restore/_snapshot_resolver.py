@@ -243,5 +243,14 @@ class SnapshotResolver(Resolver):
             total += part.mapping.size
         return done, total
 
+    def fill_ioctls(self) -> dict[str, int]:
+        """How many UFFDIO_COPY and UFFDIO_ZEROPAGE ioctls its mappings' resolvers issued
+        from Python (demand faults off the C loop, and everything prefetched)."""
+        parts = self._parts
+        return {
+            "COPY": sum(part.copier.copies for part in parts),
+            "ZEROPAGE": sum(part.copier.zeropages for part in parts),
+        }
+
     def __repr__(self) -> str:
         return f"<SnapshotResolver of {self._snapshot!r}: {len(self._parts)} mappings>"

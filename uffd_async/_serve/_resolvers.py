@@ -13,6 +13,11 @@ Kernel facts these rely on (``man 2 ioctl_userfaultfd``):
   :class:`PageExists` for the fault's own page, and the server wakes it.
 * UFFDIO_COPY of several pages stops at the first one that exists; the pages
   before it were copied (and woken).
+* UFFDIO_ZEROPAGE maps the shared zero page (anonymous and shmem memory; not
+  hugetlbfs): nothing is copied, and a later write gets its own page as any write
+  to the zero page does. It has no write-protect mode: the zero page carries no
+  uffd-wp bit, so a ``CopyFrom`` that maps pages write-protected copies its zero
+  pages too.
 """
 
 from __future__ import annotations
@@ -143,6 +148,7 @@ class CopyFrom(Resolver):
         readahead: int,
         wp: bool,
         page_size: int,
+        zeros: bytes | bytearray | None = None,
     ) -> None:
         check_int("base", base)
         check_page_size("page_size", page_size)
@@ -175,6 +181,15 @@ class CopyFrom(Resolver):
             length = min(length, size)
         self._pages = length // page_size
         self._populated = bytearray(self._pages if self._pages < 1 << 30 else 0)
+        # One byte per source page, 1 where it holds only zeros: mapped with ZEROPAGE.
+        self._zeros: bytearray | None = None
+        if zeros is not None and not wp and page_size == PAGE_SIZE and any(zeros):
+            self._zeros = bytearray(zeros[: self._pages]).ljust(self._pages, b"\0")
+        self._zeros_c: ctypes.Array[ctypes.c_uint8] | None = None
+        #: UFFDIO_COPY and UFFDIO_ZEROPAGE ioctls this resolver issued from Python (the
+        #: C loop's are not counted here: see the server's stats).
+        self.copies = 0
+        self.zeropages = 0
         self._map = AddressMap(base, self._pages * page_size)
         self._mode = 2 if wp else 0  # UFFDIO_COPY_MODE_WP
         self._shift = page_size.bit_length() - 1
@@ -273,7 +288,14 @@ class CopyFrom(Resolver):
         (only those of pages ``[first, first + count)`` are read)."""
         size = self._page_size
 
+        zeros = self._zeros
+
         def copy(i: int, j: int) -> None:
+            if zeros is not None and zeros[i]:  # a run of zero pages (see _each_missing_run)
+                self.zeropages += 1
+                uffd.zeropage(self._base + i * size, (j - i) * size)
+                return
+            self.copies += 1
             uffd.copy(self._base + i * size, origin + i * size, (j - i) * size, wp=self._wp)
 
         self._each_missing_run(first, count, copy)
@@ -281,8 +303,10 @@ class CopyFrom(Resolver):
     def _each_missing_run(self, first: int, count: int, fill: Callable[[int, int], None]) -> None:
         """``fill(i, j)`` for each run ``[i, j)`` of pages among ``[first, first + count)``
         still missing and in place, one ioctl each. Pages a demand fault got to first (EEXIST)
-        are skipped, and so is a range gone (ENOENT); what stops all filling is raised."""
+        are skipped, and so is a range gone (ENOENT); what stops all filling is raised.
+        A run is all zero pages or none (see ``_zeros``)."""
         populated = self._populated
+        zeros = self._zeros
         size = self._page_size
         untouched = not self._changed  # no event yet: every page is where it was mapped
         i, end = max(first, 0), min(first + count, self._pages)
@@ -291,7 +315,12 @@ class CopyFrom(Resolver):
                 i += 1
                 continue
             j = i + 1
-            while j < end and not populated[j] and (untouched or self._in_place(j)):
+            while (
+                j < end
+                and not populated[j]
+                and (untouched or self._in_place(j))
+                and (zeros is None or zeros[j] == zeros[i])
+            ):
                 j += 1
             try:
                 fill(i, j)
@@ -321,6 +350,8 @@ class CopyFrom(Resolver):
             return None
         if self._fast is None:
             self._populated_c = (ctypes.c_uint8 * len(self._populated)).from_buffer(self._populated)
+            if self._zeros is not None and self._zeros_c is None:
+                self._zeros_c = (ctypes.c_uint8 * len(self._zeros)).from_buffer(self._zeros)
             self._fast = FastPath(
                 base=self._base,
                 pages=self._pages,
@@ -330,6 +361,7 @@ class CopyFrom(Resolver):
                 populated=ctypes.addressof(self._populated_c),
                 kind=FAST_COPY,
                 readahead=self._readahead,
+                zeros=ctypes.addressof(self._zeros_c) if self._zeros_c is not None else None,
             )
         return self._fast
 
@@ -374,10 +406,29 @@ class CopyFrom(Resolver):
                 count += 1
         return page, index, count, False
 
+    def _zero_split(self, index: int, count: int) -> tuple[bool, int]:
+        """(whether page ``index`` holds only zeros, how many of the ``count`` pages from it
+        are alike): a fault maps zero pages or copies data pages, never both at once."""
+        zeros = self._zeros
+        if zeros is None:
+            return False, count
+        zero = zeros[index]
+        n = 1
+        while n < count and zeros[index + n] == zero:
+            n += 1
+        return bool(zero), n
+
     def _copy(self, uffd: Userfaultfd, page: int, index: int, count: int, data: Any) -> None:
+        """Map ``count`` pages at ``page`` (source page ``index``) from ``data``, or zero
+        pages when ``data`` is None; the pages behind the first are only readahead."""
         length = count * self._page_size
         try:
-            uffd.copy(page, data, length, wp=self._wp)
+            if data is None:
+                self.zeropages += 1
+                uffd.zeropage(page, length)
+            else:
+                self.copies += 1
+                uffd.copy(page, data, length, wp=self._wp)
         except UffdError as exc:
             # The faulting page came first: if it was copied, the fault is
             # resolved, and the readahead behind it was only ever optional.
@@ -403,10 +454,15 @@ class CopyFrom(Resolver):
             index = (fault.address - self._base) >> shift
             if 0 <= index < self._pages:
                 page = self._base + (index << shift)
+                zeros = self._zeros
                 try:
-                    uffd._copy_nocheck(
-                        page, self._address + (index << shift), self._page_size, self._mode
-                    )
+                    if zeros is not None and zeros[index]:
+                        self.zeropages += 1
+                        uffd._zeropage_nocheck(page, self._page_size)
+                    else:
+                        uffd._copy_nocheck(
+                            page, self._address + (index << shift), self._page_size, self._mode
+                        )
                 except PageExists:
                     self._populated[index] = 1
                     raise
@@ -420,7 +476,10 @@ class CopyFrom(Resolver):
         if removed:  # zeros: nothing of the snapshot was asked for, nothing to record
             self._zero(uffd, page, index)
             return True
-        if self._fetch is not None:
+        zero, count = self._zero_split(index, count)
+        if zero:
+            self._copy(uffd, page, index, count, None)
+        elif self._fetch is not None:
             length = count * self._page_size
             data = self._fetch(index * self._page_size, length)
             _check_fetched(data, length)
