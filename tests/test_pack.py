@@ -335,12 +335,17 @@ async def test_a_working_set_recorded_on_the_pack_names_every_page(place: Path) 
 
 
 def test_the_command_line_serves_an_index(place: Path) -> None:
-    index = packed(place)
-    argv = ["serve", str(index), "--socket", str(place / "uffd.sock"), "--interval", "0.02"]
-    code = f"import sys\nfrom uffd_async.__main__ import main\nsys.exit(main({argv!r}))"
+    serve_once(place, [str(packed(place))], {})
+
+
+def serve_once(place: Path, argv: list[str], env: dict[str, str]) -> str:
+    """``serve ARGV...`` from the command line, a peer restored through it (every page
+    compared), then SIGINT; what it wrote to stderr, once it exited with 0."""
+    argv = ["serve", *argv, "--socket", str(place / "uffd.sock"), "--interval", "0.02"]
     with subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    ) as server:
+        [sys.executable, "-m", "uffd_async", *argv], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, env={**os.environ, **env},
+    ) as server:  # fmt: skip
         try:
             assert server.stderr is not None
             log = read_until(server.stderr, b"listening")
@@ -351,7 +356,9 @@ def test_the_command_line_serves_an_index(place: Path) -> None:
             if server.poll() is None:
                 server.kill()
             server.communicate(timeout=TIMEOUT)
-    assert server.returncode == 0, log.decode()
+    text = log.decode(errors="replace")
+    assert server.returncode == 0, text
+    return text
 
 
 async def test_a_layered_chain_packs_as_the_image_it_makes(tmp_path: Path) -> None:

@@ -33,10 +33,16 @@ from uffd_async._remote._pack_store import ObjectPackStore
 from uffd_async._remote._pack_writer import summarize
 
 from ._object_stores import Azurite, MotoS3, azurite, moto_s3
-from ._processes import read_until
 from ._support import TIMEOUT
-from .test_firecracker import ends_soon, place, running, stop
-from .test_pack import CHUNK, KINDS, ZERO, dies_of_sigbus_never_a_wrong_page, image
+from .test_firecracker import ends_soon, place, running
+from .test_pack import (
+    CHUNK,
+    KINDS,
+    ZERO,
+    dies_of_sigbus_never_a_wrong_page,
+    image,
+    serve_once,
+)
 from .test_replay import TOUCH, peer_config, run_peer
 
 __all__ = ["place"]  # a fixture, used by name
@@ -347,29 +353,6 @@ async def test_a_local_pack_uses_the_host_cache_too(place: Path, tmp_path: Path)
             async with ua.PackSource(index, host_cache=cache) as source:
                 assert await source.read(0, source.size) == image()
                 assert source.stats.reads == reads
-
-
-def serve_once(place: Path, argv: list[str], env: dict[str, str]) -> str:
-    """``serve ARGV...`` from the command line, a peer restored through it (every page
-    compared), then SIGINT; what it wrote to stderr, once it exited with 0."""
-    argv = ["serve", *argv, "--socket", str(place / "uffd.sock"), "--interval", "0.02"]
-    with subprocess.Popen(
-        [sys.executable, "-m", "uffd_async", *argv], stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, env={**os.environ, **env},
-    ) as server:  # fmt: skip
-        try:
-            assert server.stderr is not None
-            log = read_until(server.stderr, b"listening")
-            anyio.run(run_peer, peer_config(place, TOUCH, all=True))
-            log += read_until(server.stderr, b"connections 1 (0 active")
-            log += stop(server)
-        finally:
-            if server.poll() is None:
-                server.kill()
-            server.communicate(timeout=TIMEOUT)
-    text = log.decode(errors="replace")
-    assert server.returncode == 0, text
-    return text
 
 
 def test_the_command_line_serves_an_s3_index_with_a_host_cache(
