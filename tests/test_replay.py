@@ -26,6 +26,7 @@ import pytest
 
 import uffd_async as ua
 from uffd_async.__main__ import main
+from uffd_async._restore._replay import Replay
 
 from ._processes import read_until
 from ._support import TIMEOUT
@@ -239,6 +240,16 @@ async def test_recording_while_populating_records_demand_faults_only(place: Path
         assert not ws_path.exists()  # nothing recorded, nothing saved
 
 
+def test_a_set_for_a_snapshot_of_another_size_says_both_sizes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorded = ua.WorkingSet(snapshot_size=8 * P, identity=b"\1" * 16, pages=(0, 1))
+    replay = Replay(prefetch=recorded)
+    replay.open(16 * P, b"\1" * 16)
+    assert f"recorded for another snapshot (size {8 * P}, not {16 * P})" in caplog.text
+    assert replay.working_set is None  # not replayed
+
+
 @pytest.mark.anyio
 async def test_a_set_recorded_for_another_snapshot_is_not_replayed(
     place: Path, caplog: pytest.LogCaptureFixture
@@ -251,7 +262,8 @@ async def test_a_set_recorded_for_another_snapshot_is_not_replayed(
         await run_peer(peer_config(place, TOUCH, all=True))
         await ends_soon(server)
         stats = server.stats
-    assert "recorded for another snapshot" in caplog.text and "serving lazily" in caplog.text
+    assert "recorded for another snapshot (other contents)" in caplog.text
+    assert "serving lazily" in caplog.text and "size" not in caplog.text  # the same size
     assert (stats.prefetched, stats.faults, stats.errors) == (0, 2 * PAGES, 0)
 
 

@@ -94,11 +94,13 @@ class Replay:
                     f"{self.record_path} holds a working set recorded for another snapshot: "
                     "recording there would overwrite it; record to another file",
                 )
+            recorded = self.working_set.snapshot_size
+            differs = f"size {recorded}, not {size}" if recorded != size else "other contents"
             logger.warning(
-                "the working set was recorded for another snapshot (size %d, not %d, or other "
-                "contents): it is not replayed; serving lazily",
-                self.working_set.snapshot_size, size,
-            )  # fmt: skip
+                "the working set was recorded for another snapshot (%s): it is not replayed; "
+                "serving lazily",
+                differs,
+            )
             self.working_set = None
         if self.record_path is not None:
             self.recorder = WorkingSetRecorder(size, identity, base=self.working_set)
