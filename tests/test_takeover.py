@@ -36,6 +36,7 @@ from uffd_async._handoff._server import HandoffServer
 
 from ._processes import cli_server, read_until
 from ._support import TIMEOUT, short_directory, source_bytes
+from .conftest import needs_root
 
 P = ua.PAGE_SIZE
 PAGES = 1024
@@ -139,6 +140,7 @@ def server(place: Path, **options: Any) -> HandoffServer:
     return HandoffServer(place / "uffd.sock", place / "guest.mem", **options)
 
 
+@needs_root  # the peer asks for EVENT_FORK (CAP_SYS_PTRACE), in its own process
 @pytest.mark.anyio
 async def test_successors_take_over_mid_stream(
     place: Path, caplog: pytest.LogCaptureFixture
@@ -187,6 +189,7 @@ async def test_successors_take_over_mid_stream(
     assert "handed over to pid" in caplog.text
 
 
+@needs_root  # the peer asks for EVENT_FORK (CAP_SYS_PTRACE), in its own process
 @pytest.mark.anyio
 async def test_a_successor_of_another_version_is_refused_and_serving_goes_on(
     place: Path, caplog: pytest.LogCaptureFixture
@@ -205,6 +208,7 @@ async def test_a_successor_of_another_version_is_refused_and_serving_goes_on(
         assert first.stats.forks == 1
 
 
+@needs_root  # the peer asks for EVENT_FORK (CAP_SYS_PTRACE), in its own process
 @pytest.mark.anyio
 async def test_a_successor_that_dies_mid_handover_leaves_the_server_serving(place: Path) -> None:
     first = server(place)
@@ -247,6 +251,7 @@ def cli_peer(place: Path) -> Iterator[subprocess.Popen[bytes]]:
             peer.communicate(timeout=TIMEOUT)
 
 
+@needs_root  # the peer asks for EVENT_FORK (CAP_SYS_PTRACE), in its own process
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_serve_takeover_takes_over_and_the_old_one_exits_0(place: Path, backend: str) -> None:
     with cli_server(place, backend) as old, cli_peer(place) as peer:
@@ -297,6 +302,7 @@ class Held(ua.Resolver):
         return Held(self.inner.fork(), self.answered)
 
 
+@needs_root  # the peer asks for EVENT_FORK (CAP_SYS_PTRACE), in its own process
 @pytest.mark.anyio
 async def test_faults_read_and_not_answered_are_woken_for_the_successor(place: Path) -> None:
     with ua.Snapshot(place / "guest.mem") as snapshot:
