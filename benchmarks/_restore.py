@@ -72,6 +72,7 @@ from anyio.abc import ByteSendStream, Process
 
 import uffd_async as ua
 from uffd_async._core._loops import choose_backend, uvloop_available
+from uffd_async._restore._native_replay import native_replay
 
 from . import _build
 from ._c import native
@@ -109,8 +110,10 @@ class Handler:
     #: Copied before the go byte: the working set (REAP-style) or everything (eager).
     first: Literal["set", "all"] | None = None
     #: No process at all: the set copied alone (see ``_floor``), in C, from Python with
-    #: no loop, or by ``ua.prefetch`` on the loop.
+    #: no loop, or by ``ua.prefetch``.
     floor: Literal["c", "python", "prefetch"] | None = None
+    #: The prefetch's replay on the event loop (``native_replay(False)``), not in C.
+    loop: bool = False
 
 
 FLOORS = (
@@ -124,6 +127,7 @@ HANDLERS = (
     Handler(key="lazy", label="lazy"),
     Handler(key="readahead", label=f"lazy + readahead {READAHEAD}", readahead=READAHEAD),
     Handler(key="prefetch", label="prefetch", prefetch=True),
+    Handler(key="prefetch_loop", label="prefetch, replay on the loop", prefetch=True, loop=True),
     Handler(
         key="prefetch_readahead",
         label=f"prefetch + readahead {READAHEAD}",
@@ -135,7 +139,7 @@ HANDLERS = (
     Handler(key="populate", label="prefetch + populate all", prefetch=True, populate=True),
 )
 #: Zero-heavy snapshots: lazy, and the two ways of populating everything.
-ZERO_HANDLERS = (HANDLERS[0], HANDLERS[5], HANDLERS[6])
+ZERO_HANDLERS = (HANDLERS[0], HANDLERS[6], HANDLERS[7])
 
 
 # -- the working sets ---------------------------------------------------------
@@ -270,12 +274,13 @@ async def _served_by_handoff_server(
         populate=handler.populate,
         record=record,
     )
-    async with anyio.create_task_group() as tg:
-        server: ua.HandoffServer = await tg.start(serving)
-        async with _peer(setup, path, workload, wait=False) as process:
-            ready, first = await _result(process)
-        stats = await handoff_over(server)
-        tg.cancel_scope.cancel()
+    with native_replay(not handler.loop):
+        async with anyio.create_task_group() as tg:
+            server: ua.HandoffServer = await tg.start(serving)
+            async with _peer(setup, path, workload, wait=False) as process:
+                ready, first = await _result(process)
+            stats = await handoff_over(server)
+            tg.cancel_scope.cancel()
     return Sample(ready_ns=ready, first_ns=first, faults=stats.faults, prefetched=stats.prefetched)
 
 

@@ -2,8 +2,9 @@
 
     python -m tests._takeover_peer '{"socket": ..., "snapshot": ..., "pages": 2048}'
 
-It maps ``pages`` anonymous pages, registers them MISSING with EVENT_REMOVE and
-EVENT_FORK (as Firecracker registers with EVENT_REMOVE), hands the uffd over with
+It maps ``pages`` anonymous pages, registers them MISSING with EVENT_REMOVE (as
+Firecracker registers), and EVENT_FORK only when it will fork (EVENT_FORK needs
+CAP_SYS_PTRACE: a peer with ``fork: false`` runs as any user), hands the uffd over with
 one mapping at offset 0 of ``snapshot``, reads the first ``warm`` pages (default
 16), discards the first ``discard`` of them (default 8: a Remove event, read by
 the server before any takeover), and prints ``ready``. Then, with ``fork``
@@ -11,6 +12,12 @@ the server before any takeover), and prints ``ready``. Then, with ``fork``
 the first (after printing ``forked``), one page every ``interval`` seconds
 (default 0.0005), each checked
 whole: the discarded pages must read zeros, every other page the snapshot's bytes.
+Without ``fork``, it reads from page ``warm`` on, or with ``again`` from page 0 (the
+discarded pages first); with ``hold``, before ``ready`` it reads the ``after`` pages
+from ``warm`` on (default 1: a fault answered after its server applied the Remove, as
+the kernel lets the discard return once the server has only read it), and after
+``ready`` it waits for a line on stdin (its server can be killed and another started
+meanwhile).
 At the end the parent prints ``max_ns N faults K`` (the longest single access, in
 ns, over both processes, and how many pages were read), then ``ok``, or ``wrong``
 and exits 1 when a page read wrong or the child failed.
@@ -41,7 +48,9 @@ def main() -> None:
     interval = float(config.get("interval", 0.0005))
     with open(config["snapshot"], "rb") as file:
         snapshot = file.read(pages * P)
-    uffd = ua.Userfaultfd.open(ua.Feature.EVENT_REMOVE | ua.Feature.EVENT_FORK)
+    forks = bool(config.get("fork", True))
+    features = ua.Feature.EVENT_REMOVE | (ua.Feature.EVENT_FORK if forks else ua.Feature(0))
+    uffd = ua.Userfaultfd.open(features)
     region = ua.Region.anonymous(pages * P)
     uffd.register(region.address, region.length)
     mapping = ua.GuestMapping(
@@ -78,13 +87,20 @@ def main() -> None:
         return longest, right
 
     read(0, warm, 0)
-    region.discard(0, discard * P)
+    if discard:
+        region.discard(0, discard * P)  # returns once the server has read the Remove
     discarded[0] = discard
+    hold = bool(config.get("hold", False))
+    if hold:
+        read(warm, warm + int(config.get("after", 1)), 0)
     print("ready", flush=True)
+    if hold:
+        sys.stdin.readline()
     half = pages // 2
-    if not config.get("fork", True):
-        longest, right = read(warm, pages, interval)
-        finish(longest, right, pages - warm)
+    if not forks:
+        first = 0 if config.get("again", False) else warm
+        longest, right = read(first, pages, interval)
+        finish(longest, right, pages - first)
         return
     reader, writer = os.pipe()
     child = os.fork()

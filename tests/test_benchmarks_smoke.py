@@ -94,7 +94,8 @@ def check_restore(scenario: dict[str, Any], rounds: int) -> None:
     assert scenario["recorded_pages"] == scenario["set_pages"] > 0
     results = {(r["backend"], r["workload"], r["handler"]): r for r in scenario["results"]}
     floors = {"floor_c", "floor_python", "floor_prefetch"}
-    handlers = {"lazy", "readahead", "prefetch", "prefetch_readahead", "reap", "eager", "populate"}
+    handlers = {"lazy", "readahead", "prefetch", "prefetch_loop", "prefetch_readahead", "reap"}
+    handlers |= {"eager", "populate"}
     assert set(results) == {
         (backend, workload, handler)
         for backend in LOOPS

@@ -86,6 +86,7 @@ EXPECTED = {
     "continue_minor",
     "copy_from",
     "decode",
+    "native_replay",
     "pack_snapshot",
     "encode_mappings",
     "parse_mappings",
@@ -130,7 +131,8 @@ def test_flag_members() -> None:
 def test_handle_methods() -> None:
     for name in [
         "open", "fileno", "close", "register", "unregister", "copy", "zeropage",
-        "writeprotect", "continue_", "poison", "move", "wake", "read_events",
+        "writeprotect", "continue_", "poison", "move", "wake", "read_events", "lend_reads",
+        "borrower_paused",
     ]:  # fmt: skip
         assert callable(getattr(ua.Userfaultfd, name)), name
     for name in ["closed", "features"]:

@@ -33,11 +33,6 @@ import pytest
 from ._support import TIMEOUT, short_directory, source_bytes
 from .conftest import needs_root
 
-# The peers here ask for EVENT_FORK (their fork children's uffds go to the store), which
-# needs CAP_SYS_PTRACE: the kernel's refusal is in the peer's process, where the suite's
-# skip-on-refusal cannot see it.
-pytestmark = needs_root
-
 PAGES = 512
 P = 4096
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +91,11 @@ class FakeSystemd:
                 seen += chunk
         return seen
 
+    def take_queued(self) -> None:
+        """Take every notify message already sent (a dead server's last ones too)."""
+        while select.select([self.sock], [], [], 0)[0]:
+            self._take()
+
     def names(self, prefix: str) -> list[str]:
         return [name for name in self.stored if name.startswith(prefix)]
 
@@ -128,7 +128,7 @@ def systemd(place: Path) -> Iterator[tuple[FakeSystemd, socket.socket]]:
 
 
 def start(
-    place: Path, backend: str, store: FakeSystemd, passed: list[tuple[int, str]]
+    place: Path, backend: str, store: FakeSystemd, passed: list[tuple[int, str]], *more: str
 ) -> tuple[subprocess.Popen[bytes], bytes]:
     """``serve`` as systemd starts it: ``passed`` at fds 3 and up, named; and what it
     logged up to listening."""
@@ -147,7 +147,7 @@ def start(
         os.environ.update(environment, LISTEN_PID=str(os.getpid()))
 
     command = [sys.executable, "-m", "uffd_async", "serve", str(place / "guest.mem")]
-    command += ["--interval", "0.05", "--backend", backend]
+    command += ["--interval", "0.05", "--backend", backend, *more]
     server = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
@@ -160,11 +160,12 @@ def start(
 
 
 @contextlib.contextmanager
-def peer(place: Path) -> Iterator[subprocess.Popen[bytes]]:
+def peer(place: Path, **extra: Any) -> Iterator[subprocess.Popen[bytes]]:
     config = {"socket": str(place / "uffd.sock"), "snapshot": str(place / "guest.mem")}
     command = [sys.executable, "-m", "tests._takeover_peer"]
-    command.append(json.dumps({**config, "pages": PAGES, "interval": 0.004}))
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE) as process:
+    command.append(json.dumps({**config, "pages": PAGES, "interval": 0.004, **extra}))
+    stdin = subprocess.PIPE if extra.get("hold") else None
+    with subprocess.Popen(command, cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE) as process:
         try:
             yield process
         finally:
@@ -173,6 +174,10 @@ def peer(place: Path) -> Iterator[subprocess.Popen[bytes]]:
             process.communicate(timeout=TIMEOUT)
 
 
+# The peer forks (its child's uffd goes to the store), so it asks for EVENT_FORK, which
+# needs CAP_SYS_PTRACE: the kernel's refusal is in the peer's process, where the suite's
+# skip-on-refusal cannot see it.
+@needs_root
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_a_killed_server_loses_nothing_and_its_restart_serves_on(place: Path, backend: str) -> None:
     with systemd(place) as (store, listener):
@@ -228,6 +233,92 @@ def test_a_killed_server_loses_nothing_and_its_restart_serves_on(place: Path, ba
             first.communicate(timeout=TIMEOUT)
 
 
+@pytest.mark.parametrize("discard", [8, 0])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_remove_read_just_before_a_crash_is_in_the_stored_state(
+    place: Path, backend: str, discard: int
+) -> None:
+    """The state is pushed as soon as an event is applied, before the faults read with it
+    are answered: a server killed the moment it answered the fault that follows a discard
+    leaves a state with the Remove, and the next one serves zeros there. (Without a
+    discard: a new peer's fds are stored before its first fault is answered.)"""
+    with systemd(place) as (store, listener):
+        first, _ = start(place, backend, store, [(listener.fileno(), "handoff")])
+        try:
+            options = {"fork": False, "hold": True, "again": True, "interval": 0}
+            with peer(place, **options, discard=discard) as process:
+                assert process.stdout is not None and process.stdin is not None
+                store.read_until(process.stdout, b"ready")
+                first.send_signal(signal.SIGKILL)  # at once: it applied the Remove just now
+                first.wait(timeout=TIMEOUT)
+                store.take_queued()
+                passed = [
+                    (listener.fileno(), "handoff"),
+                    *((fd, n) for n, fd in store.stored.items()),
+                ]
+                second, started = start(place, backend, store, passed)
+                try:
+                    assert b"resumed from the fd store: 1 processes served again" in started
+                    process.stdin.write(b"go\n")
+                    process.stdin.flush()
+                    out = store.read_until(process.stdout, b"ok\n")  # page 0 on: zeros first
+                    assert process.wait(timeout=TIMEOUT) == 0, out
+                finally:
+                    second.kill()
+                    second.communicate(timeout=TIMEOUT)
+        finally:
+            if first.poll() is None:
+                first.kill()
+            first.communicate(timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_stopped_server_leaves_its_peers_in_the_store(place: Path, backend: str) -> None:
+    """Stopping (SIGINT: cancelled) ends every handoff's serving, and removes none of their
+    fds from the store: the next server serves them (only a peer gone has its fds removed)."""
+    with systemd(place) as (store, listener):
+        server, _ = start(place, backend, store, [(listener.fileno(), "handoff")])
+        try:
+            with peer(place, fork=False, hold=True, interval=0) as process:
+                assert process.stdout is not None and server.stderr is not None
+                store.read_until(process.stdout, b"ready")
+                server.send_signal(signal.SIGINT)
+                err = store.read_until(server.stderr, b"stopped; ")
+                _, rest = server.communicate(timeout=TIMEOUT * 3)
+                assert server.returncode == 0, err + rest
+                store.take_queued()
+                assert store.names("uffd.") and store.names("conn.")
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.communicate(timeout=TIMEOUT)
+
+
+def test_pages_recorded_reach_the_store_at_the_next_look(place: Path) -> None:
+    """An event's push carries the recording as the last look saw it (that push is quick:
+    the faults read with the event wait for it); the next look pushes what was recorded
+    before it, though nothing changed since."""
+    from uffd_async._handoff._succession import decode_state
+    from uffd_async._handoff._takeover import read_state
+
+    def recorded() -> set[int]:
+        newest = max(store.names("ua-state."), key=lambda name: int(name.split(".")[1]))
+        return set(decode_state(read_state(store.stored[newest])).recording or ())
+
+    with systemd(place) as (store, listener):
+        passed = [(listener.fileno(), "handoff")]
+        first, _ = start(place, "asyncio", store, passed, "--record", str(place / "ws"))
+        try:
+            with peer(place, fork=False, hold=True, after=0, interval=0) as process:
+                assert process.stdout is not None
+                store.read_until(process.stdout, b"ready")  # 16 pages read, a discard, nothing
+                wanted = set(range(16))
+                store.pump(lambda: wanted <= recorded(), "the pages read in the stored state")
+        finally:
+            first.kill()
+            first.communicate(timeout=TIMEOUT)
+
+
 @pytest.mark.anyio
 async def test_faults_a_dead_server_read_are_woken_for_the_next(place: Path) -> None:
     """A server killed between reading a fault and answering it: the kernel never sends
@@ -247,6 +338,7 @@ async def test_faults_a_dead_server_read_are_woken_for_the_next(place: Path) -> 
     command = [sys.executable, "-m", "tests._takeover_peer"]
     command.append(json.dumps({**config, "pages": 64, "fork": False, "interval": 0}))
     process = await anyio.open_process(command, cwd=ROOT)
+    listener.settimeout(TIMEOUT)  # a peer that never connects fails the test, never hangs it
     try:
         with listener:
             conn, _ = await anyio.to_thread.run_sync(listener.accept)

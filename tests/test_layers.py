@@ -31,6 +31,7 @@ from uffd_async._capture._layer_file import HEADER_SIZE, LayerHeader
 from ._processes import read_until
 from ._support import TIMEOUT, Lab, finished
 from .test_firecracker import cli_server, ends_soon, place, running, stop
+from .test_prefetch import queued
 from .test_replay import run_peer
 
 __all__ = ["place"]  # a fixture, used by name
@@ -549,20 +550,48 @@ async def test_remapped_pages_keep_their_layer_bytes(
     assert region.read(0, region.length) == chain.expected
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "on-the-loop"])
 async def test_populating_copies_each_piece_from_its_file(
-    lab: Lab, chain: Chain, layered: ua.LayeredSnapshot
+    lab: Lab, chain: Chain, layered: ua.LayeredSnapshot, native: bool
 ) -> None:
+    """Natively (one part a span, each from its own file) or on the loop: every page
+    from the layer that holds it."""
     region = lab.anonymous(PAGES)
     uffd = lab.uffd(ua.Feature.EVENT_REMOVE)
     uffd.register(region.address, region.length)
     resolver = layered.resolver([mapping(region.address, PAGES)])
-    with anyio.fail_after(TIMEOUT):
+    with anyio.fail_after(TIMEOUT), ua.native_replay(native):
         async with ua.FaultServer(uffd, resolver) as server:
             stats = await ua.prefetch(uffd, resolver, None, populate=True)
             assert stats.populated
             data = await finished(lab.run(lambda: region.read(0, region.length)))
     assert data == chain.expected
     assert server.stats.faults == 0
+    assert (sum(resolver.fill_ioctls().values()) == 0) == native  # the loop's are counted
+
+
+async def test_a_working_set_replays_natively_from_every_layer(
+    lab: Lab, chain: Chain, layered: ua.LayeredSnapshot
+) -> None:
+    """A set over every page, a fault queued far ahead: the thread answers it with the
+    rest of its run, each page from its own layer, and the set from every layer."""
+    region = lab.anonymous(PAGES)
+    uffd = lab.uffd(ua.Feature.EVENT_REMOVE)
+    uffd.register(region.address, region.length)
+    resolver = layered.resolver([mapping(region.address, PAGES)])
+    order = random.Random(3).sample(range(PAGES), PAGES)
+    working_set = ua.WorkingSet(snapshot_size=layered.size, identity=layered.identity, pages=order)
+    assert len(resolver.memory_parts() or []) > 2  # one part a span
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(uffd, resolver) as server:
+            toucher = lab.touch(region.address + order[-1] * P, P, write=False)
+            queued(uffd)
+            stats = await ua.prefetch(uffd, resolver, working_set)
+            await finished(toucher)
+            data = await finished(lab.run(lambda: region.read(0, region.length)))
+    assert data == chain.expected
+    assert (stats.faults_answered, server.stats.faults) == (1, 0)
+    assert resolver.fill_ioctls() == {"COPY": 0, "ZEROPAGE": 0}
 
 
 def test_huge_pages_must_come_from_one_file(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ async def test_the_figures_add_up_while_a_replay_runs(socket_path: str, big_snap
         check_adds_up(stats)
     during = [s for s in samples if s.active and 0 < s.prefetched < PAGES]
     assert during, "no sample was taken while the replay ran"
-    assert any(0 < s.populated < 1 for s in during)
+    assert any(0 < s.populated < 1 for s in during), during
     check_adds_up(final)
     assert (final.prefetched, final.pages, final.resident, final.served) == (
         PAGES - final.faults, PAGES, 1, 1,

@@ -11,25 +11,21 @@ place, no hang. Faulting threads touch memory through ctypes (``Lab.touch``,
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
+import attrs
 import pytest
 
 import uffd_async as ua
 from uffd_async._core import _native
-from uffd_async._core._abi import EVENT_REMOVE
-from uffd_async._restore._native_replay import (
-    _gated_reader,
-    can_replay_natively,
-    native_replay,
-    replay_natively,
-)
+from uffd_async._restore._native_replay import native_replay, replay_natively
 
-from ._support import TIMEOUT, Lab, finished, source_bytes
+from ._support import TIMEOUT, Lab, finished, pattern, source_bytes
 from .test_prefetch import KINDS, PAGES, P, Runs, Setup, everything, queued, snapshot
 
 
@@ -113,10 +109,12 @@ async def test_the_working_set_is_copied_natively(
     right, demand faults only outside the set."""
     pages = random.Random(5).sample(range(PAGES), 40)
     runs = Runs(setup.resolver, monkeypatch)
-    assert can_replay_natively(setup.resolver)
+    assert cast(Any, setup.resolver).memory_parts() is not None
     with anyio.fail_after(TIMEOUT):
         async with ua.FaultServer(setup.uffd, setup.resolver) as server:
-            stats = await ua.prefetch(setup.uffd, setup.resolver, setup.working_set(pages))
+            stats = await ua.prefetch(
+                setup.uffd, setup.resolver, setup.working_set(pages), readahead=0
+            )
             assert await setup.read_all(lab) == setup.expected
     assert runs.log == [], "the loop's path copied runs the native replay should have"
     assert stats.prefetched == 40 and stats.working_set_done
@@ -168,10 +166,13 @@ async def test_a_fault_far_ahead_of_the_replay(lab: Lab, big: Big) -> None:
 
 
 @pytest.mark.parametrize("at", [0, 1024, 3000])
-async def test_a_discard_during_the_replay(lab: Lab, big: Big, at: int) -> None:
+async def test_a_discard_during_the_replay(
+    lab: Lab, big: Big, at: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once the replay copied page ``at``, pages 2048-2303 and 0-63 are discarded
     (MADV_DONTNEED): whenever the REMOVE lands, they read zeros, never source bytes, and
-    everything else is right."""
+    everything else is right; the rest is planned again natively (the loop copies none)."""
+    runs = Runs(big.resolver, monkeypatch)
     discarding: list[Any] = []
 
     async def discard_when_reached() -> None:
@@ -196,7 +197,7 @@ async def test_a_discard_during_the_replay(lab: Lab, big: Big, at: int) -> None:
                 big.expected
             )
     assert server.stats.events == 2
-    assert stats.working_set_done
+    assert stats.working_set_done and runs.log == []
 
 
 async def test_an_event_unread_when_the_replay_starts(lab: Lab, setup: Setup) -> None:
@@ -216,9 +217,13 @@ async def test_an_event_unread_when_the_replay_starts(lab: Lab, setup: Setup) ->
     assert server.stats.events == 1
 
 
-async def test_an_mremap_during_the_replay(lab: Lab, big: Big) -> None:
+async def test_an_mremap_during_the_replay(
+    lab: Lab, big: Big, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The second half moves (mremap) once the replay copied page 1024: whenever the REMAP
-    lands, both halves read the source's bytes at their new places."""
+    lands, both halves read the source's bytes at their new places, the moved half
+    replayed natively at its new place (the loop copies none)."""
+    runs = Runs(big.resolver, monkeypatch)
     tail = lab.adopt_region(ua.Region(big.region.address + BIG // 2 * P, BIG // 2 * P))
     moving: list[Any] = []
 
@@ -238,7 +243,7 @@ async def test_an_mremap_during_the_replay(lab: Lab, big: Big) -> None:
             moved = await finished(lab.run(lambda: tail.read(0, BIG // 2 * P)))
     assert head == big.source[: BIG // 2 * P] and moved == big.source[BIG // 2 * P :]
     assert server.stats.events == 1
-    assert stats.working_set_done
+    assert stats.working_set_done and runs.log == []
 
 
 async def test_cancelled_mid_replay(lab: Lab, bigger: Big) -> None:
@@ -254,51 +259,38 @@ async def test_cancelled_mid_replay(lab: Lab, bigger: Big) -> None:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_when_reached)
-            await replay_natively(big.uffd, big.resolver, [(page, 1) for page in range(big.pages)])
+            await replay_natively(
+                big.uffd, big.resolver.memory_parts(), [(page, 1) for page in range(big.pages)]
+            )
     copied = bytes(big.populated).count(1)
-    assert "_read_raw" not in vars(big.uffd), "the gated read outlived the replay"
+    assert big.uffd._loan is None, "the reads stayed lent after the replay"
     await anyio.sleep(0.05)
     assert bytes(big.populated).count(1) == copied, "the thread copied after it was cancelled"
     assert 1024 < copied < big.pages, "the replay was not stopped"
 
 
-async def test_a_resolver_that_does_not_qualify_goes_the_loops_way(
+async def test_pages_removed_before_are_left_to_the_server(
     lab: Lab, setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After an event was applied (a layout changed), the whole set goes the loop's way."""
+    """After a discard was applied, the set still replays natively (the loop's path copies
+    nothing), around the removed pages: those are blocked, never mapped by the thread;
+    read, they fault to the server, which maps zeros."""
     runs = Runs(setup.resolver, monkeypatch)
     with anyio.fail_after(TIMEOUT):
-        async with ua.FaultServer(setup.uffd, setup.resolver):
+        async with ua.FaultServer(setup.uffd, setup.resolver) as server:
             await finished(lab.run(lambda: setup.region.discard(0, 4 * P)))
-            assert not can_replay_natively(setup.resolver)
+            [part] = cast(Any, setup.resolver).memory_parts()
+            assert part.blocked is not None and bytes(part.blocked[:5]) == b"\1\1\1\1\0"
+            toucher = lab.touch(setup.region.address + P, 1, write=False)  # the thread reads it
+            queued(setup.uffd)
             stats = await ua.prefetch(
                 setup.uffd, setup.resolver, setup.working_set([*range(PAGES)])
             )
+            await finished(toucher)
             setup.expected[: 4 * P] = bytes(4 * P)
             assert await setup.read_all(lab) == setup.expected
-    assert runs.log and stats.prefetched == PAGES - 4
-
-
-async def test_the_gated_read_stops_the_replay_on_an_event(lab: Lab) -> None:
-    """The read the server makes while the thread copies (``ua_gated_read``): a batch of
-    faults leaves the replay going; a REMOVE stops it (before its next copy), so no copy
-    is issued after the discard it announces was let go on."""
-    region = lab.anonymous(8)
-    uffd = lab.uffd(ua.Feature.EVENT_REMOVE)
-    uffd.register(region.address, region.length)
-    control = _native.ReplayControl()
-    read = _gated_reader(uffd, control)
-    toucher = lab.touch(region.address, 1, write=False)
-    queued(uffd)
-    faults = read(8)
-    assert faults and not control.stop, "a page fault stopped the replay"
-    uffd.zeropage(region.address, P)  # answer it: the toucher goes on
-    await finished(toucher)
-    discarding = lab.run(lambda: region.discard(0, 8 * P))
-    queued(uffd)
-    assert read(8) and control.stop and control.event == EVENT_REMOVE
-    await finished(discarding)
-    assert read(8) == b""
+    assert runs.log == [] and stats.prefetched == PAGES - 4
+    assert server.stats.faults == 4  # the removed pages: zeros, one by one, from the server
 
 
 async def test_a_closed_uffd_ends_the_replay(lab: Lab, bigger: Big) -> None:
@@ -319,3 +311,181 @@ async def test_a_closed_uffd_ends_the_replay(lab: Lab, bigger: Big) -> None:
     await anyio.sleep(0.05)
     assert bytes(big.populated).count(1) == copied, "the thread copied after the close"
     assert 1024 < copied < big.pages and not stats.working_set_done
+
+
+# -- the thread answers the faults while it runs -------------------------------------------
+
+
+def runs_of(pages: int, size: int) -> list[tuple[int, int]]:
+    return [(first, min(size, pages - first)) for first in range(0, pages, size)]
+
+
+async def test_a_fault_ahead_moves_the_replay_past_it(lab: Lab, big: Big) -> None:
+    """A fault queued in run 187 (of 16-page runs) before the replay starts: the thread
+    reads it first, answers it with the rest of that run, goes on from run 188 (one
+    jump), and maps the runs it passed afterwards; the server reads no fault."""
+    page = 187 * 16 + 5
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(big.uffd, big.resolver) as server:
+            toucher = lab.touch(big.region.address + page * P, 1, write=False)
+            queued(big.uffd)
+            progress = await replay_natively(
+                big.uffd, big.resolver.memory_parts(), runs_of(BIG, 16)
+            )
+            await finished(toucher)
+            got = await finished(lab.run(lambda: big.region.read(0, big.region.length)))
+    assert got == big.source
+    assert (progress.faults, progress.jumps, progress.left) == (1, 1, [])
+    assert progress.pages == BIG and progress.set_done
+    assert server.stats.faults == 0 and big.uffd._loan is None
+
+
+async def test_a_fault_outside_the_set_brings_readahead_natively(lab: Lab, big: Big) -> None:
+    """A fault outside the set, answered by the thread: its page and ``readahead`` pages
+    behind it (the part's), not one more; the set's runs untouched by it."""
+    parts = [attrs.evolve(part, readahead=9) for part in big.resolver.memory_parts()]
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(big.uffd, big.resolver) as server:
+            toucher = lab.touch(big.region.address + 3000 * P, 1, write=False)
+            queued(big.uffd)
+            progress = await replay_natively(big.uffd, parts, runs_of(1024, 64))
+            await finished(toucher)
+    populated = bytes(big.populated)
+    assert populated[3000:3010] == b"\1" * 10 and populated[3010] == 0
+    assert populated[:1024] == b"\1" * 1024 and populated.count(1) == 1034
+    assert (progress.faults, progress.jumps, progress.pages) == (1, 0, 1034)
+    assert server.stats.faults == 0
+
+
+async def test_a_fault_it_cannot_answer_goes_to_the_server(lab: Lab, big: Big) -> None:
+    """The thread is given the first half only; a fault queued in the second half is
+    handed back (the server answers it, from the whole resolver), and the thread starts
+    again and finishes the set."""
+    parts = [attrs.evolve(part, pages=BIG // 2) for part in big.resolver.memory_parts()]
+    page = BIG // 2  # the first page past the thread's part
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(big.uffd, big.resolver) as server:
+            toucher = lab.touch(big.region.address + page * P, 1, write=False)
+            queued(big.uffd)
+            progress = await replay_natively(big.uffd, parts, runs_of(BIG // 2, 64))
+            await finished(toucher)
+            half = await finished(lab.run(lambda: big.region.read(0, BIG // 2 * P)))
+            assert server.stats.faults >= 1
+    assert half == big.source[: BIG // 2 * P]
+    assert bytes(big.populated[page : page + 1]) == b"\1"
+    assert (progress.handed_back, progress.left, progress.pages) == (1, [], BIG // 2)
+
+
+async def test_populate_goes_natively_too(
+    lab: Lab, setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``populate=True``: the set, then everything else, all by the thread."""
+    runs = Runs(setup.resolver, monkeypatch)
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(setup.uffd, setup.resolver) as server:
+            stats = await ua.prefetch(
+                setup.uffd, setup.resolver, setup.working_set([50, 51, 3]), populate=True
+            )
+            assert stats.working_set_done and stats.populated
+            assert stats.prefetched == PAGES and stats.working_set_seconds <= stats.seconds
+            assert await setup.read_all(lab) == setup.expected
+    assert runs.log == [] and server.stats.faults == 0
+
+
+async def test_zero_pages_are_mapped_not_copied(lab: Lab, tmp_path: Path) -> None:
+    """A snapshot of mostly zero pages: the thread maps its zero runs as the zero page
+    (counted), copies the data, and a write to a zero-filled page gets a page of its own."""
+    layout = ("D" + "Z" * 7) * 64  # 512 pages, one in eight data
+    path = tmp_path / "zeros.bin"
+    image = b"".join(pattern(i) if kind == "D" else bytes(P) for i, kind in enumerate(layout))
+    path.write_bytes(image)
+    region = lab.anonymous(len(layout))
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    mapping = ua.GuestMapping(
+        base_host_virt_addr=region.address, size=region.length, offset=0, page_size=P
+    )
+    with ua.Snapshot(path) as snapshot:
+        resolver = snapshot.resolver([mapping])
+        with anyio.fail_after(TIMEOUT):
+            async with ua.FaultServer(uffd, resolver) as server:
+                progress = await replay_natively(
+                    uffd, resolver.memory_parts() or [], runs_of(len(layout), 32)
+                )
+                await finished(lab.run(lambda: region.write(9 * P + 10, b"written")))
+                got = await finished(lab.run(lambda: region.read(0, region.length)))
+    expected = bytearray(image)
+    expected[9 * P + 10 : 9 * P + 17] = b"written"
+    assert got == expected
+    assert progress.zero_pages == layout.count("Z") and progress.pages == len(layout)
+    assert server.stats.faults == 0
+
+
+async def test_prefetch_brings_readahead_outside_the_set(lab: Lab, setup: Setup) -> None:
+    """Through ``prefetch()``: a fault outside the set queued before it starts (the thread
+    answers it) and one after the set is done (the server's C loop answers it) each bring
+    15 pages behind them by default, stopping at pages already there."""
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(setup.uffd, setup.resolver) as server:
+            toucher = lab.touch(setup.region.address + 2 * P, 1, write=False)
+            queued(setup.uffd)
+            stats = await ua.prefetch(setup.uffd, setup.resolver, setup.working_set([40, 41]))
+            await finished(toucher)
+            await finished(lab.touch(setup.region.address + 37 * P, 1, write=False))
+            populated = setup.populated()
+            assert await setup.read_all(lab) == setup.expected
+    assert stats.faults_answered == 1 and stats.prefetched == 2 + 16
+    assert populated[2:18] == [1] * 16 and populated[18] == 0
+    assert populated[36:42] == [0, 1, 1, 1, 1, 1]
+    assert server.stats.faults >= 1
+
+
+async def test_a_write_protect_fault_goes_to_the_server(lab: Lab, tmp_path: Path) -> None:
+    """Pages mapped write-protected (``copy_from(wp=True)``): a write to one is a WP fault,
+    which the thread never answers (it hands it back); the server unprotects it, the
+    writer goes on, and the replay finishes."""
+    pages = 1024
+    source = source_bytes(pages)
+    region = lab.anonymous(pages)
+    uffd = lab.uffd(ua.Feature.PAGEFAULT_FLAG_WP)
+    uffd.register(region.address, region.length, ua.Mode.MISSING | ua.Mode.WP)
+    copier = ua.copy_from(source, base=region.address, wp=True)
+    resolver = ua.by_kind(missing=copier, wp=ua.unprotect())
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(uffd, resolver) as server:
+            await finished(lab.touch(region.address, 1, write=False))  # mapped protected
+            writer = lab.run(lambda: region.write(10, b"written"))
+            queued(uffd)
+            progress = await replay_natively(uffd, copier.memory_parts() or [], runs_of(pages, 16))
+            await finished(writer)
+            got = await finished(lab.run(lambda: region.read(0, region.length)))
+    expected = bytearray(source)
+    expected[10:17] = b"written"
+    assert got == expected
+    assert progress.handed_back == 1 and progress.left == []
+    assert server.stats.faults == 2  # the first read, and the write
+
+
+@pytest.mark.parametrize("wake_faults", [False, True], ids=["pushed-back", "woken"])
+async def test_records_given_back_with_the_reads(lab: Lab, wake_faults: bool) -> None:
+    """What a borrower read and gives back: pushed back (read first by the next reader),
+    or, once cancelled (the server may be stopping too), its fault's thread woken to fault
+    again for whoever reads next. Either way the thread is answered, never lost."""
+    region = lab.anonymous(4)
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    toucher = lab.touch(region.address + P, 1, write=False)
+    queued(uffd)
+    loan = uffd.lend_reads(lambda: None)
+    assert loan is not None and uffd.lend_reads(lambda: None) is None  # one loan at a time
+    assert uffd.read_events() == []  # lent: reads find nothing
+    record = os.read(uffd.fileno(), 32)
+    loan.give_back(record, wake_faults=wake_faults)
+    assert uffd._loan is None
+    if wake_faults:
+        queued(uffd)  # it faulted again
+        assert uffd._unhandled == []
+    [fault] = uffd.read_events()
+    assert isinstance(fault, ua.PageFault) and fault.page == region.address + P
+    uffd.zeropage(fault.page, P)
+    await finished(toucher)

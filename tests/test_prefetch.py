@@ -27,10 +27,20 @@ import pytest
 
 import uffd_async as ua
 from uffd_async._core._native import libc
+from uffd_async._restore._native_replay import native_replay
 
 from ._support import TIMEOUT, Lab, finished, pattern, source_bytes, with_huge_pages
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def replaying_on_the_loop() -> Iterator[None]:
+    """These tests pin the loop's path (``test_native_replay`` the native one)."""
+    with native_replay(False):
+        yield
+
+
 P = ua.PAGE_SIZE
 PAGES = 64
 SOURCE = source_bytes(PAGES)
@@ -115,6 +125,13 @@ class Setup:
             pages=[self.offset + page for page in region_pages],
         )
 
+    def populated(self) -> list[int]:
+        """The resolver's populated bytes, one a region page."""
+        resolver: Any = self.resolver
+        snapshot = isinstance(resolver, ua.SnapshotResolver)
+        copier = resolver._parts[0].copier if snapshot else resolver
+        return list(copier.populated)
+
     def read_all(self, lab: Lab) -> Any:
         return finished(lab.run(lambda: self.region.read(0, self.region.length)))
 
@@ -135,7 +152,7 @@ async def test_demand_faults_only_outside_the_working_set(lab: Lab, setup: Setup
     working_set = setup.working_set(pages)
     with anyio.fail_after(TIMEOUT):
         async with ua.FaultServer(setup.uffd, setup.resolver) as server:
-            stats = await ua.prefetch(setup.uffd, setup.resolver, working_set)
+            stats = await ua.prefetch(setup.uffd, setup.resolver, working_set, readahead=0)
             assert (stats.prefetched, stats.runs) == (40, len(list(working_set.runs())))
             assert stats.working_set_done and not stats.populated
             assert server.stats.faults == 0
@@ -143,6 +160,27 @@ async def test_demand_faults_only_outside_the_working_set(lab: Lab, setup: Setup
     assert server.stats.faults == server.stats.resolved == PAGES - 40
     assert server.stats.pages == PAGES  # the prefetched pages count too
     assert server.stats.errors == server.stats.eexist == 0
+
+
+@pytest.mark.parametrize("readahead", [15, 3])
+async def test_a_fault_outside_the_set_brings_readahead(
+    lab: Lab, setup: Setup, readahead: int
+) -> None:
+    """A set that drifted: a fault outside the set brings ``readahead`` pages behind it
+    (15 by default), never past a page already there; one in a run of the set, the run."""
+    working_set = setup.working_set([*range(40, 44)])
+    kwargs: dict[str, Any] = {} if readahead == 15 else {"readahead": readahead}
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(setup.uffd, setup.resolver) as server:
+            stats = await ua.prefetch(setup.uffd, setup.resolver, working_set, **kwargs)
+            await finished(lab.touch(setup.region.address + 2 * P, P, write=False))
+            await finished(lab.touch(setup.region.address + 37 * P, P, write=False))
+            populated = setup.populated()
+    assert stats.prefetched == 4 and server.stats.faults == 2
+    assert populated[2 : 3 + readahead] == [1] * (1 + readahead)
+    assert populated[3 + readahead] == 0
+    assert populated[36:40] == [0, 1, 1, 1], "readahead stops at the set's pages (there already)"
+    assert populated[44:] == [0] * (PAGES - 44)
 
 
 async def test_populate_makes_it_resident(lab: Lab, setup: Setup) -> None:
@@ -313,7 +351,7 @@ async def test_pages_moved_onto_others_get_their_own_bytes(lab: Lab, setup: Setu
             await finished(lab.run(move_over))
             # From page 2 on: where a stale plan would put source page 2.
             stats = await ua.prefetch(
-                setup.uffd, setup.resolver, setup.working_set([*range(2, PAGES)])
+                setup.uffd, setup.resolver, setup.working_set([*range(2, PAGES)]), readahead=0
             )
             got = await finished(lab.run(lambda: setup.region.read(2 * P, (PAGES - 2) * P)))
     assert got[: 2 * P] == setup.source[: 2 * P], "stale source pages at a moved page's place"

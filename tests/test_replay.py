@@ -26,6 +26,7 @@ import pytest
 
 import uffd_async as ua
 from uffd_async.__main__ import main
+from uffd_async._restore._native_replay import native_replay
 from uffd_async._restore._replay import Replay
 
 from ._processes import read_until
@@ -202,9 +203,10 @@ async def test_replay_concurrently_and_read_everything(place: Path) -> None:
         await ends_soon(server)
         stats = server.stats
     assert stats.pages == 2 * PAGES and stats.errors == 0  # each page filled once
-    # Every page outside the set faults; how many of the set's do depends on the race
-    # (and a fault inside a set's run brings the rest of the run: see guide).
-    assert 2 * PAGES - len(RECORDED) <= stats.faults <= 2 * PAGES
+    # How many faults the server reads depends on the race: a fault in a set's run brings
+    # the rest of the run (see guide), one outside the set 15 pages behind it, and while
+    # the native replay runs its thread answers the faults itself.
+    assert stats.faults <= 2 * PAGES - len(RECORDED)
 
 
 @pytest.mark.anyio
@@ -337,17 +339,42 @@ async def test_a_process_killed_mid_prefetch(place: Path, monkeypatch: pytest.Mo
         real(self, uffd, first, n)
 
     monkeypatch.setattr(ua.SnapshotResolver, "prefetch_pages", _prefetch)
+    with native_replay(False):  # the loop's runs, counted above
+        async with running(place, place / "guest.mem", populate=True) as server:
+            async with await anyio.open_process(
+                [sys.executable, "-c", REPLAY_PEER, peer_config(place, [], pages, wait=True)]
+            ) as process:
+                victim.append(process.pid)
+                with anyio.fail_after(TIMEOUT):
+                    assert await process.wait() == -signal.SIGKILL
+            await ends_soon(server)
+            stats = server.stats
+    assert len(calls) == 3, "the prefetch went on after the process was gone"
+    assert stats.prefetched == 2 * (2 << 20) // P  # the two runs before
+    assert (stats.served, stats.active, stats.failed, stats.errors, stats.resident) == (
+        1, 0, 0, 0, 0,
+    )  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_process_killed_mid_native_replay(place: Path) -> None:
+    """Populating 2 x 64 MiB natively, the process is killed once a thousand pages are
+    in: the thread meets ESRCH (or finds the uffd gone), the prefetch and the handoff
+    end quietly, nothing is left open (the leak guard checks the fds and threads)."""
+    pages = (64 << 20) // P
+    snapshot_for(place, 2 * pages)
     async with running(place, place / "guest.mem", populate=True) as server:
         async with await anyio.open_process(
             [sys.executable, "-c", REPLAY_PEER, peer_config(place, [], pages, wait=True)]
         ) as process:
-            victim.append(process.pid)
             with anyio.fail_after(TIMEOUT):
+                while server.stats.prefetched < 1000:
+                    await anyio.sleep(0)
+                process.kill()
                 assert await process.wait() == -signal.SIGKILL
         await ends_soon(server)
         stats = server.stats
-    assert len(calls) == 3, "the prefetch went on after the process was gone"
-    assert stats.prefetched == 2 * (2 << 20) // P  # the two runs before
+    assert 1000 <= stats.prefetched < 2 * pages, "killed after the replay ended: no test"
     assert (stats.served, stats.active, stats.failed, stats.errors, stats.resident) == (
         1, 0, 0, 0, 0,
     )  # fmt: skip

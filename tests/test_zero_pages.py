@@ -12,15 +12,18 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 import uffd_async as ua
 from uffd_async._core._native import libc
-from uffd_async._restore._zero_map import data_ranges
+from uffd_async._restore._native_replay import native_replay
+from uffd_async._restore._zero_map import data_ranges, scan_zero_pages
 from uffd_async._serve._resolvers import CopyFrom
 
 from ._support import TIMEOUT, Lab, finished, pattern, with_huge_pages
@@ -356,7 +359,8 @@ async def test_populate_maps_zero_runs_in_one_ioctl_each(
         copier = resolver._parts[0].copier
         with anyio.fail_after(TIMEOUT):
             async with ua.FaultServer(uffd, resolver) as server:
-                stats = await ua.prefetch(uffd, resolver, None, populate=True, run_bytes=64 * P)
+                with native_replay(False):  # the loop's ioctls, counted by the copier
+                    stats = await ua.prefetch(uffd, resolver, None, populate=True, run_bytes=64 * P)
                 assert stats.populated and stats.prefetched == pages
                 got = await finished(lab.run(lambda: region.read(0, region.length)))
     assert got == image
@@ -435,3 +439,44 @@ async def test_layers_zero_where_the_top_says_so(lab: Lab, tmp_path: Path, zero_
                 got = await finished(lab.run(lambda: region.read(0, region.length)))
     assert got == image
     assert zero_mapped(region, zero_frame) == expected_zero
+
+
+# -- the scan, off the first restore's critical path -------------------------------------
+
+
+async def test_a_server_scans_while_it_waits_for_its_first_process(
+    snapshot: ua.Snapshot, tmp_path: Path
+) -> None:
+    """``serve_handoffs`` scans the snapshot's zero pages in a worker thread as soon as it
+    listens: the map is there before any process came."""
+    assert snapshot._zeros is None
+    async with anyio.create_task_group() as tg:
+        await tg.start(ua.serve_handoffs, str(tmp_path / "sock"), snapshot)
+        with anyio.fail_after(TIMEOUT):
+            while snapshot._zeros is None:
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    assert [i for i, zero in enumerate(snapshot.zero_map) if zero] == ZERO
+
+
+def test_one_scan_whoever_asks_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prepare()`` in two threads and a resolver's first need: one scan, one map."""
+    path = tmp_path / "sparse.bin"
+    write_sparse(path, LAYOUT)
+    scans: list[int] = []
+
+    def counted(*args: Any) -> bytearray:
+        scans.append(1)
+        return scan_zero_pages(*args)
+
+    monkeypatch.setattr("uffd_async._restore._snapshot.scan_zero_pages", counted)
+    with ua.Snapshot(path) as snapshot:
+        threads = [threading.Thread(target=snapshot.prepare) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        zeros = snapshot._zeros_of(mapping(0x10000000))
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert scans == [1]
+        assert zeros is not None and [i for i, z in enumerate(zeros) if z] == ZERO
+    snapshot.prepare()  # closed: nothing to do, no error

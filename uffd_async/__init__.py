@@ -74,6 +74,7 @@ from ._remote._pack_writer import PackResult as PackResult
 from ._remote._pack_writer import pack_snapshot as pack_snapshot
 from ._restore._guest_mapping import GuestMapping as GuestMapping
 from ._restore._layered import LayeredSnapshot as LayeredSnapshot
+from ._restore._native_replay import native_replay as native_replay
 from ._restore._prefetch import PrefetchStats as PrefetchStats
 from ._restore._prefetch import prefetch as prefetch
 from ._restore._snapshot import Snapshot as Snapshot
@@ -173,6 +174,7 @@ __all__ = [
     "copy_from",
     "decode",
     "encode_mappings",
+    "native_replay",
     "pack_snapshot",
     "parse_mappings",
     "prefetch",

@@ -240,8 +240,8 @@ MUTANTS = [
     Mutant(
         id="capture-ws-runs-limit",
         file=WS,
-        old="            if count and page == start + count and count < limit:",
-        new="            if count and page == start + count and count <= limit:",
+        old="        if count and page == start + count and count < limit:",
+        new="        if count and page == start + count and count <= limit:",
         tests=T_WS,
         why="runs of max_pages + 1 pages",
     ),

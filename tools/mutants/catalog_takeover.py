@@ -1,8 +1,9 @@
-"""Mutants of the takeover (one list: MUTANTS): the messages (``_handoff/_succession.py``),
-the exchange (``_handoff/_takeover.py``), the rounds of each handoff
-(``_handoff/_handover.py``), the server's end of it (``_handoff/_server.py``), the
-fault server's hand-over (``_serve/_server.py``) and the prefetch that goes on
-(``_restore/_replay.py``)."""
+"""Mutants of the takeover and the fd store (one list: MUTANTS): the messages
+(``_handoff/_succession.py``), the exchange (``_handoff/_takeover.py``), the rounds of
+each handoff (``_handoff/_handover.py``), the server's end of it (``_handoff/_successor.py``
+and the counters in ``_handoff/_server.py``), the fault server's hand-over and its
+events-applied hook (``_serve/_server.py``), the prefetch that goes on
+(``_restore/_replay.py``), and systemd's fd store (``_handoff/_fdstore.py``)."""
 
 from mutant import Mutant
 
@@ -10,6 +11,7 @@ SUCCESSION = "uffd_async/_handoff/_succession.py"
 TAKEOVER = "uffd_async/_handoff/_takeover.py"
 HANDOVER = "uffd_async/_handoff/_handover.py"
 SERVER = "uffd_async/_handoff/_server.py"
+SUCCESSOR = "uffd_async/_handoff/_successor.py"
 FAULTS = "uffd_async/_serve/_server.py"
 REPLAY = "uffd_async/_restore/_replay.py"
 FDSTORE = "uffd_async/_handoff/_fdstore.py"
@@ -111,9 +113,9 @@ MUTANTS = [
     ),
     Mutant(
         id="takeover-socket-file-removed",
-        file=SERVER,
-        old="        listener.keep_file()",
-        new="        pass",
+        file=SUCCESSOR,
+        old="    listener.keep_file()",
+        new="    pass",
         tests=FAST,
         extra_args=NOT_CLI,
         why="the old server removes the socket file the successor listens on: no new guest",
@@ -164,9 +166,9 @@ MUTANTS = [
     ),
     Mutant(
         id="fdstore-child-not-stored",
-        file=SERVER,
-        old="                        names[uffd.fileno()] = store.child_name(serial, uffd)",
-        new="                        pass",
+        file=FDSTORE,
+        old="                    names[uffd.fileno()] = store.child_name(serial, uffd)",
+        new="                    pass",
         tests=[T_FDSTORE],
         why="a fork child's uffd is not stored: when the server dies its pages read zeros",
     ),
@@ -188,21 +190,66 @@ MUTANTS = [
     ),
     Mutant(
         id="fdstore-counters-restart",
-        file=SERVER,
-        old=(
-            "            self._carry_on(taken.state, adopted)\n        finally:\n"
-            "            taken.close()"
-        ),
-        new="            pass\n        finally:\n            taken.close()",
+        file=FDSTORE,
+        old="        served.carry_on(taken.state, adopted)\n    finally:\n        taken.close()",
+        new="        pass\n    finally:\n        taken.close()",
         tests=[T_FDSTORE],
         why="a restarted service's counters start from zero",
     ),
     Mutant(
         id="fdstore-no-wake",
-        file=SERVER,
-        old="                wake_everything(live)  # what the dead server read and never answered",
-        new="                pass",
+        file=FDSTORE,
+        old="            wake_everything(live)  # what the dead server read and never answered",
+        new="            pass",
         tests=[T_FDSTORE],
         why="faults the killed server read and never answered sleep forever",
+    ),
+    Mutant(
+        id="fdstore-events-pushed-late",
+        file=FDSTORE,
+        old="            pushed = self._push(fresh=False)",
+        new="            pushed = False",
+        tests=[T_FDSTORE],
+        extra_args=("-k", "remove"),
+        why="a Remove reaches the store after the faults read with it are answered: a crash "
+        "then serves snapshot bytes where zeros belong",
+    ),
+    Mutant(
+        id="fdstore-events-not-announced",
+        file=FAULTS,
+        old="            if self.on_applied is not None:\n                self.on_applied()",
+        new="            pass",
+        tests=[T_FDSTORE],
+        extra_args=("-k", "remove"),
+        why="the fd store learns of a Remove only at its next look: a crash before it loses it",
+    ),
+    Mutant(
+        id="fdstore-hook-not-passed-on",
+        file=HANDOVER,
+        old="        server.on_applied = self.on_applied",
+        new="        pass",
+        tests=[T_FDSTORE],
+        extra_args=("-k", "remove"),
+        why="a round's server never tells the fd store of the events it applies",
+    ),
+    Mutant(
+        id="fdstore-new-peer-not-pushed",
+        file=SERVER,
+        old="            store.events_applied()  # its fds: stored before its serving starts",
+        new="            pass",
+        tests=[T_FDSTORE],
+        extra_args=("-k", "remove"),
+        why="a new peer's uffd reaches the store only at its next look: a crash before that "
+        "freezes the peer for good",
+    ),
+    Mutant(
+        id="fdstore-recording-never-refreshed",
+        file=FDSTORE,
+        old="        self._stale = self._recorded != now[2]",
+        new="        self._stale = False",
+        tests=[T_FDSTORE],
+        extra_args=("-k", "recorded"),
+        why="pages recorded before an event's push never reach the store: a restart after a "
+        "crash records a thinner working set",
     ),
 ]

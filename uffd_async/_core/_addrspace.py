@@ -89,6 +89,10 @@ class AddressMap:
             return None
         return segment[2] + (address - segment[0])
 
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """(current start, current end, original start) of each range still served, sorted."""
+        return list(self._segments)
+
     def segments(self) -> list[tuple[int, int]]:
         """The current ranges still served, sorted (for routing faults among several maps)."""
         return [(start, end) for start, end, _ in self._segments]

@@ -168,27 +168,48 @@ class ReplayRun(ctypes.Structure):
         ("page_size", ctypes.c_uint64),
         ("mode", ctypes.c_uint64),
         ("populated", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("blocked", ctypes.c_void_p),
     ]
 
 
+class ReplayPart(ctypes.Structure):
+    """``struct ua_replay_part``: a part whose faults the replay answers, and its runs."""
+
+    _fields_ = [("fast", FastPath), ("run_of", ctypes.c_void_p), ("blocked", ctypes.c_void_p)]
+
+
 class ReplayControl(ctypes.Structure):
-    """``struct ua_replay_ctl``: the replay's stop flag, gate and progress."""
+    """``struct ua_replay_ctl``: the replay's stop flag, gate, plan and progress."""
 
     _fields_ = [
         ("stop", ctypes.c_int32),
         ("lock", ctypes.c_int32),
-        ("want", ctypes.c_int32),
         ("event", ctypes.c_int32),
-        ("runs_done", ctypes.c_uint64),
+        ("want", ctypes.c_int32),
         ("bytes_copied", ctypes.c_uint64),
         ("eexist", ctypes.c_uint64),
         ("error", ctypes.c_int64),
+        ("slice_pages", ctypes.c_uint64),
+        ("set_runs", ctypes.c_uint64),
+        ("set_done_ns", ctypes.c_int64),
+        ("done", ctypes.c_void_p),
+        ("parts", ctypes.POINTER(ReplayPart)),
+        ("nparts", ctypes.c_uint64),
+        ("faults", ctypes.c_uint64),
+        ("pending", ctypes.c_void_p),
+        ("pending_len", ctypes.c_uint64),
+        ("pending_cap", ctypes.c_uint64),
+        ("jumps", ctypes.c_uint64),
+        ("zero_bytes", ctypes.c_uint64),
     ]
 
 
-REPLAY_DONE, REPLAY_STOPPED, REPLAY_EAGAIN, REPLAY_ERROR = 0, 1, 2, 3
+REPLAY_DONE, REPLAY_STOPPED, REPLAY_EAGAIN, REPLAY_ERROR, REPLAY_HANDBACK = 0, 1, 2, 3, 4
+#: Records one read of the replay's asks for (``UA_REPLAY_READ``): its hand-back holds them.
+REPLAY_READ = 64
 #: Whether the loaded library has ua_replay (a build older than its source has not).
-HAS_REPLAY = hasattr(lib, "ua_replay") and hasattr(lib, "ua_gated_read")
+HAS_REPLAY = hasattr(lib, "ua_replay") and hasattr(lib, "ua_replay_pause")
 if HAS_REPLAY:
     lib.ua_replay.argtypes = [
         ctypes.c_int,
@@ -197,10 +218,6 @@ if HAS_REPLAY:
         ctypes.POINTER(ReplayControl),
     ]
     lib.ua_replay.restype = ctypes.c_int
-    lib.ua_gated_read.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_uint64,
-        ctypes.POINTER(ReplayControl),
-    ]
-    lib.ua_gated_read.restype = ctypes.c_int64
+    for _name in ("ua_replay_quiesce", "ua_replay_pause", "ua_replay_resume"):
+        getattr(lib, _name).argtypes = [ctypes.POINTER(ReplayControl)]
+        getattr(lib, _name).restype = None

@@ -307,48 +307,86 @@ uint64_t ua_zero_pages(uintptr_t addr, uint64_t pages, uint64_t page_size, uint8
 
 /* A working set replayed off the event loop (uffd_async/_restore/_native_replay.py).
  *
- * ua_replay copies runs of pages with UFFDIO_COPY from a worker thread, without the
- * GIL, while the event loop serves the demand faults. Each run names its destination,
- * its source, its page size and mode, and its resolver's populated bitmap (one byte a
- * page: populated pages are skipped, and copied ones are marked).
+ * ua_replay copies runs of pages with UFFDIO_COPY (UFFDIO_ZEROPAGE for pages known to
+ * hold only zeros) from a worker thread, without the GIL. While it runs it is also the
+ * uffd's only reader (the event loop lends it the reads): between two copies of at most
+ * ctl->slice_pages pages it reads what is pending and answers each page fault at once,
+ * in C, with the rest of the fault's working-set run (a process ahead of the replay
+ * touches the rest next) or, outside the set, `readahead` pages behind it. A fault in a
+ * run ahead of the replay moves the replay past that run (the process is there now: the
+ * runs it passed were faulted in), and a second pass picks up whatever was skipped.
  *
- * The one hazard is a Remove (MADV_DONTNEED) read by the server between two copies: the
- * kernel lets the discard go on once its event is read, so a copy issued after that read
- * could put snapshot bytes where the discard leaves zeros, at a place the resolver
- * already knows is gone. So each copy and each read of the uffd's records hold the same
- * gate (ctl->lock): the loop reads through ua_gated_read, which stops the replay (at its
- * next run) when a record is not a page fault. A copy is then either wholly before the
- * read (and the discard that follows drops it) or never issued. A reader waiting for the
- * gate goes first (ctl->want): the replay waits out at most one copy.
+ * What it cannot answer goes back to the loop: a record that is not a page fault
+ * (remove, remap, unmap, fork), a write-protect or minor fault, a fault outside every
+ * part, an ioctl error but EEXIST. That record and every one read behind it are kept in
+ * ctl->pending, in order, and the replay stops before its next copy: after a Remove is
+ * read the kernel lets the discard go on, so no copy may follow that read (a copy then
+ * would leave snapshot bytes where zeros belong), and the faults behind an event must be
+ * answered by a resolver that has applied it.
  *
- * Returns UA_REPLAY_DONE (every run gone through), UA_REPLAY_STOPPED (ctl->stop was set:
- * by the loop, or by an event read), UA_REPLAY_EAGAIN (an event is unread: the loop reads
- * it and plans again) or UA_REPLAY_ERROR (ctl->error: ESRCH, the process is gone, ...).
- * ctl->runs_done counts the runs gone through; a run stopped part-way is not counted.
+ * Each copy and each read hold ctl->lock (the bitmaps and counts are updated under it),
+ * and ua_replay_quiesce takes it too: a close of the uffd waits out the copy in flight, so
+ * no copy reaches a reused fd number. ua_replay_pause holds it for a consistent sample.
+ *
+ * Returns UA_REPLAY_DONE (every run gone through), UA_REPLAY_STOPPED (ctl->stop was set by
+ * the loop), UA_REPLAY_EAGAIN (a copy met an unread event the reads did not bring:
+ * the loop reads and plans again), UA_REPLAY_ERROR (ctl->error: ESRCH, the process is
+ * gone, ...) or UA_REPLAY_HANDBACK (ctl->pending holds records for the loop). done[k] is
+ * set for each run gone through.
  */
 #include <sched.h>
+#include <time.h>
 
-enum { UA_REPLAY_DONE = 0, UA_REPLAY_STOPPED = 1, UA_REPLAY_EAGAIN = 2, UA_REPLAY_ERROR = 3 };
+enum {
+    UA_REPLAY_DONE = 0,
+    UA_REPLAY_STOPPED = 1,
+    UA_REPLAY_EAGAIN = 2,
+    UA_REPLAY_ERROR = 3,
+    UA_REPLAY_HANDBACK = 4,
+};
 
 struct ua_replay_run {
-    uint64_t dst;       /* address of the run's first page in the process */
-    uint64_t src;       /* address of its bytes here */
-    uint64_t pages;     /* pages in the run */
-    uint64_t page_size; /* a power of two */
-    uint64_t mode;      /* UFFDIO_COPY mode bits (COPY_MODE_WP) */
-    uint8_t *populated; /* the run's first page's byte in its resolver's bitmap */
+    uint64_t dst;          /* address of the run's first page in the process */
+    uint64_t src;          /* address of its bytes here */
+    uint64_t pages;        /* pages in the run */
+    uint64_t page_size;    /* a power of two */
+    uint64_t mode;         /* UFFDIO_COPY mode bits (COPY_MODE_WP) */
+    uint8_t *populated;    /* the run's first page's byte in its resolver's bitmap */
+    const uint8_t *zeros;  /* its byte in the zero map (1: only zeros), or NULL */
+    const uint8_t *blocked; /* its byte in the blocked map (1: removed since), or NULL */
+};
+
+/* A part of the process's memory whose faults the replay answers: ua_fast's COPY fields
+ * (readahead: pages behind a fault outside the set), and for each page the run holding it. */
+struct ua_replay_part {
+    struct ua_fast fast;
+    const int32_t *run_of;  /* per page: the index of the run holding it, or -1 */
+    const uint8_t *blocked; /* per page: 1 where it needs the loop's decision, or NULL */
 };
 
 struct ua_replay_ctl {
     int32_t stop;          /* set: stop before the next copy */
-    int32_t lock;          /* held around each copy and each gated read */
-    int32_t want;          /* readers waiting for the gate */
-    int32_t event;         /* the first non-fault record a gated read saw (its event) */
-    uint64_t runs_done;    /* runs gone through */
-    uint64_t bytes_copied; /* bytes this replay copied */
-    uint64_t eexist;       /* pages found there already (a demand fault got there first) */
+    int32_t lock;          /* held around each copy and each read */
+    int32_t event;         /* the first non-fault record handed back (its event), or 0 */
+    int32_t want;          /* pausers waiting for the gate: they go first */
+    uint64_t bytes_copied; /* bytes this replay mapped in (its answers' too) */
+    uint64_t eexist;       /* pages found there already */
     int64_t error;         /* errno of UA_REPLAY_ERROR */
+    uint64_t slice_pages;  /* the most pages one copy maps: a fault waits at most that */
+    uint64_t set_runs;     /* runs [0, set_runs) are the working set's, the rest populate */
+    int64_t set_done_ns;   /* CLOCK_MONOTONIC when the working set was gone through */
+    uint8_t *done;         /* one byte per run: gone through */
+    const struct ua_replay_part *parts;
+    uint64_t nparts;
+    uint64_t faults;       /* faults it answered */
+    uint8_t *pending;      /* records handed back to the loop */
+    uint64_t pending_len;  /* bytes of them */
+    uint64_t pending_cap;  /* room: at least UA_REPLAY_READ records */
+    uint64_t jumps;        /* times a fault moved the replay past runs */
+    uint64_t zero_bytes;   /* of bytes_copied, those mapped with ZEROPAGE */
 };
+
+enum { UA_REPLAY_READ = 64 }; /* records one read asks for */
 
 static void gate_lock(int32_t *lock)
 {
@@ -358,94 +396,244 @@ static void gate_lock(int32_t *lock)
 
 static void gate_unlock(int32_t *lock) { __atomic_store_n(lock, 0, __ATOMIC_RELEASE); }
 
-/* Copy pages [i, j) of run r, holding the gate; returns a UA_REPLAY_* or -1: go on. */
-static int replay_copy(int uffd, const struct ua_replay_run *r, uint64_t i, uint64_t j,
-                       struct ua_replay_ctl *ctl, uint64_t *next)
+static int64_t now_ns(void)
 {
-    while (__atomic_load_n(&ctl->want, __ATOMIC_ACQUIRE))
-        sched_yield(); /* a read waits: it goes first */
-    gate_lock(&ctl->lock);
-    if (__atomic_load_n(&ctl->stop, __ATOMIC_ACQUIRE)) {
-        gate_unlock(&ctl->lock);
-        return UA_REPLAY_STOPPED;
-    }
-    struct uffdio_copy copy = {
-        .dst = r->dst + i * r->page_size,
-        .src = r->src + i * r->page_size,
-        .len = (j - i) * r->page_size,
-        .mode = r->mode,
-    };
-    int rc = ioctl(uffd, UFFDIO_COPY, &copy);
-    if (rc != 0 && errno == ENOMEM && copy.copy <= 0) /* hugetlbfs: see ua_resolve_batch */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Map `pages` pages at dst from src (or zero pages), holding the gate: pages mapped, or
+ * -errno when none was. Stops part-way at a page already there (EEXIST) or an unread
+ * event (EAGAIN with a count). */
+static int64_t map_pages(int uffd, uint64_t dst, uint64_t src, uint64_t pages, uint64_t page_size,
+                         uint64_t mode, int zero, struct ua_replay_ctl *ctl)
+{
+    int64_t done;
+    int rc, err;
+    if (zero) {
+        struct uffdio_zeropage zp = {.range = {.start = dst, .len = pages * page_size}};
+        rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zp);
+        err = errno;
+        done = rc == 0 ? (int64_t)pages : zp.zeropage > 0 ? zp.zeropage / (int64_t)page_size : 0;
+    } else {
+        struct uffdio_copy copy = {.dst = dst, .src = src, .len = pages * page_size, .mode = mode};
         rc = ioctl(uffd, UFFDIO_COPY, &copy);
-    int err = rc != 0 ? errno : 0;
-    uint64_t done = rc == 0 ? j - i : copy.copy > 0 ? (uint64_t)copy.copy / r->page_size : 0;
-    if (done) {
-        memset(r->populated + i, 1, done);
-        ctl->bytes_copied += done * r->page_size;
+        if (rc != 0 && errno == ENOMEM && copy.copy <= 0) /* hugetlbfs: see ua_resolve_batch */
+            rc = ioctl(uffd, UFFDIO_COPY, &copy);
+        err = errno;
+        done = rc == 0 ? (int64_t)pages : copy.copy > 0 ? copy.copy / (int64_t)page_size : 0;
     }
-    gate_unlock(&ctl->lock);
-    *next = i + done;
-    if (rc == 0 || done) /* stopped part-way (EAGAIN with a count): go on */
-        return -1;
-    if (err == EEXIST) { /* a demand fault got there first: skip that page */
-        r->populated[i] = 1;
+    if (done > 0) {
+        ctl->bytes_copied += (uint64_t)done * page_size;
+        if (zero)
+            ctl->zero_bytes += (uint64_t)done * page_size;
+    }
+    return done > 0 ? done : -(int64_t)err;
+}
+
+/* Answer the fault at `address` in part p: 0, or -1 to hand it back. `*jump` becomes the
+ * run after the fault's, when the fault is in a working-set run. */
+static int answer(int uffd, const struct ua_replay_part *p, const struct ua_replay_run *runs,
+                  uint64_t address, struct ua_replay_ctl *ctl, uint64_t *jump)
+{
+    const struct ua_fast *f = &p->fast;
+    uint64_t page = address & ~(f->page_size - 1);
+    uint64_t index = (page - f->base) / f->page_size;
+    int32_t run = p->run_of ? p->run_of[index] : -1;
+    uint64_t end = index + 1 + f->readahead;
+    if (run >= 0) {
+        const struct ua_replay_run *r = &runs[run];
+        end = (r->dst - f->base) / f->page_size + r->pages;
+        if ((uint64_t)run + 1 > *jump)
+            *jump = (uint64_t)run + 1;
+    }
+    if (end > f->pages)
+        end = f->pages;
+    if (p->blocked && p->blocked[index])
+        return -1; /* removed since: zeros, the loop's to map */
+    if (f->populated[index]) { /* mapped since it faulted: the copy that mapped it woke it */
+        ctl->faults++;
+        return 0;
+    }
+    int zero = f->zeros && f->zeros[index];
+    uint64_t count = 1;
+    while (index + count < end && !f->populated[index + count] &&
+           (!p->blocked || !p->blocked[index + count]) &&
+           (!f->zeros || f->zeros[index + count] == zero))
+        count++;
+    int64_t done = map_pages(uffd, page, f->source + index * f->page_size, count, f->page_size,
+                             f->mode, zero, ctl);
+    if (done == -EEXIST) { /* there already (the replay got there first): wake the thread */
         ctl->eexist++;
-        *next = i + 1;
-        return -1;
+        done = wake_range(uffd, page, f->page_size) == 0 ? 1 : -1;
+        if (done < 0)
+            return -1;
+    } else if (done < 0) {
+        return -1; /* EAGAIN, ENOENT, ESRCH...: the loop knows what each means */
     }
-    if (err == ENOENT) { /* the range went away: skip it */
-        *next = j;
-        return -1;
+    memset(f->populated + index, 1, (size_t)done);
+    ctl->faults++;
+    return 0;
+}
+
+/* The part holding `address`, or NULL: the parts are sorted by base and do not overlap
+ * (a layered snapshot has one a span), so the last one starting at or below it. */
+static const struct ua_replay_part *part_of(const struct ua_replay_ctl *ctl, uint64_t address)
+{
+    uint64_t lo = 0, hi = ctl->nparts; /* parts [0, lo) start at or below address */
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (ctl->parts[mid].fast.base <= address)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    if (err == EAGAIN)
-        return UA_REPLAY_EAGAIN;
-    ctl->error = err;
-    return UA_REPLAY_ERROR;
+    if (lo == 0)
+        return NULL;
+    const struct ua_fast *f = &ctl->parts[lo - 1].fast;
+    if ((address - f->base) / f->page_size < f->pages)
+        return &ctl->parts[lo - 1];
+    return NULL;
+}
+
+/* Read what is pending, holding the gate, and answer the page faults; from the first record
+ * it cannot answer on, everything read goes to ctl->pending. Returns UA_REPLAY_HANDBACK
+ * then, else -1: go on. */
+static int serve_pending(int uffd, const struct ua_replay_run *runs, struct ua_replay_ctl *ctl,
+                         uint64_t *jump)
+{
+    struct uffd_msg msgs[UA_REPLAY_READ];
+    for (;;) {
+        ssize_t got = read(uffd, msgs, sizeof msgs);
+        if (got <= 0)
+            return -1; /* EAGAIN: nothing pending (EBADF: the close is the loop's to see) */
+        size_t n = (size_t)got / sizeof msgs[0];
+        for (size_t i = 0; i < n; i++) {
+            const struct uffd_msg *m = &msgs[i];
+            const struct ua_replay_part *p = NULL;
+            if (m->event == UFFD_EVENT_PAGEFAULT &&
+                !(m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
+                p = part_of(ctl, m->arg.pagefault.address);
+            if (p && answer(uffd, p, runs, m->arg.pagefault.address, ctl, jump) == 0)
+                continue;
+            size_t bytes = (n - i) * sizeof msgs[0];
+            if (ctl->pending_len + bytes > ctl->pending_cap)
+                bytes = 0; /* cannot happen: one read per hand-back, and room for one */
+            memcpy(ctl->pending + ctl->pending_len, m, bytes);
+            ctl->pending_len += bytes;
+            for (size_t k = i; k < n && !ctl->event; k++)
+                if (msgs[k].event != UFFD_EVENT_PAGEFAULT)
+                    ctl->event = msgs[k].event;
+            __atomic_store_n(&ctl->stop, 1, __ATOMIC_RELEASE);
+            return UA_REPLAY_HANDBACK;
+        }
+        if (n < UA_REPLAY_READ)
+            return -1;
+    }
+}
+
+/* Go through run k: its missing pages, a slice at a time, serving between slices. Returns
+ * a UA_REPLAY_*, or -1 when the run was gone through, -2 when (following the faults) a
+ * fault moved the replay past it (*jump). */
+static int replay_run(int uffd, const struct ua_replay_run *runs, uint64_t k,
+                      struct ua_replay_ctl *ctl, uint64_t *jump, int follow)
+{
+    const struct ua_replay_run *r = &runs[k];
+    uint64_t i = 0, spins = 0;
+    while (i < r->pages) {
+        if (r->populated[i] || (r->blocked && r->blocked[i])) {
+            i++;
+            continue;
+        }
+        int zero = r->zeros && r->zeros[i];
+        uint64_t j = i + 1;
+        while (j < r->pages && j - i < ctl->slice_pages && !r->populated[j] &&
+               (!r->blocked || !r->blocked[j]) && (!r->zeros || r->zeros[j] == zero))
+            j++;
+        while (__atomic_load_n(&ctl->want, __ATOMIC_ACQUIRE))
+            sched_yield(); /* a pause waits: it goes first */
+        gate_lock(&ctl->lock);
+        int status = -1;
+        if (__atomic_load_n(&ctl->stop, __ATOMIC_ACQUIRE))
+            status = UA_REPLAY_STOPPED;
+        else
+            status = serve_pending(uffd, runs, ctl, jump);
+        int past = follow && *jump > k + 1;
+        if (status >= 0 || r->populated[i] || past) {
+            gate_unlock(&ctl->lock);
+            if (status >= 0)
+                return status;
+            if (past)
+                return -2; /* the process is past this run: go where it is */
+            continue;      /* an answer just mapped this page */
+        }
+        int64_t done = map_pages(uffd, r->dst + i * r->page_size, r->src + i * r->page_size,
+                                 j - i, r->page_size, r->mode, zero, ctl);
+        if (done > 0) /* marked under the gate: a paused replay's counts match its bitmaps */
+            memset(r->populated + i, 1, (size_t)done);
+        else if (done == -EEXIST)
+            r->populated[i] = 1;
+        gate_unlock(&ctl->lock);
+        if (done > 0) {
+            i += (uint64_t)done;
+        } else if (done == -EEXIST) { /* a fault's answer got there first: skip that page */
+            i++;
+            ctl->eexist++;
+        } else if (done == -ENOENT) { /* the range went away: skip it */
+            i = j;
+        } else if (done == -EAGAIN) { /* an event is unread: the next read brings it */
+            if (++spins > 1000)
+                return UA_REPLAY_EAGAIN;
+            sched_yield();
+        } else {
+            ctl->error = -done;
+            return UA_REPLAY_ERROR;
+        }
+    }
+    return -1;
 }
 
 int ua_replay(int uffd, const struct ua_replay_run *runs, uint64_t n, struct ua_replay_ctl *ctl)
 {
-    for (uint64_t k = ctl->runs_done; k < n; k++) {
-        const struct ua_replay_run *r = &runs[k];
-        uint64_t i = 0; /* stop is checked under the gate, before each copy */
-        while (i < r->pages) {
-            if (r->populated[i]) {
-                i++;
+    uint64_t jump = 0;
+    /* The working set in order, moving past where the process faults; then what that
+     * skipped; then the runs that populate the rest. */
+    for (int pass = 0; pass < 3; pass++) {
+        uint64_t lo = pass < 2 ? 0 : ctl->set_runs, hi = pass < 2 ? ctl->set_runs : n;
+        for (uint64_t k = lo; k < hi; k++) {
+            if (ctl->done[k])
                 continue;
-            }
-            uint64_t j = i + 1;
-            while (j < r->pages && !r->populated[j])
-                j++;
-            int status = replay_copy(uffd, r, i, j, ctl, &i);
+            int status = replay_run(uffd, runs, k, ctl, &jump, pass == 0);
             if (status >= 0)
                 return status;
+            if (status == -2) {
+                k = jump - 1; /* the loop's k++ takes it there */
+                ctl->jumps++;
+            }
+            else
+                ctl->done[k] = 1;
         }
-        ctl->runs_done = k + 1;
+        if (pass == 1 && !ctl->set_done_ns)
+            ctl->set_done_ns = now_ns();
     }
     return UA_REPLAY_DONE;
 }
 
-/* read() from the uffd holding the replay's gate; a record that is not a page fault
- * (remove, remap, unmap, fork) stops the replay before its next copy. Returns the
- * bytes read, or -errno. */
-int64_t ua_gated_read(int fd, void *buf, uint64_t len, struct ua_replay_ctl *ctl)
+/* Hold the replay between two copies (its counts and bitmaps agree then), and let it go. */
+void ua_replay_pause(struct ua_replay_ctl *ctl)
 {
     __atomic_add_fetch(&ctl->want, 1, __ATOMIC_ACQ_REL);
     gate_lock(&ctl->lock);
     __atomic_sub_fetch(&ctl->want, 1, __ATOMIC_ACQ_REL);
-    ssize_t got = read(fd, buf, (size_t)len);
-    int err = errno;
-    if (got > 0) {
-        const struct uffd_msg *msgs = buf;
-        for (size_t i = 0; i < (size_t)got / sizeof *msgs; i++) {
-            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
-                if (!ctl->event)
-                    ctl->event = msgs[i].event;
-                __atomic_store_n(&ctl->stop, 1, __ATOMIC_RELEASE);
-            }
-        }
-    }
+}
+
+void ua_replay_resume(struct ua_replay_ctl *ctl) { gate_unlock(&ctl->lock); }
+
+/* Stop the replay and wait out its copy in flight (the uffd is about to be closed). */
+void ua_replay_quiesce(struct ua_replay_ctl *ctl)
+{
+    __atomic_store_n(&ctl->stop, 1, __ATOMIC_RELEASE);
+    ua_replay_pause(ctl);
     gate_unlock(&ctl->lock);
-    return got < 0 ? -(int64_t)err : (int64_t)got;
 }

@@ -15,6 +15,13 @@ Facts this module relies on:
   ``anyio.notify_closing`` before the fd is closed: a task waiting to read
   wakes with ``ClosedResourceError`` instead of waiting on a dead number.
   Close the handle from the event loop's thread.
+* While the uffd's reads are lent (``Userfaultfd.lend_reads``: a native thread answers
+  the faults), reading finds nothing and the reader waits for the loan to end, not for
+  readiness (the fd stays readable until the borrower reads): what the borrower could
+  not handle comes back pushed back, and is read first. A wait for readiness already
+  under way when the reads are lent is woken (``notify_closing``, the fd left open:
+  both trio and anyio's asyncio only unregister it) to wait on the loan instead: the
+  borrower may read the record it waits for, and give it back only to ``_unhandled``.
 * Faults can come back to back for as long as their threads live: a thread
   resumed by a resolution faults again within microseconds, often before
   the uffd was seen empty, and ``spin`` catches the rest. Such a stream
@@ -111,7 +118,7 @@ class EventReader:
                 if self._drained:
                     self._drained = False
                     if not self._spin_ns and not uffd._unhandled:
-                        await anyio.wait_readable(uffd.fileno())
+                        await self._wait_readable()
                         self._waited = time.perf_counter_ns()
                 events = read()
                 if events is _HANDLED:
@@ -126,13 +133,32 @@ class EventReader:
                         continue
                     if events:
                         return events
-                await anyio.wait_readable(uffd.fileno())
+                await self._wait_readable()
                 self._waited = time.perf_counter_ns()
                 self._drained = False  # readable: read, whatever another task's poll found
         except UffdClosed:
             raise anyio.ClosedResourceError from None
         finally:
             self._busy = False
+
+    async def _wait_readable(self) -> None:
+        """Until there may be something to read: the fd readable, or its reads given back
+        by the reader they were lent to (what it left is read first)."""
+        uffd = self._uffd
+        loan = uffd._loan
+        if loan is not None:
+            await loan.wait()
+            return
+        uffd._readiness_waits += 1
+        try:
+            await anyio.wait_readable(uffd.fileno())
+        except anyio.ClosedResourceError:
+            if uffd.closed:
+                raise
+            # Not closed: the reads were lent meanwhile (lend_reads woke this wait, whose
+            # records the borrower reads now): the next wait is on the loan.
+        finally:
+            uffd._readiness_waits -= 1
 
     def _read_some(self) -> list[Event]:
         """Pending events; with a prefilter, only what it left (``_HANDLED`` if nothing)."""

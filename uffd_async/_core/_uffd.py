@@ -36,12 +36,15 @@ admin-guide/mm/userfaultfd, and the kernel's own handlers):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import warnings
 from collections.abc import Callable
 from typing import Any
+
+import anyio
 
 from . import _abi
 from ._abi import PAGE_SIZE, Feature, Ioctl, Mode
@@ -60,6 +63,7 @@ from ._events import Event, fork_fds
 from ._events import decode as decode_records
 from ._memory import BYTES_DATA_OFFSET, buffer_address
 from ._open import Method, feature_names, handshake, open_fd
+from ._read_loan import ReadLoan
 
 _ADDRESS_LIMIT = 1 << 64
 _EAGAIN = errno.EAGAIN
@@ -162,6 +166,8 @@ class Userfaultfd:
         self._children: list[Userfaultfd] = []
         self._before_close: list[Callable[[int], None]] = []
         self._unhandled: list[Event] = []
+        self._loan: ReadLoan | None = None
+        self._readiness_waits = 0  # readers waiting for the fd to be readable (_reader)
         #: Bytes this handle's ioctls (and the server's C loop) mapped in: COPY, ZEROPAGE,
         #: CONTINUE and MOVE, readahead included.
         self._filled = 0
@@ -244,6 +250,39 @@ class Userfaultfd:
         """Run ``callback(fd)`` just before the fd is closed (readers wake their waiters)."""
         if callback not in self._before_close:
             self._before_close.append(callback)
+
+    def _forget_on_close(self, callback: Callable[[int], None]) -> None:
+        if callback in self._before_close:
+            self._before_close.remove(callback)
+
+    def lend_reads(
+        self,
+        before_close: Callable[[], None],
+        *,
+        pause: Callable[[], None] | None = None,
+        resume: Callable[[], None] | None = None,
+    ) -> ReadLoan | None:
+        """Lend this uffd's reads to another reader until the loan is given back (see
+        :mod:`~uffd_async._core._read_loan`); None when they are lent already.
+
+        ``before_close()`` runs if the uffd is closed meanwhile, before the fd is: the
+        borrower must stop using it then (the fd's number is reused once closed).
+        ``pause()`` holds the borrower between two steps with its counts up to date, and
+        ``resume()`` lets it go (:meth:`borrower_paused`)."""
+        self._require_open()
+        if self._loan is not None:
+            return None
+        self._loan = ReadLoan(self, before_close, pause, resume)
+        self._on_close(self._loan.closing)
+        if self._readiness_waits:  # a reader waits for readiness: make it wait on the loan
+            anyio.notify_closing(self._fd)
+        return self._loan
+
+    def borrower_paused(self) -> contextlib.AbstractContextManager[None]:
+        """Hold whoever its reads are lent to (a native replay) while its counts and the
+        resolvers' bitmaps are read together; nothing when they are not lent."""
+        loan = self._loan
+        return loan.paused() if loan is not None else contextlib.nullcontext()
 
     def _push_back(self, events: list[Event]) -> None:
         """Keep events a server read but never handled: the kernel will not send them again."""
@@ -602,7 +641,11 @@ class Userfaultfd:
         return self._read(max_events)
 
     def _read_raw(self, max_events: int) -> bytes:
-        """Raw records from the fd (b"" when none are pending); pushed-back events not included."""
+        """Raw records from the fd (b"" when none are pending, or the reads are lent);
+        pushed-back events not included."""
+        if self._loan is not None:
+            self._require_open()
+            return b""
         try:
             return os.read(self._fd, _MSG_SIZE * max_events)
         except BlockingIOError:

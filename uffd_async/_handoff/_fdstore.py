@@ -20,10 +20,20 @@ serves on (:func:`stored_state`). Facts this relies on:
   children included, whose uffd nobody else holds.
 * A state replaced is pushed under a new name first (``ua-state.N``, N one
   higher), and the old one removed after: a crash in between leaves both, and
-  the newest one counts. The state is pushed whenever the fds change, and
-  checked every :data:`STATE_INTERVAL` seconds for new Remove/Remap/Unmap
-  events and recorded pages: what happened in the last such interval before a
-  crash may be missing from it (see the README).
+  the newest one counts.
+* The kernel lets a Remove (``madvise``) return once the server has *read* the
+  event, not applied it, and a fault read with it is answered after it (the
+  events of a read are applied first). So the state is pushed from the
+  fault server's own hook (``on_applied``), before it answers anything read
+  with the events: once a fault read after a Remove is answered, the state with
+  that Remove is in the store. What is left is the instant between the read
+  and that push (a few hundred microseconds, see the README). A fork child's
+  uffd is pushed the same way as its serving starts, a new peer's fds before
+  its serving starts. Recorded pages are looked for every
+  :data:`STATE_INTERVAL` seconds (what the last such interval recorded may be
+  missing after a crash: a slower prefetch next time, never a wrong byte).
+* A peer gone has its fds removed at once; a server stopping (cancelled)
+  removes nothing: the next one serves them.
 """
 
 from __future__ import annotations
@@ -33,11 +43,25 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-from ._succession import decode_state
+import anyio
+import anyio.lowlevel
+import attrs
+
+from .._core._errors import TakeoverError, UffdClosed
+from ._handover import LiveHandoff, adopt, carry, wake_everything
+from ._served import Served, succession_state
+from ._succession import VERSIONS, decode_state, encode_state
 from ._systemd import notify
 from ._takeover import Taken, read_state, sealed_memfd
 
-__all__ = ["STATE_INTERVAL", "FdStore", "fd_store_available", "stored_state"]
+__all__ = [
+    "STATE_INTERVAL",
+    "FdStore",
+    "FdStoreKeeper",
+    "fd_store_available",
+    "resume_stored",
+    "stored_state",
+]
 
 logger = logging.getLogger("uffd_async")
 
@@ -93,6 +117,125 @@ class FdStore:
             if notify("FDSTOREREMOVE=1", f"FDNAME={name}"):
                 self._stored.discard(name)
         self._children = {key: entry for key, entry in self._children.items() if entry[1] in named}
+
+
+class FdStoreKeeper:
+    """Keeps systemd's fd store equal to what ``served`` serves (:meth:`keep`, a task),
+    pushed at once when told (:meth:`events_applied`, :meth:`changed`). ``stored``: the
+    names a predecessor left there."""
+
+    def __init__(self, served: Served, stored: Iterable[str] = ()) -> None:
+        self._served = served
+        self._store = FdStore(stored)
+        self._wakeup: anyio.Event | None = None  # set: push the state now
+        self._last: object = None  # what the state last pushed held
+        self._recording: tuple[int, ...] | None = None  # as the last look saw it
+        self._recorded = -1  # how many pages that was
+        self._stale = False  # pushed with an older recording since: the next look pushes it
+
+    def events_applied(self) -> None:
+        """A handoff's server applied events (or serves a new fork child), or a handoff
+        is about to be served: push the state now, before anything else runs, so that a
+        crash an instant later still has it. What cannot be pushed now (a child's uffd
+        closed as it was looked at, an error) is left to :meth:`keep`."""
+        if self._wakeup is None:  # not kept (yet, or any more)
+            return
+        try:
+            pushed = self._push(fresh=False)
+        except Exception:  # raised again where keep() looks: never in a handoff's serving
+            pushed = False
+        if not pushed:
+            self._wakeup.set()
+
+    def changed(self) -> None:
+        """A handoff has gone: :meth:`keep` pushes the state as soon as it runs (never once
+        the server is stopping: a stopped server's fds stay in the store)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def keep(self) -> None:
+        """Push the state when told of a change, and look every ``STATE_INTERVAL`` for
+        recorded pages; until cancelled."""
+        self._last = None
+        try:
+            while True:
+                wakeup = self._wakeup = anyio.Event()  # before looking: nothing missed
+                if not self._push(fresh=True):  # a child ended just now: look again
+                    await anyio.sleep(STATE_INTERVAL / 10)
+                    continue
+                with anyio.move_on_after(STATE_INTERVAL):
+                    await wakeup.wait()
+                # Woken as the server stops (a handoff's end, in its cancellation): push
+                # nothing, or the next server would lose the handoffs.
+                await anyio.lowlevel.checkpoint()
+        finally:
+            self._wakeup = None
+
+    def _push(self, *, fresh: bool) -> bool:
+        """Push what is served, if it changed since the last push; False if a child's uffd
+        closed as it was looked at (look again). ``fresh``: with the recording as it is now;
+        else (an event's push, on the fault path: quick) with the last look's, and the next
+        look pushes it fresh (a recording is a hint for the next restore: never urgent)."""
+        store, served = self._store, self._served
+        lives = served.handoffs()
+        fds: list[int] = []
+        names: dict[int, str] = {}
+        try:
+            carried = [carry(live, fds, now=True) for live in lives]
+            for live in lives:
+                serial, handoff = live.serial, live.handoff
+                names[handoff.uffd.fileno()] = f"uffd.{serial}"
+                names[live.conn.fileno()] = f"conn.{serial}"
+                if handoff.memfd is not None:
+                    names[handoff.memfd] = f"memfd.{serial}"
+                children = [uffd for uffd, _, _ in live.children]
+                if live.server is not None:
+                    children += [uffd for uffd, _ in live.server.children_now()]
+                for uffd in children:
+                    names[uffd.fileno()] = store.child_name(serial, uffd)
+        except UffdClosed:
+            return False
+        now = (
+            tuple(names[fd] for fd in fds),
+            [(len(h.events), [len(c.events) for c in h.children]) for h in carried],
+            served.recorded(),
+        )
+        if now == self._last and not (fresh and self._stale):
+            return True  # fds, events and recording as pushed
+        if fresh or self._recorded < 0:
+            progress = served.progress(latency=False, recording=True)
+            self._recording, self._recorded = progress.recording, now[2]
+        else:
+            progress = served.progress(latency=False, recording=False)
+            progress = attrs.evolve(progress, recording=self._recording)
+        self._stale = self._recorded != now[2]
+        state = succession_state(progress, VERSIONS[-1], fds, carried, names=now[0])
+        store.sync(dict(zip(now[0], fds, strict=True)), encode_state(state))
+        self._last = now
+        return True
+
+
+def resume_stored(served: Served, stored: list[tuple[int, str]]) -> list[LiveHandoff]:
+    """Serve on what a predecessor left in systemd's fd store (it crashed, or stopped):
+    the handoffs ``served`` is to serve, woken, its counters gone on from."""
+    taken = stored_state(stored)
+    if taken is None:
+        return []
+    adopted: list[LiveHandoff] = []
+    try:
+        for carried in taken.state.handoffs:
+            try:
+                live = adopt(taken, carried, served.resolver_for)
+            except (TakeoverError, OSError) as exc:
+                logger.warning("pid %d is not served again: %s", carried.pid, exc)
+                continue
+            adopted.append(live)
+            wake_everything(live)  # what the dead server read and never answered
+        served.carry_on(taken.state, adopted)
+    finally:
+        taken.close()
+    logger.info("resumed from the fd store: %d processes served again", len(adopted))
+    return adopted
 
 
 def _push(name: str, fd: int) -> bool:

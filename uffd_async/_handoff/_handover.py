@@ -68,11 +68,15 @@ class LiveHandoff:
     stopped: anyio.Event = attrs.field(factory=anyio.Event)
     #: A number of its own in this process (systemd's fd store names its fds by it).
     serial: int = 0
+    #: Called once each event is applied, by every round's server (and its children's):
+    #: systemd's fd store gets the state at once, not at its next look.
+    on_applied: Callable[[], None] | None = None
 
     def started(self, server: Any) -> None:
         """A round's server started (before it read anything): give it the state so far."""
         self.server = server
         server.applied = self.applied
+        server.on_applied = self.on_applied
         children, self.children = self.children, []
         if children:
             server.adopt_children(children)

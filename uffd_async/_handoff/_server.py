@@ -46,6 +46,11 @@ the handshake, :mod:`uffd_async._serve._peer_lifetime` for watching the peer,
 * Peers are untrusted: the uid check, the bounds on the message and on the
   time to send it, and the checks on the mappings are :func:`receive_uffd`'s.
   A refused or failing peer ends its own connection, never the server.
+
+Serving past this process lives beside it: a takeover in :mod:`._successor`,
+systemd's fd store in :mod:`._fdstore`. Both see the server as
+:class:`~._served.Served` (``_Seam`` here): its handoffs, a pause in accepting,
+its counters and recording, a resolver for a handoff carried over.
 """
 
 from __future__ import annotations
@@ -71,8 +76,6 @@ from .._core._errors import (
     HandoffError,
     InvalidArgument,
     SourceChanged,
-    TakeoverError,
-    UffdClosed,
 )
 from .._remote._chunked_source import ChunkedSource, FetchStats
 from .._remote._open_source import SourceSpec, check_source, open_source
@@ -86,12 +89,14 @@ from .._serve._peer_lifetime import PROBE_INTERVAL, PeerExit, Watch, memory_gone
 from .._serve._resolvers import AnyResolver
 from .._serve._server import DEFAULT_SPIN, OnError, ServerStats, serve
 from .._serve._stats import LatencyHistogram
-from ._fdstore import STATE_INTERVAL, FdStore, stored_state
-from ._handover import Handover, LiveHandoff, adopt, carry, wake_everything
+from ._fdstore import FdStoreKeeper, resume_stored
+from ._handover import Handover, LiveHandoff
 from ._listener import Listener, check_socket_access
 from ._options import PeerPolicy, ReplayOptions, check_record_path
-from ._succession import VERSIONS, CarriedHandoff, Succession, encode_state
-from ._takeover import ControlSocket, Offered, Taken, offer, take_over
+from ._served import Progress
+from ._succession import Succession
+from ._successor import control_socket, offer_takeovers, take_over_from
+from ._takeover import ControlSocket
 from ._transfer import (
     Handoff,
     allowed_uid_set,
@@ -280,7 +285,10 @@ class HandoffServer:
                 "pass no listening_socket",
             )  # fmt: skip
         self._takeover = takeover
-        self._fd_store = FdStore(name for _, name in stored_fds) if fd_store else None
+        self._seam = _Seam(self)  # what the takeover and the fd store see of it
+        self._fd_store = (
+            FdStoreKeeper(self._seam, (name for _, name in stored_fds)) if fd_store else None
+        )
         self._stored_fds = list(stored_fds)
         self._serials = itertools.count(1)
         if isinstance(source, SnapshotSource) or callable(source):
@@ -314,8 +322,9 @@ class HandoffServer:
         self._draining = False
         self._accepting: anyio.CancelScope | None = None
         self._no_peers: anyio.Event | None = None
-        # Takeover (see _handover, _takeover): the handoffs being served, the connections
-        # not yet handed over (id(conn)), the handover under way, and whether it is done.
+        # Takeover (_successor, through _Seam; rounds in _handover): the handoffs being
+        # served, the connections not yet handed over (id(conn)), the handover under way,
+        # and whether it is done.
         self._handing: dict[int, LiveHandoff] = {}
         self._handshaking: set[int] = set()
         self._handover: Handover | None = None
@@ -388,6 +397,12 @@ class HandoffServer:
     @property
     def stats(self) -> HandoffStats:
         """A snapshot of the counters, live connections included."""
+        with contextlib.ExitStack() as paused:  # native replays held: the counts agree
+            for live in self._live.values():
+                paused.enter_context(live.uffd.borrower_paused())
+            return self._stats_now()
+
+    def _stats_now(self) -> HandoffStats:
         stats = attrs.evolve(self._totals)
         for live in self._live.values():
             live.count_pages()  # the prefetcher copies through its uffd too: count those now
@@ -453,31 +468,34 @@ class HandoffServer:
         try:
             # Bound before the task group: a path that cannot be bound raises as itself.
             if self._takeover:
-                listener, control, adopted = await self._take_over(snapshot)
+                listener, control, adopted = await take_over_from(self._seam)
             elif self._listening_socket is not None:
                 listener = Listener.adopt(self._listening_socket)
             else:
                 listener = Listener(self.path, mode=self._policy.socket_mode, gid=self._socket_gid)
             if not self._takeover:
-                control = _control_socket(self.path)
+                control = control_socket(self.path)
             if self._stored_fds:  # a restart under systemd: what its fd store kept
                 stored, self._stored_fds = self._stored_fds, []
-                adopted += self._resume_stored(stored, snapshot)
+                adopted += resume_stored(self._seam, stored)
             async with anyio.create_task_group() as tg:
                 with listener, contextlib.ExitStack() as closing:
                     for live in adopted:
                         tg.start_soon(self._adopted, live)
                     if self._fd_store is not None:
-                        tg.start_soon(self._keep_fd_store, self._fd_store)
+                        tg.start_soon(self._fd_store.keep)
                     if control is not None:
                         closing.enter_context(control)
-                        tg.start_soon(self._offer_takeovers, control, listener, tg.cancel_scope)
+                        tg.start_soon(
+                            offer_takeovers, self._seam, control, listener, tg.cancel_scope
+                        )
                     with anyio.CancelScope() as accepting:
                         self._accepting = accepting
                         if self._draining:  # drain() came before the socket
                             self._accepting.cancel()
                         if snapshot is not None:
                             tg.start_soon(_stop_on_change, snapshot, accepting, changed)
+                            tg.start_soon(_prepared, snapshot)  # while the first one comes
                         task_status.started(self)
                         while True:
                             if self._handover is not None:  # stopped for a successor
@@ -637,6 +655,10 @@ class HandoffServer:
             live = LiveHandoff(handoff=handoff, conn=conn, resolver=resolver, peer=peer)
         self._handing[id(handoff)] = live  # from now on a successor takes it over
         live.serial = next(self._serials)
+        store = self._fd_store
+        if store is not None:
+            live.on_applied = store.events_applied
+            store.events_applied()  # its fds: stored before its serving starts
         self._handshaking.discard(id(conn))
         totals = self._totals
         totals.served += 1
@@ -658,6 +680,8 @@ class HandoffServer:
                 peer_gone.set()  # serving ends once the fork children it serves have exited
         finally:
             self._handing.pop(id(handoff), None)
+            if store is not None:
+                store.changed()
             live.stopped.set()  # a handover under way need not wait for it
             live.close_children()
             totals.active -= 1
@@ -756,197 +780,7 @@ class HandoffServer:
             handoff_scope.cancel()
         return False
 
-    # -- takeover: handing everything to a successor, or taking it over --------
-
-    async def _offer_takeovers(
-        self, control: ControlSocket, listener: Listener, listen_scope: anyio.CancelScope
-    ) -> None:
-        """Offer the control socket to successors, one at a time, until one took over."""
-        while True:
-            try:
-                conn = await control.accept()
-            except anyio.ClosedResourceError:
-                return  # closed with the listener: draining, or the source changed
-            with conn:
-                stop = functools.partial(self._stop_for_successor, listener, control, listen_scope)
-                if await offer(conn, stop, timeout=self._policy.timeout):
-                    return
-
-    async def _stop_for_successor(
-        self,
-        listener: Listener,
-        control: ControlSocket,
-        listen_scope: anyio.CancelScope,
-        version: int,
-    ) -> Offered:
-        """Stop accepting and serving (waking what was read and not answered); what a
-        successor needs. :class:`TakeoverError` (serving resumed) if that cannot be done."""
-        if self._draining:
-            raise TakeoverError("this server is draining: it takes no successor")
-        handover = self._handover = Handover()
-        if self._accept_wait is not None:
-            self._accept_wait.cancel()
-        try:
-            with anyio.fail_after(self._policy.timeout):
-                while self._handshaking:  # a peer mid-handshake is served, then handed over
-                    await anyio.sleep(0.001)
-                lives = list(self._handing.values())
-                for live in lives:
-                    live.stop()
-                for live in lives:
-                    await live.stopped.wait()
-        except TimeoutError:
-            self._resume(handover)
-            raise TakeoverError("the handoffs did not stop in time") from None
-        fds = [listener.fileno(), control.sock.fileno()]
-        carried = [carry(live, fds) for live in lives if id(live.handoff) in self._handing]
-        histogram = LatencyHistogram()
-        histogram.merge(self._latency)
-        for server in self._live.values():
-            histogram.merge(server.stats.latency_histogram())
-        state = self._state(version, fds, carried, histogram, listener=0, control=1)
-        return Offered(
-            state=state,
-            fds=fds,
-            resume=functools.partial(self._resume, handover),
-            commit=functools.partial(self._commit, handover, listener, listen_scope),
-        )
-
-    def _state(
-        self,
-        version: int,
-        fds: list[int],
-        carried: list[CarriedHandoff],
-        histogram: LatencyHistogram,
-        **more: Any,
-    ) -> Succession:
-        recorder = self._replay.recorder
-        return Succession(
-            version=version,
-            fds=len(fds),
-            handoffs=tuple(carried),
-            totals={
-                name: value
-                for name, value in attrs.asdict(self.stats).items()
-                if isinstance(value, int) and not isinstance(value, bool)
-            },
-            latency=tuple(histogram.counts),
-            latency_ns=histogram.total_ns,
-            recording=None if recorder is None else tuple(recorder.working_set().pages),
-            **more,
-        )
-
-    async def _keep_fd_store(self, store: FdStore) -> None:
-        """Keep systemd's fd store equal to what is served (see ``_fdstore``)."""
-        last: object = None
-        while True:
-            lives = list(self._handing.values())
-            fds: list[int] = []
-            names: dict[int, str] = {}
-            try:
-                carried = [carry(live, fds, now=True) for live in lives]
-                for live in lives:
-                    serial, handoff = live.serial, live.handoff
-                    names[handoff.uffd.fileno()] = f"uffd.{serial}"
-                    names[live.conn.fileno()] = f"conn.{serial}"
-                    if handoff.memfd is not None:
-                        names[handoff.memfd] = f"memfd.{serial}"
-                    children = [uffd for uffd, _, _ in live.children]
-                    if live.server is not None:
-                        children += [uffd for uffd, _ in live.server.children_now()]
-                    for uffd in children:
-                        names[uffd.fileno()] = store.child_name(serial, uffd)
-            except UffdClosed:  # a child ended just now: next time
-                await anyio.sleep(STATE_INTERVAL)
-                continue
-            recorder = self._replay.recorder
-            now = (
-                tuple(names[fd] for fd in fds),
-                [(len(h.events), [len(c.events) for c in h.children]) for h in carried],
-                0 if recorder is None else len(recorder),
-            )
-            if now != last:  # fds, events or recording changed: push them
-                histogram = LatencyHistogram()
-                state = self._state(VERSIONS[-1], fds, carried, histogram, names=now[0])
-                store.sync(dict(zip(now[0], fds, strict=True)), encode_state(state))
-                last = now
-            await anyio.sleep(STATE_INTERVAL)
-
-    def _resume_stored(
-        self, stored: list[tuple[int, str]], snapshot: SnapshotSource | None
-    ) -> list[LiveHandoff]:
-        """Serve on what a predecessor left in systemd's fd store (it crashed, or stopped)."""
-        taken = stored_state(stored)
-        if taken is None:
-            return []
-        adopted: list[LiveHandoff] = []
-        try:
-            for carried in taken.state.handoffs:
-                try:
-                    live = adopt(taken, carried, lambda h: self._resolver(h, snapshot))
-                except (TakeoverError, OSError) as exc:
-                    logger.warning("pid %d is not served again: %s", carried.pid, exc)
-                    continue
-                adopted.append(live)
-                wake_everything(live)  # what the dead server read and never answered
-            self._carry_on(taken.state, adopted)
-        finally:
-            taken.close()
-        logger.info("resumed from the fd store: %d processes served again", len(adopted))
-        return adopted
-
-    def _resume(self, handover: Handover) -> None:
-        self._handover = None
-        handover.over.set()
-
-    def _commit(
-        self, handover: Handover, listener: Listener, listen_scope: anyio.CancelScope
-    ) -> None:
-        """The successor holds everything: never serve again, and leave the socket file."""
-        handover.committed = self._handed_over = True
-        self._replay.handed_over()
-        listener.keep_file()
-        handover.over.set()
-        listen_scope.cancel()
-
-    async def _take_over(
-        self, snapshot: SnapshotSource | None
-    ) -> tuple[Listener, ControlSocket, list[LiveHandoff]]:
-        """Receive everything the server running on ``path`` serves; it then exits."""
-        taken = await take_over(self.path, timeout=self._policy.timeout)
-        try:
-            return await self._adopt_taken(taken, snapshot)
-        finally:
-            taken.close()
-
-    async def _adopt_taken(
-        self, taken: Taken, snapshot: SnapshotSource | None
-    ) -> tuple[Listener, ControlSocket, list[LiveHandoff]]:
-        state = taken.state
-        if state.listener is None or state.control is None:
-            raise TakeoverError("the running server sent no listening socket")
-        listener = Listener.adopt(socket.socket(fileno=taken.take(state.listener)))
-        control = ControlSocket(self.path, socket.socket(fileno=taken.take(state.control)))
-        adopted: list[LiveHandoff] = []
-        try:
-            for carried in state.handoffs:
-                adopted.append(adopt(taken, carried, lambda h: self._resolver(h, snapshot)))
-            await taken.confirm()
-        except BaseException:
-            for live in adopted:
-                live.close_children()
-                live.peer.close()
-                live.handoff.close()
-                live.conn.close()
-            listener.close()
-            control.close()
-            raise
-        self._carry_on(state, adopted)
-        logger.info(
-            "took over %s: %d processes served, %d faults so far",
-            self.path, len(adopted), self._totals.faults,
-        )  # fmt: skip
-        return listener, control, adopted
+    # -- what a successor goes on from (see _Seam) -------------------------------
 
     def _carry_on(self, state: Succession, adopted: list[LiveHandoff]) -> None:
         """Go on from the predecessor's counters, histogram and recording."""
@@ -969,6 +803,78 @@ class HandoffServer:
         """Serve a handoff a predecessor handed over (a lower ``max_peers`` drops none)."""
         with live.conn, live.peer, live.handoff, self._slot(live.conn, always=True):
             await self._serve_handoff(live.conn, live.handoff, live.resolver, live.peer, live)
+
+
+class _Seam:
+    """A :class:`HandoffServer` as the takeover (``_successor``) and the fd store
+    (``_fdstore``) see it: :class:`~._served.Served`."""
+
+    def __init__(self, server: HandoffServer) -> None:
+        self._server = server
+
+    @property
+    def path(self) -> str:
+        return self._server.path
+
+    @property
+    def timeout(self) -> float:
+        return self._server.policy.timeout
+
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
+
+    def handoffs(self) -> list[LiveHandoff]:
+        return list(self._server._handing.values())
+
+    def handshaking(self) -> bool:
+        return bool(self._server._handshaking)
+
+    def pause(self) -> Handover:
+        server = self._server
+        handover = server._handover = Handover()
+        if server._accept_wait is not None:
+            server._accept_wait.cancel()
+        return handover
+
+    def resume(self, handover: Handover, *, handed_over: bool) -> None:
+        server = self._server
+        if handed_over:  # the successor holds everything: never serve again
+            handover.committed = server._handed_over = True
+            server._replay.handed_over()
+        else:
+            server._handover = None
+        handover.over.set()
+
+    def progress(self, *, latency: bool, recording: bool = True) -> Progress:
+        server = self._server
+        histogram = LatencyHistogram()
+        if latency:
+            histogram.merge(server._latency)
+            for live in server._live.values():
+                histogram.merge(live.stats.latency_histogram())
+        recorder = server._replay.recorder
+        return Progress(
+            totals={
+                name: value
+                for name, value in attrs.asdict(server.stats).items()
+                if isinstance(value, int) and not isinstance(value, bool)
+            },
+            latency=histogram,
+            recording=(
+                None if recorder is None or not recording else tuple(recorder.working_set().pages)
+            ),
+        )
+
+    def recorded(self) -> int:
+        recorder = self._server._replay.recorder
+        return 0 if recorder is None else len(recorder)
+
+    def carry_on(self, state: Succession, adopted: list[LiveHandoff]) -> None:
+        self._server._carry_on(state, adopted)
+
+    def resolver_for(self, handoff: Handoff) -> AnyResolver:
+        return self._server._resolver(handoff, self._server._opened)
 
 
 async def serve_handoffs(
@@ -1076,15 +982,6 @@ async def _stop_when(peer_gone: anyio.Event, server: Any, pid: int) -> None:
     server.process_exited()
 
 
-def _control_socket(path: str) -> ControlSocket | None:
-    """The control socket a successor connects to; None (logged) if it cannot be had."""
-    try:
-        return ControlSocket(path)
-    except TakeoverError as exc:
-        logger.warning("%s: no successor can take over", exc)
-        return None
-
-
 async def _hangup(conn: socket.socket) -> None:
     """Return once the peer closed its end; drop whatever it sends meanwhile."""
     while True:
@@ -1097,6 +994,16 @@ async def _hangup(conn: socket.socket) -> None:
             return  # ECONNRESET and the like: gone all the same
         if not data:
             return
+
+
+async def _prepared(source: SnapshotSource) -> None:
+    """``source.prepare()`` (a snapshot's zero-page scan) in a worker thread, off the first
+    restore's critical path; a failure is only logged: a process's restore learns it again
+    and fails as itself."""
+    try:
+        await anyio.to_thread.run_sync(source.prepare)
+    except Exception as exc:
+        logger.warning("preparing the snapshot failed: %s", exc)
 
 
 async def _stop_on_change(

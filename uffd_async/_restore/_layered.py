@@ -33,6 +33,8 @@ import errno
 import functools
 import os
 
+import attrs
+
 from .._capture._identity import identity_of, identity_samples, snapshot_identity
 from .._capture._layer import Layer, check_chain, compose
 from .._core._abi import PAGE_SIZE
@@ -41,7 +43,7 @@ from .._core._events import PageFault
 from .._core._memory import Region
 from .._core._native import lib
 from .._core._uffd import Userfaultfd
-from .._serve._resolvers import CopyFrom
+from .._serve._resolvers import CopyFrom, MemoryPart
 from ._guest_mapping import GuestMapping
 from ._snapshot import Snapshot
 
@@ -247,6 +249,34 @@ class _LayeredCopy(CopyFrom):
         if self._recorder is not None:
             self._record(index)
         return True
+
+    def memory_parts(self) -> list[MemoryPart] | None:
+        """CopyFrom's, each cut where a span ends: each span's bytes come from its own
+        origin."""
+        pieces = super().memory_parts()
+        if pieces is None:
+            return None
+        size, ratio = self._page_size, self._page_size // PAGE_SIZE
+        starts, ends = self._span_starts, self._span_ends
+        parts = []
+        for piece in pieces:
+            end = piece.index + piece.pages
+            span = max(bisect.bisect_right(starts, piece.index) - 1, 0)
+            while span < len(starts) and starts[span] < end:
+                low, high = max(piece.index, starts[span]), min(end, ends[span])
+                if low < high:
+                    parts.append(
+                        attrs.evolve(
+                            piece,
+                            base=piece.base + (low - piece.index) * size,
+                            pages=high - low,
+                            source=self._origins[span] + low * size,
+                            first=low * ratio,
+                            index=low,
+                        )
+                    )
+                span += 1
+        return parts
 
     def _fill_ahead(self, uffd: Userfaultfd, first: int, count: int) -> None:
         """CopyFrom's, one span at a time (each from its own origin)."""

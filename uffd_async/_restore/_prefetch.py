@@ -53,8 +53,8 @@ from .._core._errors import (
 )
 from .._core._uffd import Userfaultfd
 from .._serve._chunk_fill import ChunkFill
-from .._serve._resolvers import AnyResolver
-from ._native_replay import native_replay_enabled, replay_natively
+from .._serve._resolvers import AnyResolver, MemoryPart
+from ._native_replay import NativeProgress, native_replay_enabled, replay_natively
 from ._working_set import WorkingSet
 
 __all__ = ["PrefetchStats", "prefetch"]
@@ -63,6 +63,9 @@ logger = logging.getLogger("uffd_async")
 
 #: The largest run one UFFDIO_COPY copies.
 DEFAULT_RUN_BYTES = 2 << 20
+#: Pages a demand fault outside the working set brings behind it while a set is replayed:
+#: a set that drifted then costs no more than readahead alone.
+SET_READAHEAD = 15
 _EAGAIN_PAUSE = 0.0002
 
 
@@ -88,8 +91,12 @@ class Prefetchable(Protocol):
     def prefetch_pages(self, uffd: Userfaultfd, first: int, count: int) -> None:
         """Copy base pages ``[first, first + count)`` that are missing and still in place."""
 
-    def guide(self, runs: Iterable[tuple[int, int]]) -> None:
-        """Make a demand fault in one of these runs bring the rest of its run."""
+    def guide(self, runs: Iterable[tuple[int, int]], readahead: int = 0) -> None:
+        """Make a demand fault in one of these runs bring the rest of its run, and one
+        outside them ``readahead`` pages behind it."""
+
+    def memory_parts(self) -> list[MemoryPart] | None:
+        """What a native copier may map itself (see ``_native_replay``), or None."""
 
     def source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of everything it serves, for populating it all."""
@@ -103,6 +110,8 @@ class PrefetchStats:
     prefetched: int = 0
     #: UFFDIO_COPY runs it planned.
     runs: int = 0
+    #: Demand faults the native replay answered itself (the server never read them).
+    faults_answered: int = 0
     #: The working set was gone through (``True`` at once when there was none).
     working_set_done: bool = False
     #: Every page was gone through (``populate=True``), so the process is fully resident
@@ -120,6 +129,7 @@ async def prefetch(
     *,
     populate: bool = False,
     run_bytes: int = DEFAULT_RUN_BYTES,
+    readahead: int = SET_READAHEAD,
     stats: PrefetchStats | None = None,
     task_status: TaskStatus[PrefetchStats] = anyio.TASK_STATUS_IGNORED,
 ) -> PrefetchStats:
@@ -129,8 +139,11 @@ async def prefetch(
     ``resolver`` is the one being served: ``copy_from`` from memory, or a
     snapshot's resolver (whose working-set pages are snapshot offsets). It must
     be served at the same time (the prefetcher lets the server read pending
-    events and faults first). Returns (and ``task_status.started()`` gets) the
-    :class:`PrefetchStats`, filled in as it goes.
+    events and faults first). A demand fault in a run of the set brings the rest of
+    the run; one outside the set, ``readahead`` pages behind it. From memory, a worker
+    thread in C maps the runs and answers the faults meanwhile (see ``_native_replay``;
+    ``native_replay(False)`` keeps it all on the loop). Returns (and
+    ``task_status.started()`` gets) the :class:`PrefetchStats`, filled in as it goes.
     """
     if not isinstance(resolver, Prefetchable) or not (
         resolver.chunk_fill is not None or resolver.can_prefetch
@@ -141,6 +154,7 @@ async def prefetch(
         )
     fill = resolver.chunk_fill
     check_int("run_bytes", run_bytes, minimum=PAGE_SIZE)
+    check_int("readahead", readahead, minimum=0)
     stats = stats if stats is not None else PrefetchStats()
     task_status.started(stats)
     run_pages = run_bytes // PAGE_SIZE
@@ -152,19 +166,35 @@ async def prefetch(
             if working_set is not None:
                 chunks = _chunks_of(working_set.runs(run_pages), fill.chunk_source.chunk_size)
                 await _fetch_chunks(uffd, fill, chunks, poller, stats)
-        elif working_set is not None:
-            resolver.guide(working_set.runs(run_pages))  # a fault ahead brings its run's rest
-            runs: Iterable[tuple[int, int]] = working_set.runs(run_pages)
-            if native_replay_enabled():  # off by default: see _native_replay
-                runs = list(runs)
-                progress = await replay_natively(uffd, resolver, runs)
-                stats.runs += progress.runs
-                stats.prefetched += progress.pages
-                runs = runs[progress.runs :]
+        else:
+            runs = list(working_set.runs(run_pages)) if working_set is not None else []
+            if runs:  # a fault outside the set brings its readahead
+                resolver.guide([], readahead)
+            parts = resolver.memory_parts() if native_replay_enabled() else None
+            while parts and (runs or (populate and not stats.populated)):
+                everything = list(_everything(resolver, run_pages)) if populate else []
+                before = (stats.prefetched, stats.faults_answered)
+
+                def count(progress: NativeProgress, before: tuple[int, int] = before) -> None:
+                    stats.prefetched = before[0] + progress.pages
+                    stats.faults_answered = before[1] + progress.faults
+
+                progress = await replay_natively(uffd, parts, runs, everything, count)
+                stats.runs += len(runs) - len(progress.left)
+                if progress.set_done:
+                    stats.working_set_done = True
+                    stats.working_set_seconds = max(0.0, progress.set_done - started)
+                    stats.populated = populate and progress.populated
+                runs = progress.left
+                # Stopped by an event (applied by now): plan the rest with the new layout.
+                parts = resolver.memory_parts() if progress.event else None
+            if runs:  # a fault ahead of the prefetcher brings its run's rest
+                resolver.guide(runs, readahead)
             await _copy_runs(uffd, resolver, runs, poller, stats)
-        stats.working_set_done = True
-        stats.working_set_seconds = time.monotonic() - started
-        if populate:
+        if not stats.working_set_done:
+            stats.working_set_done = True
+            stats.working_set_seconds = time.monotonic() - started
+        if populate and not stats.populated:
             if fill is not None:
                 chunks = _chunks_of(_everything(resolver, run_pages), fill.chunk_source.chunk_size)
                 await _fetch_chunks(uffd, fill, chunks, poller, stats)

@@ -23,6 +23,7 @@ import functools
 import mmap
 import os
 import stat
+import threading
 
 from .._capture._identity import snapshot_identity
 from .._capture._layer_file import MAGIC as LAYER_MAGIC
@@ -75,6 +76,8 @@ class Snapshot(SnapshotSource):
             self._address = map_memory(self.size, MAP_SHARED, fd, prot=mmap.PROT_READ)
             # Kept for the zero-page scan (see _zero_map), closed once it is done.
             self._scan_fd = os.dup(fd) if zero_pages else -1
+            self._zeros: bytearray | None = None
+            self._scanning = threading.Lock()
         finally:
             os.close(fd)  # the mapping keeps the file
 
@@ -95,8 +98,17 @@ class Snapshot(SnapshotSource):
         0 when made with ``zero_pages=False``. Scanned on first use, then kept."""
         return bytes(self._zero_map)
 
-    @functools.cached_property
+    @property
     def _zero_map(self) -> bytearray:
+        zeros = self._zeros
+        if zeros is None:
+            with self._scanning:  # one scan, in whichever thread gets here first
+                if self._zeros is None:
+                    self._zeros = self._scan()
+                zeros = self._zeros
+        return zeros
+
+    def _scan(self) -> bytearray:
         self.check_open()
         if self._data_ranges is None:
             return bytearray(-(-self.size // PAGE_SIZE))
@@ -104,6 +116,12 @@ class Snapshot(SnapshotSource):
             return scan_zero_pages(self._scan_fd, self._address, self.size, self._data_ranges)
         finally:
             self._close_scan_fd()
+
+    def prepare(self) -> None:
+        """Scan for zero pages now (thread-safe): a server does it while it waits for its
+        first process, so that process's restore does not wait for the scan."""
+        if not self.closed:
+            self._zero_map  # noqa: B018 (scanned and kept)
 
     def _close_scan_fd(self) -> None:
         fd, self._scan_fd = self._scan_fd, -1
@@ -172,9 +190,10 @@ class Snapshot(SnapshotSource):
         return Region(self._address + mapping.offset, mapping.size, page_size=mapping.page_size)
 
     def close(self) -> None:
-        """Unmap the file. Idempotent."""
-        address, self._address = self._address, 0
-        self._close_scan_fd()
+        """Unmap the file (once a scan under way in another thread is done). Idempotent."""
+        with self._scanning:
+            address, self._address = self._address, 0
+            self._close_scan_fd()
         if address:
             libc.munmap(address, self.size)
 

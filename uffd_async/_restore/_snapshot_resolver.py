@@ -24,13 +24,15 @@ import functools
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+import attrs
+
 from .._core._abi import PAGE_SIZE
 from .._core._addrspace import AddressMap
 from .._core._errors import SnapshotClosed
 from .._core._events import PageFault, Remap, Remove, Unmap
 from .._core._uffd import Userfaultfd
 from .._serve._chunk_fill import ChunkFill, ChunkSource
-from .._serve._resolvers import CopyFrom, NoSourcePage, Resolver
+from .._serve._resolvers import CopyFrom, MemoryPart, NoSourcePage, Resolver
 from ._guest_mapping import GuestMapping, check_mappings
 from ._working_set import WorkingSetRecorder
 
@@ -190,14 +192,29 @@ class SnapshotResolver(Resolver):
         for part, part_first, pages in self._spans(first, count):
             part.copier.prefetch_pages(uffd, part_first, pages)
 
-    def guide(self, runs: Iterable[tuple[int, int]]) -> None:
-        """Demand faults in a working set's run bring the rest of it (see CopyFrom.guide)."""
+    def guide(self, runs: Iterable[tuple[int, int]], readahead: int = 0) -> None:
+        """Demand faults in a working set's run bring the rest of it, others ``readahead``
+        pages behind them (see CopyFrom.guide)."""
         per_part: dict[int, list[tuple[int, int]]] = {id(part): [] for part in self._parts}
         for first, count in runs:
             for part, part_first, pages in self._spans(first, count):
                 per_part[id(part)].append((part_first, pages))
         for part in self._parts:
-            part.copier.guide(per_part[id(part)])
+            part.copier.guide(per_part[id(part)], readahead)
+
+    def memory_parts(self) -> list[MemoryPart] | None:
+        """What a native copier may map itself, one part per mapping (see
+        CopyFrom.memory_parts), or None when any mapping's pages need a decision."""
+        if self._snapshot.closed:
+            return None
+        parts = []
+        for part in self._parts:
+            memory = part.copier.memory_parts()
+            if memory is None:
+                return None
+            offset = part.mapping.offset // PAGE_SIZE
+            parts += [attrs.evolve(m, first=m.first + offset) for m in memory]
+        return parts
 
     @property
     def can_prefetch(self) -> bool:
@@ -245,7 +262,8 @@ class SnapshotResolver(Resolver):
 
     def fill_ioctls(self) -> dict[str, int]:
         """How many UFFDIO_COPY and UFFDIO_ZEROPAGE ioctls its mappings' resolvers issued
-        from Python (demand faults off the C loop, and everything prefetched)."""
+        from Python: demand faults off the C loop, and what a prefetch copied on the event
+        loop (a native replay's are not counted here)."""
         parts = self._parts
         return {
             "COPY": sum(part.copier.copies for part in parts),

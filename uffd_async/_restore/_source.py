@@ -120,6 +120,11 @@ class SnapshotSource(abc.ABC):
                 f"bytes {offset}-{offset + length - 1} are past the source's {self.size} bytes",
             )
 
+    def prepare(self) -> None:  # noqa: B027 (optional: no-op)
+        """Work worth doing before the first process is served, off its critical path (a
+        snapshot's zero-page scan): a server calls it in a worker thread while it waits for
+        its first process. What it learns is also learnt on first need without it."""
+
     async def wait_changed(self) -> SourceChanged:
         """Return the :class:`~uffd_async.SourceChanged` that stopped it, once one did: a
         server stops taking new processes then. A source whose bytes are pinned for as

@@ -50,6 +50,19 @@ def _int_tuple(pages: Iterable[int]) -> tuple[int, ...]:
     return tuple(pages)
 
 
+def _runs_of(pages: tuple[int, ...], limit: int) -> Iterator[tuple[int, int]]:
+    start = count = 0
+    for page in pages:
+        if count and page == start + count and count < limit:
+            count += 1
+            continue
+        if count:
+            yield start, count
+        start, count = page, 1
+    if count:
+        yield start, count
+
+
 @attrs.frozen(kw_only=True)
 class WorkingSet:
     """The snapshot pages a restored process touched, in first-touch order, without repeats."""
@@ -63,19 +76,19 @@ class WorkingSet:
     #: Page indices into the snapshot (offset // page_size), first touch first.
     pages: tuple[int, ...] = attrs.field(converter=_int_tuple)
 
+    # The runs by their longest, worked out once: a server replays one set for every
+    # restore, and the runs are on its way to the first copy.
+    _runs: dict[int, tuple[tuple[int, int], ...]] = attrs.field(
+        factory=dict, init=False, eq=False, repr=False
+    )
+
     def runs(self, max_pages: int | None = None) -> Iterator[tuple[int, int]]:
         """(first page, pages) for each run of consecutive indices, in recorded order."""
         limit = max_pages or 1 << 62
-        start = count = 0
-        for page in self.pages:
-            if count and page == start + count and count < limit:
-                count += 1
-                continue
-            if count:
-                yield start, count
-            start, count = page, 1
-        if count:
-            yield start, count
+        runs = self._runs.get(limit)
+        if runs is None:
+            runs = self._runs[limit] = tuple(_runs_of(self.pages, limit))
+        return iter(runs)
 
     def to_bytes(self) -> bytes:
         body = bytearray()

@@ -16,9 +16,11 @@ Facts this module relies on:
   taken for data: copied, as it always was.
 * The map is one byte per base page (``PAGE_SIZE``), 1 for a zero page. A page
   the file only partly holds (a size not a multiple of pages) is never zero: the
-  map stays conservative. Computed once per open snapshot, on first need, and kept
-  in memory (scanning 256 MiB takes tens of milliseconds here: no sidecar). The
-  snapshot keeps its file open until then.
+  map stays conservative. Computed once per open snapshot, and kept in memory
+  (scanning 256 MiB takes tens of milliseconds here: no sidecar): a handoff server
+  scans in a worker thread as soon as it listens (``Snapshot.prepare``), so its first
+  restore does not wait for it; without one, on first need. The snapshot keeps its
+  file open until then.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+import attrs
+
 from .._core._abi import PAGE_SIZE, FaultFlags
 from .._core._addrspace import AddressMap
 from .._core._checks import check_int, check_page_size
@@ -132,6 +134,34 @@ class PageRecorder(Protocol):
         """Source pages ``[first, first + count)`` (``PAGE_SIZE`` pages) were asked for."""
 
 
+@attrs.frozen(eq=False)
+class MemoryPart:
+    """Pages a native copier may map straight from memory here, with no decision: a
+    :class:`CopyFrom`'s, while nothing was removed or moved (``CopyFrom.memory_part``)."""
+
+    #: Where its pages go, how many, their size, and where their bytes are here.
+    base: int
+    pages: int
+    page_size: int
+    source: int
+    #: UFFDIO_COPY mode bits (COPY_MODE_WP for a write-protecting copier).
+    mode: int
+    #: One byte a page, set once mapped: the resolver's own, shared (a native copier
+    #: sets it as it maps, so resolver and copier never map a page twice).
+    populated: bytearray
+    #: One byte a page, 1 where the page holds only zeros (mapped with ZEROPAGE), or None.
+    zeros: bytearray | None
+    #: Pages mapped behind a fault outside the working set.
+    readahead: int
+    #: The working set's name for its page 0: a base page (``PAGE_SIZE``) of the snapshot.
+    first: int = 0
+    #: Its page 0 is page ``index`` of ``populated``, ``zeros`` and ``blocked``.
+    index: int = 0
+    #: One byte a page, 1 where a page needs a decision (removed since: zeros, not the
+    #: snapshot's bytes): never mapped by the native copier, its faults go to the server.
+    blocked: bytearray | None = None
+
+
 class CopyFrom(Resolver):
     """UFFDIO_COPY from a source; see :func:`copy_from`."""
 
@@ -203,8 +233,10 @@ class CopyFrom(Resolver):
         self._recorder: PageRecorder | None = None
         self._record_offset = 0  # the snapshot's base page of source page 0
         self._changed = False  # a Remap, Remove or Unmap has been applied
-        # A working set's runs (see guide): for a page in one, where its run ends.
+        # A working set's runs (see guide): for a page in one, where its run ends; and
+        # the readahead of a fault outside them.
         self._guided: dict[int, int] = {}
+        self._guided_readahead = 0
 
     @property
     def populated(self) -> memoryview:
@@ -253,12 +285,18 @@ class CopyFrom(Resolver):
         index = first // ratio
         self._fill_ahead(uffd, index, -(-(first + count) // ratio) - index)
 
-    def guide(self, runs: Iterable[tuple[int, int]]) -> None:
+    def guide(self, runs: Iterable[tuple[int, int]], readahead: int = 0) -> None:
         """A demand fault on a page of one of these runs (base pages, as a working set names
         them) copies the rest of the run with it: the process is ahead of the prefetcher
-        there, and will touch the rest next. Turns the one-page shortcuts off."""
+        there, and will touch the rest next. A fault outside them brings ``readahead``
+        pages behind it (not while recording: those would be missing from the record).
+        Turns the one-page shortcuts off."""
         ratio = self._page_size // PAGE_SIZE
         guided = self._guided
+        if self._recorder is None and readahead > self._guided_readahead:
+            self._guided_readahead = readahead
+            self._direct = False  # the one-page shortcut has no readahead
+            self._fast = None  # the C loop's is built again, with it
         for first, count in runs:
             start, end = first // ratio, min(-(-(first + count) // ratio), self._pages)
             for index in range(start, end):
@@ -269,6 +307,46 @@ class CopyFrom(Resolver):
     def source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of the source, for populating it all."""
         return [(0, self._pages * self._page_size // PAGE_SIZE)] if self.can_prefetch else []
+
+    def memory_parts(self) -> list[MemoryPart] | None:
+        """What a native copier may map of this resolver's pages itself, as they are now:
+        one part for each range still where it was mapped or moved as a whole (``mremap``),
+        pages removed since blocked; None when the source is not in memory."""
+        if not self.can_prefetch or not self._address:
+            return None
+        size, ratio = self._page_size, self._page_size // PAGE_SIZE
+        blocked = None
+        if self._changed:
+            removed = self._map.removed.intervals()
+            if removed:
+                blocked = bytearray(self._pages)
+                for start, end in removed:
+                    first = max(0, (start - self._base) // size)
+                    last = min(self._pages, -(-(end - self._base) // size))
+                    if first < last:
+                        blocked[first:last] = b"\1" * (last - first)
+        parts = []
+        for start, end, original in self._map.pieces():
+            index = (original - self._base) // size
+            pages = min((end - start) // size, self._pages - index)
+            if index < 0 or pages <= 0:
+                continue
+            parts.append(
+                MemoryPart(
+                    base=start,
+                    pages=pages,
+                    page_size=size,
+                    source=self._address + index * size,
+                    mode=self._mode,
+                    populated=self._populated,
+                    zeros=self._zeros,
+                    readahead=max(self._guided_readahead, self._readahead),
+                    first=index * ratio,
+                    index=index,
+                    blocked=blocked,
+                )
+            )
+        return parts
 
     def _fill_ahead(self, uffd: Userfaultfd, first: int, count: int) -> None:
         """Copy source pages ``[first, first + count)`` (in our page size) that are not
@@ -360,7 +438,7 @@ class CopyFrom(Resolver):
                 mode=self._mode,
                 populated=ctypes.addressof(self._populated_c),
                 kind=FAST_COPY,
-                readahead=self._readahead,
+                readahead=max(self._readahead, self._guided_readahead),
                 zeros=ctypes.addressof(self._zeros_c) if self._zeros_c is not None else None,
             )
         return self._fast
@@ -391,7 +469,9 @@ class CopyFrom(Resolver):
         if original in self._map.removed:
             return page, index, 1, True
         count = 1
-        wanted = max(1 + self._readahead, self._guided.get(index, 0) - index)
+        guided_end = self._guided.get(index, 0)
+        readahead = self._readahead if guided_end else max(self._readahead, self._guided_readahead)
+        wanted = max(1 + readahead, guided_end - index)
         if wanted > 1:
             limit = min(
                 self._pages - index,

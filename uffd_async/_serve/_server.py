@@ -38,6 +38,7 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 import anyio
@@ -118,6 +119,10 @@ class _Server:
         #: The Remove/Remap/Unmap events applied so far, in order: a successor's resolver
         #: applies them again (``_handoff._succession``).
         self.applied: list[Remap | Remove | Unmap] = []
+        #: Called once the Remove/Remap/Unmap events of a read are applied (before its
+        #: faults), and once each fork child is served (its children's servers call it
+        #: too): a handoff server pushes its state to systemd's fd store then.
+        self.on_applied: Callable[[], None] | None = None
         self._handing_over = False
         self._child_servers: list[_Server] = []
         #: After :meth:`hand_over`: every fork child's uffd, resolver and applied events.
@@ -222,6 +227,8 @@ class _Server:
             for event in events:
                 if not isinstance(event, PageFault):
                     self._apply(event)
+            if self.on_applied is not None:
+                self.on_applied()
         self.stats.faults += len(faults)
         if retried:
             self.stats.retries += len(retried)
@@ -567,9 +574,11 @@ class _Server:
             self.handed_children.append((uffd, resolver, applied))
             return
         child = _Server(uffd, resolver, self.options)
-        child.applied = applied
+        child.applied, child.on_applied = applied, self.on_applied
         self.stats.children.append(child.stats)
         self._child_servers.append(child)
+        if self.on_applied is not None:
+            self.on_applied()
 
         async def until_it_exits() -> None:
             await memory_gone(uffd)
