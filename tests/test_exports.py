@@ -171,8 +171,8 @@ def test_handoff_server_surface() -> None:
     assert issubclass(ua.SnapshotResolver, ua.Resolver)
     assert [f.name for f in attrs.fields(ua.HandoffStats)] == [
         "connections", "served", "active", "refused", "over_limit", "failed",
-        "faults", "resolved", "pages", "errors", "events", "forks", "prefetched", "resident",
-        "populated", "populated_pages", "mapped_pages", "draining",
+        "faults", "resolved", "pages", "errors", "events", "forks", "prefetched",
+        "faults_answered", "resident", "populated", "populated_pages", "mapped_pages", "draining",
     ]  # fmt: skip
 
 

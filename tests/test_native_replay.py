@@ -23,7 +23,8 @@ import pytest
 
 import uffd_async as ua
 from uffd_async._core import _native
-from uffd_async._restore._native_replay import native_replay, replay_natively
+from uffd_async._restore._native_replay import _Plan, native_replay, replay_natively
+from uffd_async._serve._resolvers import MemoryPart
 
 from ._support import TIMEOUT, Lab, finished, pattern, source_bytes
 from .test_prefetch import KINDS, PAGES, P, Runs, Setup, everything, queued, snapshot
@@ -489,3 +490,34 @@ async def test_records_given_back_with_the_reads(lab: Lab, wake_faults: bool) ->
     assert isinstance(fault, ua.PageFault) and fault.page == region.address + P
     uffd.zeropage(fault.page, P)
     await finished(toucher)
+
+
+def test_the_runs_a_successor_may_skip_are_a_prefix() -> None:
+    """``done_before``: the working set's first runs wholly gone through, whatever was done
+    past them (a jump); a run split over two parts counts once both halves are done."""
+    pages = 64
+    populated = bytearray(pages)
+    halves = [
+        MemoryPart(
+            base=0x10000000 + half * 32 * P,
+            pages=32,
+            page_size=P,
+            source=0,
+            mode=0,
+            populated=populated,
+            zeros=None,
+            readahead=0,
+            first=half * 32,
+            index=half * 32,
+        )
+        for half in (0, 1)
+    ]
+    set_runs = [(0, 8), (28, 8), (40, 8), (50, 8)]  # the second straddles the two parts
+    plan = _Plan(halves, set_runs, [])
+    assert list(plan.owners) == [0, 1, 1, 2, 3] and plan.done_before(4) == 0
+    for k in (0, 1, 3, 4):  # run 0, half of run 1, and runs 2 and 3 (past a jump)
+        plan.done[k] = 1
+    assert plan.done_before(4) == 1
+    assert plan.left(set_runs) == [(28, 8)]
+    plan.done[2] = 1
+    assert plan.done_before(4) == 4 and plan.left(set_runs) == []

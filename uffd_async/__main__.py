@@ -124,6 +124,8 @@ def _progress(
         )
     if stats.prefetched or stats.resident:  # so far (the prefetched are in pages copied)
         line += f"  prefetched {stats.prefetched:,}  fully resident {stats.resident}"
+        if stats.faults_answered:  # faults the native replay answered: not in faults above
+            line += f"  faults answered by the replay {stats.faults_answered:,}"
     if http is not None:
         line += (
             f"  fetched {http.bytes / 2**20:,.1f} MiB in {http.requests:,} requests "

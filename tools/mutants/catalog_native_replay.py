@@ -244,4 +244,20 @@ MUTANTS = [
         tests=T,
         why="a cancelled replay's faults are dropped: their threads sleep on",
     ),
+    Mutant(
+        id="native-replay-prefix-counts-entries",
+        file=PY,
+        old="        return self.owners[k] if k < self.set_entries else set_runs",
+        new="        return k if k < self.set_entries else set_runs",
+        tests=T,
+        why="a successor skips runs not gone through (a run split over two parts counted twice)",
+    ),
+    Mutant(
+        id="native-replay-runs-not-counted",
+        file=PREFETCH,
+        old="                    stats.runs = before[2] + progress.runs",
+        new="                    pass",
+        tests=T,
+        why="a successor taking over replays the whole set again",
+    ),
 ]

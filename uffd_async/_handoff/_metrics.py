@@ -136,6 +136,9 @@ class MetricsExporter:
         yield counter("pages_mapped", "Base pages mapped in (copied, zeroed).", stats.pages)
         yield counter("prefetched_pages", "Base pages copied in ahead of faults.",
                       stats.prefetched)  # fmt: skip
+        yield counter("replay_answered_faults", "Demand faults a native working-set replay "
+                      "answered itself (not in faults_total).",
+                      stats.faults_answered)  # fmt: skip
         yield counter("events", "Remap, remove and unmap events applied.", stats.events)
         yield counter("forks", "Fork children served.", stats.forks)
         yield counter("connections", "Connections accepted.", stats.connections)

@@ -151,6 +151,9 @@ class HandoffStats:
     #: Base pages copied in ahead of the faults (a working set, or everything); ``pages``
     #: counts them too, so the demand faults' pages are ``pages - prefetched``.
     prefetched: int = 0
+    #: Demand faults a native working-set replay answered itself, beside its copies (not in
+    #: ``faults``: the server never read them; their pages are in ``prefetched``).
+    faults_answered: int = 0
     #: Handoffs whose every page was gone through (``populate``), so far.
     resident: int = 0
     #: ``populated_pages / mapped_pages`` (0.0 with no handoff active).
@@ -409,6 +412,7 @@ class HandoffServer:
             _add(stats, live.stats)
         for prefetching, _ in self._prefetching.values():
             stats.prefetched += prefetching.prefetched
+            stats.faults_answered += prefetching.faults_answered
         for resolver in self._resolvers.values():
             populated, mapped = resolver.populated_bytes()
             stats.populated_pages += populated // PAGE_SIZE
@@ -693,6 +697,7 @@ class HandoffServer:
             prefetching = self._prefetching.pop(id(handoff), None)
             if prefetching is not None:
                 totals.prefetched += prefetching[0].prefetched
+                totals.faults_answered += prefetching[0].faults_answered
                 totals.resident += prefetching[0].populated
             self._replay.save()
         if self._handed_over:

@@ -90,6 +90,8 @@ class NativeProgress:
     left: list[tuple[int, int]] = attrs.Factory(list)
     #: Whether every run that populates the rest was gone through.
     populated: bool = False
+    #: The working set's first runs wholly gone through (the rest may not be).
+    runs: int = 0
     #: Base pages it mapped, demand faults it answered, and when (``time.monotonic()``)
     #: the working set was gone through (0.0: not).
     pages: int = 0
@@ -169,6 +171,7 @@ class _Plan:
                     self.owners.append(w if owner else -1)
         self.count = len(self.owners)
         self.set_entries = sum(1 for owner in self.owners if owner >= 0)
+        self._scanned = 0  # entries known gone through, from the first (see done_before)
         if not fields:
             fields.extend([0] * 8)
         self._keep.append(fields)
@@ -194,6 +197,15 @@ class _Plan:
             self._keep.append(view)
             address = self._addresses[id(buffer)] = ctypes.addressof(view)
         return address
+
+    def done_before(self, set_runs: int) -> int:
+        """How many of the working set's first runs are wholly gone through (what a
+        successor taking over may skip)."""
+        k = self._scanned
+        while k < self.set_entries and self.done[k]:
+            k += 1
+        self._scanned = k
+        return self.owners[k] if k < self.set_entries else set_runs
 
     def left(self, set_runs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         """The working-set runs with a native run not gone through."""
@@ -234,6 +246,7 @@ async def replay_natively(
     )
 
     def report() -> None:
+        progress.runs = plan.done_before(len(runs))
         progress.pages = control.bytes_copied // PAGE_SIZE
         progress.faults = control.faults
         progress.zero_pages = control.zero_bytes // PAGE_SIZE

@@ -108,7 +108,8 @@ class PrefetchStats:
 
     #: Base pages (``PAGE_SIZE``) the prefetcher copied in.
     prefetched: int = 0
-    #: UFFDIO_COPY runs it planned.
+    #: The working set's runs gone through, from the first: a successor taking over skips
+    #: that many (a native replay may be further on; never less far).
     runs: int = 0
     #: Demand faults the native replay answered itself (the server never read them).
     faults_answered: int = 0
@@ -173,14 +174,14 @@ async def prefetch(
             parts = resolver.memory_parts() if native_replay_enabled() else None
             while parts and (runs or (populate and not stats.populated)):
                 everything = list(_everything(resolver, run_pages)) if populate else []
-                before = (stats.prefetched, stats.faults_answered)
+                before = (stats.prefetched, stats.faults_answered, stats.runs)
 
-                def count(progress: NativeProgress, before: tuple[int, int] = before) -> None:
+                def count(progress: NativeProgress, before: tuple[int, ...] = before) -> None:
                     stats.prefetched = before[0] + progress.pages
                     stats.faults_answered = before[1] + progress.faults
+                    stats.runs = before[2] + progress.runs  # a prefix: a successor skips it
 
                 progress = await replay_natively(uffd, parts, runs, everything, count)
-                stats.runs += len(runs) - len(progress.left)
                 if progress.set_done:
                     stats.working_set_done = True
                     stats.working_set_seconds = max(0.0, progress.set_done - started)
