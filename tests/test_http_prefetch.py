@@ -114,6 +114,30 @@ async def test_a_chunk_already_resident_is_not_fetched_again(
     assert sorted(served_chunks(http_server)) == [1, 12, 13, 28]
 
 
+async def test_a_chunk_faulted_in_while_the_prefetch_waits_is_not_fetched_again(
+    http_server: HttpObjectServer, lab: Lab
+) -> None:
+    """No cache, one connection for the prefetch: its first chunk is held, and while it
+    waits to fetch the second, a fault brings that one in. The prefetch then skips it:
+    each chunk is requested once."""
+    http_server.put("snap", SOURCE)
+    async with ua.HttpSource(
+        http_server.url("snap"), chunk_size=CHUNK, cache_bytes=0, concurrency=2, chunk_readahead=0
+    ) as source:
+        ws = await working_set(source, chunk_pages([1, 2]))
+        http_server.reset()
+        http_server.queue("hold")  # the prefetch's first chunk waits for our release
+        async with replaying(lab, source) as (region, uffd, resolver, server):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ua.prefetch, uffd, resolver, ws)
+                await anyio.to_thread.run_sync(http_server.wait_held)
+                got = await read_pages(lab, region, chunk_pages([2]))  # the other connection
+                assert got == {n: SOURCE[n * P : (n + 1) * P] for n in chunk_pages([2])}
+                http_server.release()
+            assert server.stats.faults == 1
+    assert sorted(served_chunks(http_server)) == [1, 2], "a chunk was fetched twice"
+
+
 async def test_a_chunk_that_cannot_be_fetched_leaves_the_rest_to_prefetch(
     http_server: HttpObjectServer, lab: Lab, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -521,3 +521,32 @@ def test_the_runs_a_successor_may_skip_are_a_prefix() -> None:
     assert plan.left(set_runs) == [(28, 8)]
     plan.done[2] = 1
     assert plan.done_before(4) == 4 and plan.left(set_runs) == []
+
+
+async def test_a_recording_resolver_replays_on_the_loop(
+    lab: Lab, snapshot: ua.Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recording while replaying (``--record`` with ``--prefetch``): every demand fault must
+    be seen by the recorder, in Python, so the thread does not answer any: a fault outside
+    the set, queued before the prefetch, is recorded; the set goes the loop's way."""
+    region = lab.anonymous(PAGES)
+    uffd = lab.uffd()
+    uffd.register(region.address, region.length)
+    mapping = ua.GuestMapping(
+        base_host_virt_addr=region.address, size=PAGES * P, offset=0, page_size=P
+    )
+    recorder = ua.WorkingSetRecorder(snapshot.size, snapshot.identity)
+    resolver = snapshot.resolver([mapping], recorder=recorder)
+    assert resolver.memory_parts() is None
+    runs = Runs(resolver, monkeypatch)
+    working_set = ua.WorkingSet(
+        snapshot_size=snapshot.size, identity=snapshot.identity, pages=range(10, 20)
+    )
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(uffd, resolver):
+            toucher = lab.touch(region.address + 40 * P, 1, write=False)
+            queued(uffd)
+            stats = await ua.prefetch(uffd, resolver, working_set)
+            await finished(toucher)
+    assert stats.faults_answered == 0 and runs.log
+    assert recorder.working_set().pages == (40,)

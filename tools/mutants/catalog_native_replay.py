@@ -260,4 +260,12 @@ MUTANTS = [
         tests=T,
         why="a successor taking over replays the whole set again",
     ),
+    Mutant(
+        id="native-replay-while-recording",
+        file=RESOLVERS,
+        old="        if not self.can_prefetch or not self._address or self._recorder is not None:",
+        new="        if not self.can_prefetch or not self._address:",
+        tests=T,
+        why="recording while replaying: the faults the thread answers are never recorded",
+    ),
 ]

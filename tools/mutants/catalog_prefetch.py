@@ -15,14 +15,6 @@ MUTANTS = [
         why="the prefetcher takes every connection: faults wait behind guesses",
     ),
     Mutant(
-        id="prefetch-resident-refetched",
-        file=F,
-        old="            if not fill.chunk_missing(chunk):",
-        new="            if False:",
-        tests=HTTP,
-        why="a chunk already resident is fetched again",
-    ),
-    Mutant(
         id="prefetch-as-demand",
         file=F,
         old="                data = await source.chunk(chunk, demand=False)",
@@ -76,4 +68,16 @@ MUTANTS = [
     # * _everything's "min(run_pages, first + count - start)" -> "run_pages" (the last
     #   run past the mapping's end): every consumer clamps to its own pages
     #   (CopyFrom._fill_ahead, SnapshotResolver._spans, ChunkedCopy.chunk_missing).
+    Mutant(
+        id="prefetch-chunk-not-checked-again",
+        file=F,
+        old=(
+            "            if not fill.chunk_missing(chunk):  "
+            "# a demand fault brought it while we waited"
+        ),
+        new="            if False:  # a demand fault brought it while we waited",
+        tests=HTTP,
+        why="a chunk resident already, or brought by a fault while the prefetch waited for a "
+        "slot, is fetched again (the check before the wait only saves the wait)",
+    ),
 ]

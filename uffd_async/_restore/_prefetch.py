@@ -292,12 +292,15 @@ async def _fetch_chunks(
 
     async with anyio.create_task_group() as tg:
         for chunk in chunks:
-            if not fill.chunk_missing(chunk):
+            if not fill.chunk_missing(chunk):  # resident already
                 continue
             await limiter.acquire()
             if ended:
                 limiter.release()
                 break
+            if not fill.chunk_missing(chunk):  # a demand fault brought it while we waited
+                limiter.release()
+                continue
             tg.start_soon(one, chunk)
     if ended:
         if isinstance(ended[0], SourceChanged):

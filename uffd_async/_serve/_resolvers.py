@@ -311,8 +311,9 @@ class CopyFrom(Resolver):
     def memory_parts(self) -> list[MemoryPart] | None:
         """What a native copier may map of this resolver's pages itself, as they are now:
         one part for each range still where it was mapped or moved as a whole (``mremap``),
-        pages removed since blocked; None when the source is not in memory."""
-        if not self.can_prefetch or not self._address:
+        pages removed since blocked; None when the source is not in memory, or when it
+        records a working set (every demand fault must reach ``_record``, in Python)."""
+        if not self.can_prefetch or not self._address or self._recorder is not None:
             return None
         size, ratio = self._page_size, self._page_size // PAGE_SIZE
         blocked = None
