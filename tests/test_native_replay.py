@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -550,3 +551,30 @@ async def test_a_recording_resolver_replays_on_the_loop(
             await finished(toucher)
     assert stats.faults_answered == 0 and runs.log
     assert recorder.working_set().pages == (40,)
+
+
+async def test_an_event_while_populating_keeps_the_sets_time(lab: Lab, big: Big) -> None:
+    """The set is done, populating goes on, a discard stops the thread and the rest is
+    planned again: the set's time stays when it was done (before the discard), the removed
+    pages read zeros, everything else is there."""
+    discarded: list[float] = []
+    done = anyio.Event()
+
+    async def discard_when_populating() -> None:
+        await big.reached(3000)
+        discarded.append(time.monotonic())
+        await finished(lab.run(lambda: big.region.discard(3500 * P, 100 * P)))
+        done.set()
+
+    big.expected[3500 * P : 3600 * P] = bytes(100 * P)
+    working_set = ua.WorkingSet(snapshot_size=BIG * P, identity=bytes(32), pages=range(64))
+    with anyio.fail_after(TIMEOUT):
+        async with ua.FaultServer(big.uffd, big.resolver), anyio.create_task_group() as tg:
+            tg.start_soon(discard_when_populating)
+            started = time.monotonic()
+            stats = await ua.prefetch(big.uffd, big.resolver, working_set, populate=True)
+            await done.wait()  # the discard may come after the prefetch: read after it
+            got = await finished(lab.run(lambda: big.region.read(0, big.region.length)))
+    assert got == big.expected and stats.populated
+    if discarded and discarded[0] < started + stats.seconds:  # it landed during the prefetch
+        assert stats.working_set_seconds <= discarded[0] - started

@@ -182,9 +182,10 @@ async def prefetch(
                     stats.runs = before[2] + progress.runs  # a prefix: a successor skips it
 
                 progress = await replay_natively(uffd, parts, runs, everything, count)
-                if progress.set_done:
+                if progress.set_done and not stats.working_set_done:
                     stats.working_set_done = True
                     stats.working_set_seconds = max(0.0, progress.set_done - started)
+                if progress.set_done:
                     stats.populated = populate and progress.populated
                 runs = progress.left
                 # Stopped by an event (applied by now): plan the rest with the new layout.
