@@ -97,8 +97,10 @@ class ReadLoan:
         before it awaits again, so an event given back is applied then), or the uffd
         closed. A server must be reading this uffd."""
         uffd = self._uffd
+        turns = 0
         while uffd._unhandled and not uffd.closed:
-            await anyio.sleep(0)
+            turns += 1  # the server reads within a turn or two; if it does not, no busy wait
+            await anyio.sleep(0 if turns < 100 else 0.001)
 
     def _end(self) -> None:
         uffd = self._uffd
