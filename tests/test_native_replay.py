@@ -250,7 +250,7 @@ async def test_an_mremap_during_the_replay(
 
 async def test_cancelled_mid_replay(lab: Lab, bigger: Big) -> None:
     """Cancelled once the replay copied page 1024: it returns (bounded), the thread has
-    stopped (nothing is copied after), and the uffd reads as before (no gate left)."""
+    stopped (nothing is copied after), and the uffd's reads are given back."""
     big = bigger
     with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:

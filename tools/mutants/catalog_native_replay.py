@@ -196,26 +196,27 @@ MUTANTS = [
     Mutant(
         id="set-readahead-not-in-the-c-loop",
         file=RESOLVERS,
-        old="                readahead=max(self._readahead, self._guided_readahead),",
-        new="                readahead=self._readahead,",
+        old="                kind=FAST_COPY,\n                readahead=self._outside_readahead,",
+        new="                kind=FAST_COPY,\n                readahead=self._readahead,",
         tests=T,
         why="once the set is replayed, a fault outside it brings its page only",
     ),
     Mutant(
         id="set-readahead-not-native",
         file=RESOLVERS,
-        old="            readahead=max(self._guided_readahead, self._readahead),",
-        new="            readahead=self._readahead,",
+        old=(
+            "                    zeros=self._zeros,\n"
+            "                    readahead=self._outside_readahead,"
+        ),
+        new="                    zeros=self._zeros,\n"
+        "                    readahead=self._readahead,",
         tests=T,
         why="while the thread runs, a fault outside the set brings its page only",
     ),
     Mutant(
         id="set-readahead-not-on-the-loop",
         file=RESOLVERS,
-        old=(
-            "        readahead = self._readahead if guided_end else "
-            "max(self._readahead, self._guided_readahead)"
-        ),
+        old="        readahead = self._readahead if guided_end else self._outside_readahead",
         new="        readahead = self._readahead",
         tests=LOOP,
         why="on the loop's path, a fault outside the set brings its page only",

@@ -304,6 +304,12 @@ class CopyFrom(Resolver):
         if guided:
             self._direct = self._fast_ok = False
 
+    @property
+    def _outside_readahead(self) -> int:
+        """Pages a fault outside a guided run brings behind it: its own readahead, or a
+        replayed set's (see guide), whichever is more."""
+        return max(self._readahead, self._guided_readahead)
+
     def source_runs(self) -> list[tuple[int, int]]:
         """(first base page, pages) of the source, for populating it all."""
         return [(0, self._pages * self._page_size // PAGE_SIZE)] if self.can_prefetch else []
@@ -341,7 +347,7 @@ class CopyFrom(Resolver):
                     mode=self._mode,
                     populated=self._populated,
                     zeros=self._zeros,
-                    readahead=max(self._guided_readahead, self._readahead),
+                    readahead=self._outside_readahead,
                     first=index * ratio,
                     index=index,
                     blocked=blocked,
@@ -439,7 +445,7 @@ class CopyFrom(Resolver):
                 mode=self._mode,
                 populated=ctypes.addressof(self._populated_c),
                 kind=FAST_COPY,
-                readahead=max(self._readahead, self._guided_readahead),
+                readahead=self._outside_readahead,
                 zeros=ctypes.addressof(self._zeros_c) if self._zeros_c is not None else None,
             )
         return self._fast
@@ -471,7 +477,7 @@ class CopyFrom(Resolver):
             return page, index, 1, True
         count = 1
         guided_end = self._guided.get(index, 0)
-        readahead = self._readahead if guided_end else max(self._readahead, self._guided_readahead)
+        readahead = self._readahead if guided_end else self._outside_readahead
         wanted = max(1 + readahead, guided_end - index)
         if wanted > 1:
             limit = min(
