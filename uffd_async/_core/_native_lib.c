@@ -432,6 +432,18 @@ static int64_t map_pages(int uffd, uint64_t dst, uint64_t src, uint64_t pages, u
     return done > 0 ? done : -(int64_t)err;
 }
 
+/* Where the run of pages from `i` like page i ends (at `limit` at the most): missing, not
+ * blocked, and zero pages or data pages as page i is (one ioctl maps one or the other). */
+static uint64_t like_run(const uint8_t *populated, const uint8_t *blocked, const uint8_t *zeros,
+                         uint64_t i, uint64_t limit)
+{
+    int zero = zeros && zeros[i];
+    uint64_t j = i + 1;
+    while (j < limit && !populated[j] && (!blocked || !blocked[j]) && (!zeros || zeros[j] == zero))
+        j++;
+    return j;
+}
+
 /* Answer the fault at `address` in part p: 0, or -1 to hand it back. `*jump` becomes the
  * run after the fault's, when the fault is in a working-set run. */
 static int answer(int uffd, const struct ua_replay_part *p, const struct ua_replay_run *runs,
@@ -457,11 +469,7 @@ static int answer(int uffd, const struct ua_replay_part *p, const struct ua_repl
         return 0;
     }
     int zero = f->zeros && f->zeros[index];
-    uint64_t count = 1;
-    while (index + count < end && !f->populated[index + count] &&
-           (!p->blocked || !p->blocked[index + count]) &&
-           (!f->zeros || f->zeros[index + count] == zero))
-        count++;
+    uint64_t count = like_run(f->populated, p->blocked, f->zeros, index, end) - index;
     int64_t done = map_pages(uffd, page, f->source + index * f->page_size, count, f->page_size,
                              f->mode, zero, ctl);
     if (done == -EEXIST) { /* there already (the replay got there first): wake the thread */
@@ -547,10 +555,8 @@ static int replay_run(int uffd, const struct ua_replay_run *runs, uint64_t k,
             continue;
         }
         int zero = r->zeros && r->zeros[i];
-        uint64_t j = i + 1;
-        while (j < r->pages && j - i < ctl->slice_pages && !r->populated[j] &&
-               (!r->blocked || !r->blocked[j]) && (!r->zeros || r->zeros[j] == zero))
-            j++;
+        uint64_t limit = r->pages - i > ctl->slice_pages ? i + ctl->slice_pages : r->pages;
+        uint64_t j = like_run(r->populated, r->blocked, r->zeros, i, limit);
         while (__atomic_load_n(&ctl->want, __ATOMIC_ACQUIRE))
             sched_yield(); /* a pause waits: it goes first */
         gate_lock(&ctl->lock);
